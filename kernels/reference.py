@@ -1,0 +1,132 @@
+"""Plain-torch references of the four kernels (docs/CONTRACTS.md).
+
+They are the CPU path of the runtime and the oracle the Triton kernels are tested against, so they
+must be exact for every case the contract covers and still reasonably fast on a CPU: attention
+gathers each sequence's K/V from its block table once and hands the math to
+scaled_dot_product_attention; decode-only sequences share one batched call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+    """Write k, v [T, KH, D] into the caches [NB, BS, KH, D] at flat slots; slot < 0 is skipped."""
+    slots = slot_mapping.long()
+    valid = slots >= 0
+    if not bool(valid.all()):
+        slots, k, v = slots[valid], k[valid], v[valid]
+    kh, d = k_cache.shape[-2:]
+    k_cache.view(-1, kh, d).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, kh, d).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm over the last dim, optionally after adding a residual (returned as residual_out).
+
+    Same operation order as HF's LlamaRMSNorm (normalize in fp32, cast, then scale), so that fp32
+    runs match it bit for bit and bf16 runs round the same way.
+    """
+    if residual is not None:
+        x = x + residual
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype), x
+
+
+def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                     cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Neox-style (rotate-half) rotary embedding; q [T, H, D], k [T, KH, D], cache fp32 [P, D]."""
+    cos, sin = cos_sin_cache[positions.long()].unsqueeze(1).chunk(2, dim=-1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)
+    # Written as HF's `x * cos + rotate_half(x) * sin` term by term, so fp32 results are identical.
+    out = torch.cat((x1 * cos + (-x2) * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, context_lens: torch.Tensor,
+                        query_start_loc: torch.Tensor, scale: float,
+                        sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of q [T, H, D] over each sequence's cached K/V (see CONTRACTS.md)."""
+    ctx_lens = context_lens.tolist()
+    starts = query_start_loc.tolist()
+    q_lens = [starts[b + 1] - starts[b] for b in range(len(ctx_lens))]
+    out = torch.empty_like(q)
+    decodes = [b for b, n in enumerate(q_lens) if n == 1]
+    if len(decodes) > 1:
+        _decode_batch(q, k_cache, v_cache, block_tables, ctx_lens, starts, decodes, scale,
+                      sliding_window, out)
+        decodes = set(decodes)
+    else:
+        decodes = set()
+    for b, q_len in enumerate(q_lens):
+        if q_len == 0 or b in decodes:
+            continue
+        s = starts[b]
+        out[s:s + q_len] = _attend_one(q[s:s + q_len], k_cache, v_cache, block_tables[b],
+                                       ctx_lens[b], scale, sliding_window)
+    return out
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[n, BS, KH, D] blocks of one or more sequences -> [..., n * BS, KH, D] token rows."""
+    rows = cache.index_select(0, blocks.reshape(-1).long())
+    return rows.view(*blocks.shape[:-1], -1, *cache.shape[-2:])
+
+
+def _attend_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                block_table: torch.Tensor, ctx_len: int, scale: float,
+                window: int | None) -> torch.Tensor:
+    q_len, bs = q.shape[0], k_cache.shape[1]
+    blocks = block_table[: (ctx_len + bs - 1) // bs]
+    k = _gather(k_cache, blocks)[:ctx_len].to(q.dtype)
+    v = _gather(v_cache, blocks)[:ctx_len].to(q.dtype)
+    mask = None
+    if q_len != ctx_len or (window is not None and window < ctx_len):
+        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
+        k_pos = torch.arange(ctx_len, device=q.device)[None, :]
+        mask = _allowed(q_pos, k_pos, window)
+    out = _sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), mask,
+                is_causal=mask is None and q_len > 1, scale=scale)
+    return out.transpose(0, 1)
+
+
+def _decode_batch(q, k_cache, v_cache, block_tables, ctx_lens, starts, seqs, scale, window, out):
+    """One query per sequence: gather all sequences' blocks at once and mask the padding."""
+    bs = k_cache.shape[1]
+    idx = torch.tensor(seqs, device=q.device)
+    ctx = torch.tensor([ctx_lens[b] for b in seqs], device=q.device)
+    max_blocks = (max(ctx_lens[b] for b in seqs) + bs - 1) // bs
+    blocks = block_tables.index_select(0, idx)[:, :max_blocks]
+    k = _gather(k_cache, blocks).to(q.dtype).transpose(1, 2)     # [N, KH, L, D]
+    v = _gather(v_cache, blocks).to(q.dtype).transpose(1, 2)
+    k_pos = torch.arange(k.shape[2], device=q.device)[None, :]
+    mask = _allowed((ctx - 1)[:, None], k_pos, window) & (k_pos < ctx[:, None])
+    rows = torch.tensor([starts[b] for b in seqs], device=q.device)
+    qs = q.index_select(0, rows).unsqueeze(2)                    # [N, H, 1, D]
+    o = _sdpa(qs, k, v, mask[:, None, None, :], is_causal=False, scale=scale)
+    out[rows] = o.squeeze(2)
+
+
+def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def _sdpa(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
+    """SDPA with GQA: q [..., H, Lq, D], k/v [..., KH, Lk, D]."""
+    groups = q.shape[-3] // k.shape[-3]
+    if groups > 1:
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
