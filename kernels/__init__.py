@@ -1,0 +1,56 @@
+"""The runtime's kernels: Triton on CUDA tensors, the torch reference everywhere else.
+
+Contracts in docs/CONTRACTS.md. Triton modules are imported lazily on the first CUDA call, so
+importing this package has no side effects (transformers and bitsandbytes probe for packages
+named `kernels`; see DESIGN.md).
+"""
+from __future__ import annotations
+
+import importlib
+
+from .reference import apply_rotary_ref, paged_attention_ref, rms_norm_ref, store_kv_ref
+
+_TRITON = {  # function name -> module of the same-signature Triton implementation
+    "store_kv": "triton_cache",
+    "paged_attention": "triton_attention",
+    "rms_norm": "triton_norm",
+    "apply_rotary": "triton_rotary",
+}
+_resolved: dict = {}
+
+
+def _triton(name: str, fallback):
+    """The Triton implementation of `name`, or `fallback` when it cannot be imported."""
+    if name not in _resolved:
+        try:
+            module = importlib.import_module(f"{__name__}.{_TRITON[name]}")
+            _resolved[name] = getattr(module, name)
+        except ImportError:
+            _resolved[name] = fallback
+    return _resolved[name]
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    fn = _triton("store_kv", store_kv_ref) if k.is_cuda else store_kv_ref
+    return fn(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
+                    sliding_window=None):
+    fn = _triton("paged_attention", paged_attention_ref) if q.is_cuda else paged_attention_ref
+    return fn(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, scale,
+              sliding_window)
+
+
+def rms_norm(x, weight, eps, residual=None):
+    fn = _triton("rms_norm", rms_norm_ref) if x.is_cuda else rms_norm_ref
+    return fn(x, weight, eps, residual)
+
+
+def apply_rotary(q, k, positions, cos_sin_cache):
+    fn = _triton("apply_rotary", apply_rotary_ref) if q.is_cuda else apply_rotary_ref
+    return fn(q, k, positions, cos_sin_cache)
+
+
+__all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary",
+           "store_kv_ref", "paged_attention_ref", "rms_norm_ref", "apply_rotary_ref"]

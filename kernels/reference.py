@@ -111,9 +111,11 @@ def _decode_batch(q, k_cache, v_cache, block_tables, ctx_lens, starts, seqs, sca
     k_pos = torch.arange(k.shape[2], device=q.device)[None, :]
     mask = _allowed((ctx - 1)[:, None], k_pos, window) & (k_pos < ctx[:, None])
     rows = torch.tensor([starts[b] for b in seqs], device=q.device)
-    qs = q.index_select(0, rows).unsqueeze(2)                    # [N, H, 1, D]
-    o = _sdpa(qs, k, v, mask[:, None, None, :], is_causal=False, scale=scale)
-    out[rows] = o.squeeze(2)
+    n, h, d = len(seqs), q.shape[1], q.shape[2]
+    # A kv head's query heads become its query rows: no K/V copies for GQA.
+    qs = q.index_select(0, rows).view(n, k.shape[1], h // k.shape[1], d)
+    o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    out[rows] = o.reshape(n, h, d)
 
 
 def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:

@@ -98,7 +98,8 @@ class BlockManager:
         """n > 1: the child shares the parent's full prompt blocks (the partial last one it recomputes,
         so siblings never write into a shared block)."""
         assert not child.block_table and child.num_computed_tokens == 0
-        shared = min((child.num_prompt_tokens - 1) // self.block_size, len(parent.block_table))
+        shared = (child.num_prompt_tokens - 1) // self.block_size
+        assert parent.num_computed_tokens >= shared * self.block_size, "forking blocks not yet computed"
         for block_id in parent.block_table[:shared]:
             self._take(block_id)
             child.block_table.append(block_id)

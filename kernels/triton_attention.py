@@ -1,0 +1,214 @@
+"""Paged attention in Triton: decode (flash-decoding splits) and prefill/extend over paged K/V.
+
+One kernel serves both. A program owns one tile of query rows of one sequence and one kv head; the
+rows are (query token, query head of that kv head's GQA group) pairs, so each K/V tile is read once
+for the whole group and the two products run on the tensor cores (tl.dot needs >= 16 rows, which a
+decode step's group alone rarely fills). K/V rows are gathered token by token through the block
+table, so a tile may span several cache blocks and any block size works.
+
+Decode (every sequence has one query token) uses one tile per sequence and, when there are too few
+(sequence, kv head) pairs to fill the GPU, splits each context into NUM_SPLITS chunks whose partial
+results a second kernel merges by their log-sum-exp. The split count depends only on shapes and
+host integers, never on tensor values, so a decode step can be captured in a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully masked rows give exp2(-inf) = 0, not NaN
+_SMS: dict[int, int] = {}
+
+
+@triton.jit
+def _find_seq(query_start_loc, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """Largest b with query_start_loc[b] // BLOCK_Q + b <= tile (sequence b's tiles start there)."""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(query_start_loc + mid) // BLOCK_Q + mid
+        if first <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_cache, v_cache, block_tables, context_lens, query_start_loc, out_ptr,
+    part_out, part_lse, num_seqs, qk_scale, window,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cb, stride_cs, stride_ch, stride_bt,
+    QG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    IS_DECODE: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_HEADS: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kh = tl.program_id(1)
+    split = tl.program_id(2)
+    BLOCK_Q: tl.constexpr = BLOCK_M // QG  # query tokens per tile
+    if IS_DECODE:
+        seq = tile
+        q0 = 0
+    else:
+        seq = _find_seq(query_start_loc, tile, num_seqs, BLOCK_Q)
+        q0 = (tile - (tl.load(query_start_loc + seq) // BLOCK_Q + seq)) * BLOCK_Q
+    q_begin = tl.load(query_start_loc + seq)
+    q_len = tl.load(query_start_loc + seq + 1) - q_begin
+    if q0 >= q_len:
+        return
+    ctx = tl.load(context_lens + seq)
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = q0 + rows // QG                       # token index inside the sequence's queries
+    head = kh * QG + rows % QG
+    row_ok = (rows < BLOCK_Q * QG) & (tok < q_len)
+    q_pos = ctx - q_len + tok                   # absolute position of each row's query
+    dims = tl.arange(0, HEAD_DIM)
+    q_off = (q_begin + tok)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+
+    # K/V range this tile needs: causal end at its last query, window start at its first.
+    kv_end = ctx - q_len + tl.minimum(q0 + BLOCK_Q, q_len)
+    kv_start = 0
+    if USE_WINDOW:
+        kv_start = tl.maximum(ctx - q_len + q0 - window + 1, 0)
+    if NUM_SPLITS > 1:
+        chunk = tl.cdiv(tl.cdiv(kv_end - kv_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        kv_start = kv_start + split * chunk
+        kv_end = tl.minimum(kv_end, kv_start + chunk)
+
+    m_i = tl.full([BLOCK_M], _NEG_BIG, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    kv_head = kh * stride_ch
+    for start in range(kv_start, kv_end, BLOCK_N):
+        n = start + cols
+        n_ok = n < kv_end
+        page = tl.load(block_tables + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
+        kv_off = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head
+        k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=n_ok[None, :], other=0.0)
+        s = tl.dot(q, k.to(q.dtype)) * qk_scale
+        ok = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            ok = ok & (n[None, :] > q_pos[:, None] - window)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=n_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
+
+    # Rows that saw no key (empty split) have l_i = 0: their output is 0 and their lse -inf.
+    seen = l_i > 0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    token = q_begin + tok
+    if NUM_SPLITS == 1:
+        out_off = token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
+        tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        slot = (token * NUM_HEADS + head) * NUM_SPLITS + split
+        tl.store(part_out + slot[:, None] * HEAD_DIM + dims[None, :], o, mask=row_ok[:, None])
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse + slot, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(part_out, part_lse, out_ptr, stride_ot, stride_oh,
+                  NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """out[t, h] = sum_s w_s * o_s with w_s = 2^(lse_s - max lse), normalized."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, HEAD_DIM)
+    slot = (token * NUM_HEADS + head) * NUM_SPLITS
+    lse = tl.load(part_lse + slot + splits)
+    w = tl.exp2(lse - tl.max(lse, 0))
+    o = tl.load(part_out + (slot + splits)[:, None] * HEAD_DIM + dims[None, :])
+    o = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 8  # the CPU interpreter: any small number exercises the split path
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SMS:
+        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SMS[index]
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device,
+                  min_chunk: int = 256, max_splits: int = 32) -> int:
+    """How many context chunks per (sequence, kv head): enough programs for ~2 waves, >= min_chunk each."""
+    programs = num_seqs * num_kv_heads
+    want = triton.cdiv(2 * _num_sms(device), programs)
+    splits = min(want, triton.cdiv(max_context, min_chunk), max_splits)
+    return 1 if splits <= 1 else triton.next_power_of_2(splits)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, context_lens: torch.Tensor,
+                    query_start_loc: torch.Tensor, scale: float, sliding_window: int | None = None,
+                    *, max_query_len: int | None = None, max_context_len: int | None = None,
+                    num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of q [T, H, D] over paged K/V (docs/CONTRACTS.md, "Kernels").
+
+    Every sequence must have at least one query token. Optional host-side hints, none of which
+    needs a device sync: max_query_len (1 selects the decode kernel; by default a batch is decode
+    when T == B), max_context_len (bounds the split count; by default the block table's width),
+    num_splits (force a split count, for tuning); out (a [T, H, D] buffer to write, e.g. a CUDA
+    graph's static output).
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_seqs = context_lens.shape[0]
+    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    assert cache_dim == head_dim and head_dim >= 16 and head_dim & (head_dim - 1) == 0, head_dim
+    assert num_heads % num_kv_heads == 0 and q.stride(-1) == 1 and k_cache.stride(-1) == 1
+    assert k_cache.stride() == v_cache.stride()
+    qg = num_heads // num_kv_heads
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.stride(-1) == 1
+    if num_tokens == 0:
+        return out
+    decode = max_query_len == 1 if max_query_len is not None else num_tokens == num_seqs
+    if decode:
+        block_m = max(16, triton.next_power_of_2(qg))
+        grid0 = num_seqs
+        if num_splits is None:
+            bound = max_context_len or block_tables.shape[1] * block_size
+            num_splits = decode_splits(num_seqs, num_kv_heads, bound, q.device)
+        block_n, warps, stages = 64, 4, 2
+    else:
+        block_m = 64 if qg <= 8 else triton.next_power_of_2(qg)
+        grid0 = num_tokens // (block_m // qg) + num_seqs  # covers every sequence's tiles, see _find_seq
+        num_splits = num_splits or 1
+        block_n, warps, stages = 64, 4, 2
+    assert num_splits & (num_splits - 1) == 0, num_splits
+    part_out = part_lse = out  # placeholders, unused without splits
+    if num_splits > 1:
+        part_out = torch.empty(num_tokens * num_heads * num_splits * head_dim,
+                               dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(num_tokens * num_heads * num_splits, dtype=torch.float32,
+                               device=q.device)
+    _attention_kernel[(grid0, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
+        part_out, part_lse, num_seqs, scale * _LOG2E, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        QG=qg, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, IS_DECODE=decode, USE_WINDOW=sliding_window is not None,
+        NUM_HEADS=num_heads, num_warps=warps, num_stages=stages)
+    if num_splits > 1:
+        _merge_kernel[(num_tokens, num_heads)](
+            part_out, part_lse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits)
+    return out

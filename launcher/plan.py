@@ -1,0 +1,438 @@
+"""The dry-run memory plan: plan(profile, spec, gpu) -> MemoryPlan, a pure function (no torch, no GPU).
+
+Every term is separate (README "Memory plan" documents each formula):
+  budget   = total × gpu_memory_utilization            (total when kv_cache_memory_bytes is set)
+  KV pool  = budget − weights on the device − activation peak − CUDA context − CUDA graphs − reserve
+  blocks   = floor(KV pool / block bytes); the runtime allocates exactly this many.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+
+from .gpus import GiB, MiB, GpuSpec
+from .model_spec import ModelSpec
+from .profile import Profile, check_against_model
+
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+# 4-bit formats: bytes per quantized weight = 0.5 + scale bytes / group.
+QUANT_GROUP = {"nf4": 64, "fp4": 64, "int4": 128}      # bnb: one fp32 absmax per 64 weights;
+QUANT_SCALE_BYTES = {"nf4": 4, "fp4": 4, "int4": 4}    # int4: fp16 scale + fp16 zero per 128
+
+CUDA_CONTEXT_BYTES = 512 * MiB     # CUDA context + cuBLAS workspace + allocator slack (vLLM
+                                   # counts 0.22 GiB "non-torch"; the context itself is extra)
+GPU_RESERVE_BYTES = 256 * MiB      # allocator fragmentation, sampler scratch, request tensors
+CPU_RESERVE_BYTES = 1 * GiB        # interpreter, torch libraries, tokenizer, HTTP server
+GRAPH_BYTES_PER_LAYER = 218_000    # CUDA-graph pool per captured graph per layer:
+GRAPH_BYTES_PER_HIDDEN = 67        #   218,000 + 67 × hidden bytes (fit, see cuda_graph_bytes)
+MAX_CAPTURE_BATCH = 512
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk|h)\.(\d+)\.")
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+@dataclass
+class WeightsPlan:
+    dtype: str                    # compute dtype the weights are held in (unless 4-bit)
+    quantization: str | None
+    total_bytes: int              # all weights as the runtime holds them, per GPU
+    gpu_bytes: int
+    cpu_bytes: int                # offloaded whole layers, exact
+    layers_offloaded: int
+    quant_scale_bytes: int        # part of gpu_bytes: 4-bit absmax / scales of on-device layers
+    layer_bytes: list[int] = field(repr=False, default_factory=list)
+
+
+@dataclass
+class KVCachePlan:
+    dtype: str
+    bytes_per_token: int
+    block_size: int
+    block_bytes: int
+    budget_bytes: int             # what was left for the pool (or kv_cache_memory_bytes)
+    num_blocks: int
+    tokens: int
+    swap_blocks: int
+
+    @property
+    def bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+
+@dataclass
+class Fix:
+    field: str
+    value: object
+    text: str
+    fits: bool
+    frees_bytes: int = 0
+
+
+@dataclass
+class MemoryPlan:
+    model: str
+    gpu: GpuSpec
+    device: str                   # "cuda" | "cpu"
+    dtype: str
+    total_bytes: int
+    gpu_memory_utilization: float
+    budget_bytes: int
+    weights: WeightsPlan
+    activation_peak_bytes: int
+    cuda_context_bytes: int
+    cuda_graph_bytes: int
+    runtime_reserve_bytes: int
+    kv_cache: KVCachePlan
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    tensor_parallel_size: int
+    fits: bool = False
+    reason: str = ""              # "" | "weights" | "no_kv" | "request" | "kv_memory"
+    verdict: str = ""
+    fixes: list[Fix] = field(default_factory=list)
+
+    @property
+    def non_kv_bytes(self) -> int:
+        return (self.weights.gpu_bytes + self.activation_peak_bytes + self.cuda_context_bytes
+                + self.cuda_graph_bytes + self.runtime_reserve_bytes)
+
+    @property
+    def used_bytes(self) -> int:
+        return self.non_kv_bytes + self.kv_cache.bytes
+
+    @property
+    def max_concurrency(self) -> float:
+        return self.kv_cache.tokens / self.max_model_len
+
+    @property
+    def blocks_per_request(self) -> int:
+        return math.ceil(self.max_model_len / self.kv_cache.block_size)
+
+
+# ---------------------------------------------------------------- public
+
+def plan(profile: Profile, spec: ModelSpec, gpu: GpuSpec) -> MemoryPlan:
+    """The memory plan, its verdict and (when it does not fit) fixes with numbers."""
+    result = plan_terms(profile, spec, gpu)
+    if not result.fits:
+        result.fixes = find_fixes(profile, spec, gpu, result)
+    return result
+
+
+def plan_terms(profile: Profile, spec: ModelSpec, gpu: GpuSpec) -> MemoryPlan:
+    """Every term and the verdict, without fixes."""
+    device = gpu.device
+    dtype = resolve_dtype(profile, spec, device)
+    max_model_len = check_against_model(profile, spec.max_position_embeddings, spec.name)
+    tp = profile.tensor_parallel_size
+    fixed_kv = profile.kv_cache_memory_bytes
+    budget = gpu.total_bytes if fixed_kv else int(gpu.total_bytes * profile.gpu_memory_utilization)
+    weights = plan_weights(profile, spec, dtype)
+    on_gpu = device == "cuda"
+    result = MemoryPlan(
+        model=spec.name, gpu=gpu, device=device, dtype=dtype, total_bytes=gpu.total_bytes,
+        gpu_memory_utilization=profile.gpu_memory_utilization, budget_bytes=budget,
+        weights=weights,
+        activation_peak_bytes=activation_peak_bytes(spec, profile, DTYPE_BYTES[dtype]),
+        cuda_context_bytes=CUDA_CONTEXT_BYTES if on_gpu else 0,
+        cuda_graph_bytes=cuda_graph_bytes(spec, profile) if on_gpu else 0,
+        runtime_reserve_bytes=GPU_RESERVE_BYTES if on_gpu else CPU_RESERVE_BYTES,
+        kv_cache=None,  # filled below: it is what the other terms leave
+        max_model_len=max_model_len, max_num_seqs=profile.max_num_seqs,
+        max_num_batched_tokens=profile.max_num_batched_tokens, tensor_parallel_size=tp)
+    kv_budget = fixed_kv if fixed_kv else budget - result.non_kv_bytes
+    result.kv_cache = plan_kv_cache(profile, spec, dtype, kv_budget, device)
+    judge(result, fixed_kv is not None)
+    return result
+
+
+def resolve_dtype(profile: Profile, spec: ModelSpec, device: str) -> str:
+    """auto: the checkpoint's dtype; a float32 checkpoint (a GGUF's dequantized weights) computes
+    in bfloat16 on a GPU, as vLLM does, and stays float32 on a CPU (exact, and fast enough)."""
+    if profile.dtype != "auto":
+        return profile.dtype
+    dtype = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32",
+             "fp32": "float32"}.get(spec.torch_dtype, spec.torch_dtype)
+    if dtype not in DTYPE_BYTES or (dtype == "float32" and device == "cuda"):
+        return "bfloat16"
+    return dtype
+
+
+def kv_dtype(profile: Profile, dtype: str) -> str:
+    return dtype if profile.kv_cache_dtype == "auto" else profile.kv_cache_dtype
+
+
+# ---------------------------------------------------------------- weights
+
+def param_groups(spec: ModelSpec) -> tuple[list[tuple[int, int]], int]:
+    """([(linear params, small params) per decoder layer], params outside the layers).
+
+    From checkpoint headers when they describe unquantized tensors (exact, names decide where a
+    tensor lives); otherwise from the config's parameter counts. A GGUF's shapes are the logical
+    shapes, so its quantized tensors count their real parameter numbers too.
+    """
+    tensors = spec.tensors
+    usable = tensors and (spec.source == "gguf" or all(t.dtype in _FLOAT_DTYPES for t in tensors))
+    if not usable:
+        per_layer = (spec.layer_linear_params, spec.layer_small_params)
+        other = spec.embedding_params + spec.lm_head_params + spec.hidden_size
+        return [per_layer] * spec.num_hidden_layers, other
+    layers = [[0, 0] for _ in range(spec.num_hidden_layers)]
+    other = 0
+    for t in tensors:
+        numel = math.prod(t.shape)
+        match = _LAYER_INDEX.search(t.name)
+        if match is None or int(match.group(1)) >= len(layers):
+            other += numel
+        else:
+            layers[int(match.group(1))][0 if len(t.shape) >= 2 else 1] += numel
+    return [tuple(pair) for pair in layers], other
+
+
+def linear_bytes(params: int, dtype_bytes: int, quantization: str | None) -> tuple[int, int]:
+    """(bytes, of which scale bytes) of quantizable linear weights."""
+    if quantization is None:
+        return params * dtype_bytes, 0
+    scales = math.ceil(params / QUANT_GROUP[quantization]) * QUANT_SCALE_BYTES[quantization]
+    return math.ceil(params / 2) + scales, scales
+
+
+def plan_weights(profile: Profile, spec: ModelSpec, dtype: str) -> WeightsPlan:
+    """Per-GPU weight bytes and the whole layers cpu_offload_gb moves to CPU memory.
+    Embeddings, lm_head, norms and biases stay in the compute dtype; tensor parallelism divides
+    the linear weights and the (vocab-parallel) embeddings, norms are replicated."""
+    wb, quant, tp = DTYPE_BYTES[dtype], profile.quantization, profile.tensor_parallel_size
+    layers, other = param_groups(spec)
+    layer_bytes, layer_scales = [], []
+    for linear, small in layers:
+        lin, scales = linear_bytes(linear, wb, quant)
+        layer_bytes.append(math.ceil(lin / tp) + small * wb)
+        layer_scales.append(math.ceil(scales / tp))
+    norm_params = spec.hidden_size
+    other_bytes = math.ceil((other - norm_params) * wb / tp) + norm_params * wb
+    offloaded, moved = offload_layers(layer_bytes, profile.cpu_offload_gb)
+    total = sum(layer_bytes) + other_bytes
+    return WeightsPlan(dtype=dtype, quantization=quant, total_bytes=total,
+                       gpu_bytes=total - moved, cpu_bytes=moved, layers_offloaded=offloaded,
+                       quant_scale_bytes=sum(layer_scales[offloaded:]), layer_bytes=layer_bytes)
+
+
+def offload_layers(layer_bytes: list[int], cpu_offload_gb: float) -> tuple[int, int]:
+    """vLLM's rule: offload whole layers from layer 0 on while fewer than cpu_offload_gb GiB have
+    moved (so the last layer may overshoot). Returns (layers moved, bytes moved)."""
+    target, moved, count = cpu_offload_gb * GiB, 0, 0
+    while count < len(layer_bytes) and moved < target:
+        moved += layer_bytes[count]
+        count += 1
+    return count, moved
+
+
+# ---------------------------------------------------------------- activations and graphs
+
+def activation_peak_bytes(spec: ModelSpec, profile: Profile, act_bytes: int) -> int:
+    """Peak of one forward pass of max_num_batched_tokens tokens, or of the fp32 logits of the
+    sequences that sample in one step, whichever is larger:
+
+        forward = T × (2·hidden + 3·intermediate/tp + (q + 2·kv)/tp) × act_bytes
+                  (residual + normed hidden, gate/up output + activation, fused q/k/v)
+        logits  = min(max_num_seqs, T) × vocab × 4
+
+    Calibrated on vLLM 0.26's measured peaks at T=16384, max_num_seqs=1024 (DESIGN.md):
+    Llama-3-8B: forward 1.750 GiB vs vLLM 1.77 (-1.1 %); Qwen3-0.6B: forward 0.469 GiB vs 0.49
+    (-4.3 %) but its fp32 logits (0.580 GiB) win, 18 % above vLLM, which keeps bf16 logits until
+    sampling; our runner returns fp32 logits, so the larger figure is the honest one.
+    """
+    tp = profile.tensor_parallel_size
+    tokens = profile.max_num_batched_tokens
+    qkv = (spec.num_attention_heads // tp + 2 * kv_heads_per_gpu(spec, tp)) * spec.head_dim
+    width = 2 * spec.hidden_size + 3 * spec.intermediate_size // tp + qkv
+    forward = tokens * width * act_bytes
+    logits = min(profile.max_num_seqs, tokens) * spec.vocab_size * 4
+    return max(forward, logits)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes captured as CUDA graphs (vLLM's: 1, 2, 4, then every 8 up to 512)."""
+    top = min(max_num_seqs, MAX_CAPTURE_BATCH)
+    return [b for b in (1, 2, 4) if b <= top] + list(range(8, top + 1, 8))
+
+
+def cuda_graph_bytes(spec: ModelSpec, profile: Profile) -> int:
+    """0 with enforce_eager. Otherwise graphs × layers × (218,000 + 67 × hidden) bytes: a line
+    through vLLM's measured pools (67 graphs): Llama-3-8B 0.98 GiB (this gives 0.983) and
+    Qwen3-0.6B 0.50 GiB (0.501). An estimate until `deploy up` measures the real pool."""
+    if profile.enforce_eager:
+        return 0
+    per_graph = spec.num_hidden_layers * (GRAPH_BYTES_PER_LAYER
+                                          + GRAPH_BYTES_PER_HIDDEN * spec.hidden_size)
+    return len(capture_sizes(profile.max_num_seqs)) * per_graph
+
+
+# ---------------------------------------------------------------- KV cache
+
+def kv_heads_per_gpu(spec: ModelSpec, tp: int) -> int:
+    return max(1, spec.num_key_value_heads // tp)
+
+
+def kv_bytes_per_token(spec: ModelSpec, tp: int, dtype_bytes: int) -> int:
+    """Σ over layers of K and V: 2 × kv heads on this GPU × head_dim × bytes."""
+    return spec.num_hidden_layers * 2 * kv_heads_per_gpu(spec, tp) * spec.head_dim * dtype_bytes
+
+
+def plan_kv_cache(profile: Profile, spec: ModelSpec, dtype: str, kv_budget: int,
+                  device: str) -> KVCachePlan:
+    cache_dtype = kv_dtype(profile, dtype)
+    per_token = kv_bytes_per_token(spec, profile.tensor_parallel_size, DTYPE_BYTES[cache_dtype])
+    block_bytes = profile.block_size * per_token
+    num_blocks = max(0, kv_budget // block_bytes)
+    # Swap space is host memory a GPU pool swaps into; on a CPU target the pool already is.
+    swap = int(profile.swap_space * GiB) // block_bytes if device == "cuda" else 0
+    return KVCachePlan(dtype=cache_dtype, bytes_per_token=per_token, block_size=profile.block_size,
+                       block_bytes=block_bytes, budget_bytes=kv_budget, num_blocks=num_blocks,
+                       tokens=num_blocks * profile.block_size, swap_blocks=swap)
+
+
+# ---------------------------------------------------------------- verdict
+
+def judge(p: MemoryPlan, fixed_kv: bool) -> None:
+    where = "GPU" if p.device == "cuda" else "host RAM"
+    kv = p.kv_cache
+    if p.weights.gpu_bytes > p.budget_bytes:
+        p.reason = "weights"
+        p.verdict = (f"Does not fit: the weights alone ({gib(p.weights.gpu_bytes)} on the {where}) "
+                     f"exceed the {gib(p.budget_bytes)} budget.")
+    elif fixed_kv and p.used_bytes > p.budget_bytes:
+        p.reason = "kv_memory"
+        p.verdict = (f"Does not fit: kv_cache_memory_bytes ({gib(kv.budget_bytes)}) plus the rest "
+                     f"({gib(p.non_kv_bytes)}) exceed the {where}'s {gib(p.budget_bytes)}.")
+    elif kv.num_blocks == 0:
+        p.reason = "no_kv"
+        p.verdict = (f"Does not fit: weights, activations and overheads take "
+                     f"{gib(p.non_kv_bytes)} of the {gib(p.budget_bytes)} budget, leaving no room "
+                     f"for one KV block ({kv.block_bytes:,} bytes).")
+    elif kv.num_blocks < p.blocks_per_request:
+        p.reason = "request"
+        p.verdict = (f"Does not fit: the KV pool holds {kv.tokens:,} tokens, fewer than one "
+                     f"max_model_len request of {p.max_model_len:,} tokens.")
+    else:
+        p.fits, p.reason = True, ""
+        p.verdict = (f"Fits: {kv.num_blocks:,} KV blocks of {kv.block_size} tokens hold "
+                     f"{kv.tokens:,} tokens, {p.max_concurrency:.2f} requests of "
+                     f"{p.max_model_len:,} tokens at once.")
+
+
+# ---------------------------------------------------------------- fixes
+
+def find_fixes(profile: Profile, spec: ModelSpec, gpu: GpuSpec, p: MemoryPlan) -> list[Fix]:
+    """Each change alone, re-planned, with its number and whether it makes the plan fit."""
+    fixes = []
+    if p.reason == "request":
+        fixes.append(Fix("max_model_len", p.kv_cache.tokens, f"max_model_len: {p.kv_cache.tokens}"
+                         " (the longest request the KV pool holds)", True))
+    fixes += memory_fix(profile, spec, gpu, p)
+    if profile.quantization is None:
+        for quant in ("nf4", "int4"):
+            fixes.append(change_fix(profile, spec, gpu, p, "quantization", quant,
+                                    f"quantization: {quant}", "of weights"))
+    fixes += offload_fix(profile, spec, gpu, p)
+    if p.cuda_graph_bytes:
+        fixes.append(change_fix(profile, spec, gpu, p, "enforce_eager", True,
+                                "enforce_eager: true", "of CUDA graphs"))
+    for key in ("max_num_batched_tokens", "max_num_seqs"):
+        fixes += smaller_fix(profile, spec, gpu, p, key)
+    return [f for f in fixes if f.fits or f.frees_bytes > 0]
+
+
+def change_fix(profile, spec, gpu, p, key: str, value, text: str, what: str) -> Fix:
+    alt = plan_terms(with_changes(profile, **{key: value}), spec, gpu)
+    frees = p.non_kv_bytes - alt.non_kv_bytes
+    tail = "and fits" if alt.fits else "(not enough alone)"
+    return Fix(key, value, f"{text} frees {gib(frees)} {what} {tail}", alt.fits, frees)
+
+
+def memory_fix(profile, spec, gpu, p) -> list[Fix]:
+    """The gpu_memory_utilization (or kv_cache_memory_bytes) one max_model_len request needs."""
+    need_kv = p.blocks_per_request * p.kv_cache.block_bytes
+    if profile.kv_cache_memory_bytes is not None:
+        room = (p.budget_bytes - p.non_kv_bytes) // p.kv_cache.block_bytes * p.kv_cache.block_bytes
+        if room < need_kv:
+            return []
+        value = need_kv if p.reason == "request" else room
+        return [Fix("kv_cache_memory_bytes", value, f"kv_cache_memory_bytes: {value} "
+                    f"({gib(value)})", True)]
+    needed = math.ceil((p.non_kv_bytes + need_kv) / p.total_bytes * 100) / 100
+    while needed <= 1.0:
+        if plan_terms(with_changes(profile, gpu_memory_utilization=needed), spec, gpu).fits:
+            return [Fix("gpu_memory_utilization", needed,
+                        f"gpu_memory_utilization: {needed:.2f}", True)]
+        needed = round(needed + 0.01, 2)
+    return []
+
+
+def offload_gb_for(layer_bytes: list[int], count: int) -> float:
+    """A cpu_offload_gb that moves exactly `count` layers (short and readable when possible)."""
+    exact = sum(layer_bytes[:count]) / GiB
+    for value in (math.floor(exact * 10) / 10, math.floor(exact * 100) / 100, exact):
+        if offload_layers(layer_bytes, value)[0] == count:
+            return value
+    raise AssertionError("offload_layers must move `count` layers for their exact size")
+
+
+def offload_fix(profile, spec, gpu, p) -> list[Fix]:
+    """The smallest cpu_offload_gb that fits; and with nf4 too when 4-bit alone is short."""
+    out = [f for f in [_offload_fix(profile, spec, gpu, p, profile.quantization)] if f]
+    if profile.quantization is None:
+        nf4 = plan_terms(with_changes(profile, quantization="nf4"), spec, gpu)
+        if not nf4.fits:
+            out += [f for f in [_offload_fix(profile, spec, gpu, p, "nf4")] if f]
+    return out
+
+
+def _offload_fix(profile, spec, gpu, p, quant: str | None) -> Fix | None:
+    base = with_changes(profile, quantization=quant)
+    layers = plan_weights(base, spec, p.dtype).layer_bytes
+    for count in range(1, len(layers) + 1):
+        value = offload_gb_for(layers, count)
+        if value <= profile.cpu_offload_gb:
+            continue
+        alt = plan_terms(with_changes(base, cpu_offload_gb=value), spec, gpu)
+        if not alt.fits:
+            continue
+        text = (f"cpu_offload_gb: {value:g} (moves {count} of {len(layers)} layers, "
+                f"{gib(alt.weights.cpu_bytes)}, to CPU memory)")
+        if quant == profile.quantization:
+            return Fix("cpu_offload_gb", value, text, True,
+                       p.weights.gpu_bytes - alt.weights.gpu_bytes)
+        return Fix("quantization+cpu_offload_gb", {"quantization": quant, "cpu_offload_gb": value},
+                   f"quantization: {quant} with {text}", True,
+                   p.weights.gpu_bytes - alt.weights.gpu_bytes)
+    return None
+
+
+def smaller_fix(profile, spec, gpu, p, key: str) -> list[Fix]:
+    """The largest halving of `key` that fits; else what one halving saves."""
+    floor = profile.max_num_seqs if key == "max_num_batched_tokens" else 1
+    candidates = []
+    value = getattr(profile, key) // 2
+    while value >= floor:
+        candidates.append(value)
+        value //= 2
+    if not candidates:
+        return []
+    alts = [(v, plan_terms(with_changes(profile, **{key: v}), spec, gpu)) for v in candidates]
+    value, alt = next(((v, a) for v, a in alts if a.fits), alts[0])
+    frees = p.non_kv_bytes - alt.non_kv_bytes
+    tail = "and fits" if alt.fits else "(not enough alone)"
+    return [Fix(key, value, f"{key}: {value} frees {gib(frees)} {tail}", alt.fits, frees)]
+
+
+def gib(n: int | float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def with_changes(profile: Profile, **changes) -> Profile:
+    """A copy of the profile with some keys changed (for what-ifs and fixes)."""
+    return replace(profile, **changes)

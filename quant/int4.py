@@ -1,0 +1,206 @@
+"""Our group-wise W4A16 format, its torch reference matmul, and GGUF 4-bit conversion.
+
+Layout (chosen for the Triton kernels in int4_triton.py):
+
+- `packed`: int32 `[out, in // 8]`, row-major like nn.Linear's weight. Nibble j (bits 4j..4j+3) of
+  word c in row n holds the code of column 8c + j. A program that owns a few output rows streams
+  whole contiguous rows (the GEMV path), and a K tile of 8·k columns is k consecutive words.
+- `scales`, `zeros`: `[out, in // group_size]`, fp16 or bf16 (fp32 for Q4_K, whose scales are
+  products that fp16 cannot hold exactly). Asymmetric: `w = code * scale + zero`, so `zero` is the
+  value of code 0 (the group's minimum). This form is one fma in the kernel and takes GGUF Q4_0/Q4_1
+  blocks exactly (Q4_1: scale = d, zero = m; Q4_0: scale = d, zero = -8 d).
+- Groups run along the input dim and never straddle rows; `group_size` is a field (128 by default,
+  32 for GGUF tensors).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .formats import INT4_GROUP_SIZE
+
+_SHIFTS = tuple(4 * j for j in range(8))
+_CHUNK_ELEMS = 1 << 24   # rows quantized at a time: bounds the fp32 scratch (64 MB) on big layers
+
+
+@dataclass
+class Int4Weight:
+    packed: torch.Tensor          # int32 [out, in // 8]
+    scales: torch.Tensor          # [out, in // group_size]
+    zeros: torch.Tensor           # [out, in // group_size], same dtype as scales
+    shape: tuple[int, int]        # (out, in) of the dense weight
+    group_size: int
+
+    def __post_init__(self):
+        out, inp = self.shape
+        groups = (out, inp // self.group_size)
+        if inp % self.group_size or self.group_size % 8:
+            raise ValueError(f"int4: in={inp} must be a multiple of group_size={self.group_size} (itself of 8)")
+        if self.packed.dtype != torch.int32 or tuple(self.packed.shape) != (out, inp // 8):
+            raise ValueError(f"int4: packed must be int32 {(out, inp // 8)}, "
+                             f"got {self.packed.dtype} {tuple(self.packed.shape)}")
+        if tuple(self.scales.shape) != groups or tuple(self.zeros.shape) != groups:
+            raise ValueError(f"int4: scales and zeros must be {groups}")
+        if self.zeros.dtype != self.scales.dtype:
+            raise ValueError("int4: scales and zeros must share a dtype")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "Int4Weight":
+        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Int4Weight(move(self.packed), move(self.scales), move(self.zeros), self.shape, self.group_size)
+
+    def rows(self, index: torch.Tensor) -> "Int4Weight":
+        """The weight with its output rows reordered (e.g. the Q/K permutation of llama GGUFs)."""
+        index = index.to(self.packed.device)
+        return Int4Weight(self.packed[index].contiguous(), self.scales[index].contiguous(),
+                          self.zeros[index].contiguous(), (len(index), self.shape[1]), self.group_size)
+
+
+# ---- packing ---------------------------------------------------------------------------------
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes in 0..15, `[rows, cols]` (cols % 8 == 0) -> int32 `[rows, cols // 8]`."""
+    rows, cols = codes.shape
+    c = codes.to(torch.int64).view(rows, cols // 8, 8)
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=codes.device)
+    words = (c << shifts).sum(-1)
+    # Nibble 7 sets bit 31: wrap to two's complement explicitly (int64 -> int32 casts do not promise to).
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
+    return words.to(torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """int32 `[rows, words]` -> uint8 codes `[rows, words * 8]` (the inverse of pack_int4)."""
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & 0xF   # arithmetic shift is fine: the mask drops sign bits
+    return codes.to(torch.uint8).flatten(-2)
+
+
+# ---- quantize / dequantize / reference matmul -----------------------------------------------------
+
+def quantize_int4(w: torch.Tensor, group_size: int = INT4_GROUP_SIZE,
+                  scale_dtype: torch.dtype = torch.float16) -> Int4Weight:
+    """Min-max asymmetric quantization of `w [out, in]` on w's device, a chunk of rows at a time."""
+    out, inp = w.shape
+    rows = max(1, _CHUNK_ELEMS // inp)
+    parts = [_quantize_rows(w[r:r + rows], group_size, scale_dtype) for r in range(0, out, rows)]
+    packed, scales, zeros = (torch.cat(p) for p in zip(*parts))
+    return Int4Weight(packed, scales, zeros, (out, inp), group_size)
+
+
+def _quantize_rows(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype):
+    out, inp = w.shape
+    wg = w.float().view(out, inp // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    # Round scale and zero to their stored dtype first, so the codes are chosen against the values
+    # the kernel will actually use.
+    scale = ((hi - lo) / 15).to(scale_dtype)
+    zero = lo.to(scale_dtype)
+    s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
+    inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
+    codes = torch.round((wg - z) * inv).clamp_(0, 15).to(torch.uint8)
+    return pack_int4(codes.view(out, inp)), scale, zero
+
+
+def dequantize_int4(w: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    out, inp = w.shape
+    q = unpack_int4(w.packed).view(out, inp // w.group_size, w.group_size).float()
+    dense = q * w.scales.float().unsqueeze(-1) + w.zeros.float().unsqueeze(-1)
+    return dense.view(out, inp).to(dtype)
+
+
+def int4_matmul_reference(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequant(w)^T (+ bias) in x.dtype: the CPU path and the kernels' test oracle.
+
+    Dequantizes in fp32 and rounds the weight to x.dtype once, as the kernels do before their dot."""
+    weight = dequantize_int4(w, torch.float32).to(x.dtype)
+    return F.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+# ---- GGUF 4-bit blocks -> Int4Weight ----------------------------------------------------------------
+# Raw blocks are the bytes of a GGUF tensor (gguf's ReaderTensor.data: uint8 [out, bytes_per_row]),
+# numpy or torch, on any device. The only intermediate is one uint8 code per weight, never floats.
+
+_GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}
+
+
+def _blocks(raw, qtype: str, shape: tuple[int, int]) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
+    t = t.contiguous().view(torch.uint8)
+    elems = 256 if qtype == "Q4_K" else 32
+    out, inp = shape
+    if inp % elems or t.numel() != out * inp // elems * _GGUF_BLOCK_BYTES[qtype]:
+        raise ValueError(f"int4: {qtype} data of {t.numel()} bytes does not fit shape {shape}")
+    return t.reshape(-1, _GGUF_BLOCK_BYTES[qtype])
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).squeeze(-1)
+
+
+def _legacy_codes(qs: torch.Tensor) -> torch.Tensor:
+    # Q4_0/Q4_1: byte i holds element i (low nibble) and element i + 16 (high nibble).
+    return torch.cat([qs & 0xF, qs >> 4], dim=-1)
+
+
+def int4_from_gguf_q4_0(raw, shape: tuple[int, int]) -> Int4Weight:
+    """Q4_0 (w = d * (q - 8)) -> group-32 Int4Weight with fp16 scale d and zero -8 d, exactly."""
+    b = _blocks(raw, "Q4_0", shape)
+    d = _f16(b[:, :2])
+    codes = _legacy_codes(b[:, 2:])
+    return _assemble(codes, d, d * -8, shape, 32)
+
+
+def int4_from_gguf_q4_1(raw, shape: tuple[int, int]) -> Int4Weight:
+    """Q4_1 (w = d * q + m) -> group-32 Int4Weight with fp16 scale d and zero m, exactly."""
+    b = _blocks(raw, "Q4_1", shape)
+    codes = _legacy_codes(b[:, 4:])
+    return _assemble(codes, _f16(b[:, :2]), _f16(b[:, 2:4]), shape, 32)
+
+
+def int4_from_gguf_q4_k(raw, shape: tuple[int, int]) -> Int4Weight:
+    """Q4_K super-blocks (256 = 8 sub-blocks of 32, 6-bit scales and mins) -> group-32 Int4Weight.
+
+    Scales d*sc and zeros -dmin*m are stored in fp32, where they are exact (fp16 is not)."""
+    b = _blocks(raw, "Q4_K", shape)
+    d, dmin = _f16(b[:, :2]).float(), _f16(b[:, 2:4]).float()
+    sc, mn = _q4_k_scale_min(b[:, 4:16])
+    qs = b[:, 16:].reshape(-1, 4, 1, 32)
+    # Each 32-byte chunk c: low nibbles are sub-block 2c, high nibbles sub-block 2c + 1.
+    codes = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, 32)
+    scales = (d.unsqueeze(-1) * sc.float()).reshape(-1)
+    zeros = (-dmin.unsqueeze(-1) * mn.float()).reshape(-1)
+    return _assemble(codes, scales, zeros, shape, 32)
+
+
+def _q4_k_scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """12 bytes -> eight 6-bit scales and eight 6-bit mins (the layout of ggml's get_scale_min_k4)."""
+    d, m, md = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
+    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
+    return sc, mn
+
+
+def _assemble(codes, scales, zeros, shape, group_size) -> Int4Weight:
+    out, inp = shape
+    groups = (out, inp // group_size)
+    return Int4Weight(pack_int4(codes.reshape(out, inp)), scales.reshape(groups).contiguous(),
+                      zeros.reshape(groups).contiguous(), (out, inp), group_size)
+
+
+def int4_from_gguf(raw, ggml_type: str, shape: tuple[int, int]) -> Int4Weight:
+    """Dispatch on the GGUF type name ("Q4_0", "Q4_1", "Q4_K"); shape is torch's (out, in)."""
+    convert = {"Q4_0": int4_from_gguf_q4_0, "Q4_1": int4_from_gguf_q4_1, "Q4_K": int4_from_gguf_q4_k}
+    if ggml_type not in convert:
+        raise ValueError(f"int4: GGUF type {ggml_type} cannot load as int4 (supported: {', '.join(convert)})")
+    return convert[ggml_type](raw, shape)

@@ -1,0 +1,235 @@
+"""One decoder for the Llama family (Llama 2/3, Qwen2/2.5, Qwen3, Mistral, SmolLM2), driven by ModelSpec.
+
+Parameter names follow HF's (`model.layers.N.self_attn.o_proj.weight` ...) except the fused
+projections: q/k/v live in `qkv_proj` and gate/up in `gate_up_proj`; `load_weight` maps HF names.
+Attention reads and writes the paged KV cache through pagedeploy.kernels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedeploy.kernels import apply_rotary, paged_attention, rms_norm, store_kv
+from pagedeploy.launcher.model_spec import ModelSpec
+
+# HF checkpoint name piece -> (our fused parameter's name piece, shard index)
+STACKED_PARAMS = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+@dataclass
+class AttentionMetadata:
+    """What attention needs about the batch; the runner builds it once per step."""
+    slot_mapping: torch.Tensor      # int64 [T]: cache slot of each new token
+    block_tables: torch.Tensor      # int32 [B, max_blocks]
+    context_lens: torch.Tensor      # int32 [B]: tokens in the cache after this step's store
+    query_start_loc: torch.Tensor   # int32 [B + 1]
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b); weights created uninitialized (the loaders fill them)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 shard_sizes: list[int] | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.shard_sizes = shard_sizes or [out_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def shard(self, param: torch.Tensor, index: int) -> torch.Tensor:
+        """The rows of `param` (weight or bias) that fused shard `index` occupies."""
+        start = sum(self.shard_sizes[:index])
+        return param.narrow(0, start, self.shard_sizes[index])
+
+
+class Embedding(nn.Module):
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = spec.num_attention_heads, spec.num_key_value_heads
+        self.head_dim = spec.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = Linear(spec.hidden_size, q_size + 2 * kv_size, spec.attention_bias,
+                               [q_size, kv_size, kv_size])
+        self.o_proj = Linear(q_size, spec.hidden_size)
+        self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.scale = self.head_dim ** -0.5
+        self.sliding_window = spec.sliding_window
+        self.k_cache = self.v_cache = torch.empty(0)   # bound by the runner to its KV pool
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.shard_sizes, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm before rope
+            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
+        q, k = apply_rotary(q, k, positions, cos_sin_cache)
+        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        o = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
+                            meta.query_start_loc, self.scale, self.sliding_window)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        inter = spec.intermediate_size
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * inter, shard_sizes=[inter, inter])
+        self.down_proj = Linear(inter, spec.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.mlp = MLP(spec)
+
+    def forward(self, x, residual, positions, cos_sin_cache, meta):
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, positions, cos_sin_cache, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, spec: ModelSpec, max_positions: int):
+        super().__init__()
+        self.embed_tokens = Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_hidden_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.register_buffer("cos_sin_cache", rope_cos_sin_cache(spec, max_positions),
+                             persistent=False)
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        x, residual = self.embed_tokens(input_ids), None
+        for layer in self.layers:
+            x, residual = layer(x, residual, positions, self.cos_sin_cache, meta)
+        return self.norm(x, residual)[0]
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, spec: ModelSpec, max_positions: int | None = None):
+        super().__init__()
+        self.spec = spec
+        self.model = LlamaModel(spec, max_positions or spec.max_position_embeddings)
+        if spec.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Linear(spec.hidden_size, spec.vocab_size)
+
+    def forward(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
+        """Final hidden states [T, hidden] of the batch's new tokens."""
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight)
+
+    def load_weight(self, hf_name: str, tensor: torch.Tensor) -> bool:
+        """Copy one HF-named checkpoint tensor into place; False when the name is not ours."""
+        if hf_name == "lm_head.weight" and self.lm_head is None:
+            return True   # tied checkpoints may still carry a copy of the embedding
+        module_name, _, param_name = hf_name.rpartition(".")
+        owner, fused = module_name.rpartition(".")[2], None
+        if owner in STACKED_PARAMS:
+            new_owner, fused = STACKED_PARAMS[owner]
+            module_name = module_name[: len(module_name) - len(owner)] + new_owner
+        try:
+            module = self.get_submodule(module_name)
+        except AttributeError:
+            return False
+        param = getattr(module, param_name, None)
+        if not isinstance(param, torch.Tensor):
+            return False
+        target = param if fused is None else module.shard(param, fused)
+        if target.shape != tensor.shape:
+            raise ValueError(f"checkpoint tensor {hf_name} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(target.shape)}")
+        target.copy_(tensor)
+        return True
+
+    def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
+        for layer, k, v in zip(self.model.layers, k_caches, v_caches, strict=True):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
+
+
+def rope_parameters(spec: ModelSpec) -> tuple[float, dict]:
+    """(theta, scaling dict) from either the transformers 4 or 5 way of writing them."""
+    params = spec.config.get("rope_parameters") or {}
+    theta = spec.config.get("rope_theta") or params.get("rope_theta") or spec.rope_theta
+    scaling = dict(spec.rope_scaling or params)
+    scaling.setdefault("rope_type", scaling.get("type", "default"))
+    return float(theta), scaling
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """Inverse frequencies as HF computes them (default, linear, llama3)."""
+    theta, scaling = rope_parameters(spec)
+    dim = spec.head_dim
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = scaling["rope_type"]
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ValueError(f"rope_scaling type {kind!r} of {spec.name} is not supported "
+                     "(supported: default, linear, llama3)")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """transformers' _compute_llama3_parameters: long wavelengths slowed by `factor`, smooth between."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin_cache(spec: ModelSpec, max_positions: int) -> torch.Tensor:
+    """fp32 [max_positions, head_dim] = cat(cos, sin) over the half dims (kernel contract)."""
+    inv_freq = rope_inv_freq(spec)
+    freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)

@@ -1,0 +1,159 @@
+"""Scheduler: continuous batching with chunked prefill, prefix-cache hits and preemption by recompute.
+
+Every step first gives each running sequence its next tokens (one for a decode, a chunk for a
+prefill in progress), oldest first, then admits waiting sequences while the token budget
+(max_num_batched_tokens), max_num_seqs and the free blocks allow. When a running sequence needs a
+block and none is free, the newest running sequence is preempted: its blocks are freed and it goes
+back to the front of the waiting queue, to recompute prompt + generated tokens later (its full
+blocks usually are still in the prefix cache then, so the recompute is cheap).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class BatchItem:
+    seq: Sequence
+    num_new_tokens: int
+    need_logits: bool
+
+
+@dataclass
+class ScheduledBatch:
+    items: list[BatchItem] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(item.num_new_tokens for item in self.items)
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        assert max_num_seqs > 0 and max_num_batched_tokens > 0
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []      # in admission order: the newest is preempted first
+        self.preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self._schedule_running(batch, self.max_num_batched_tokens)
+        if not batch.preempted:      # blocks are short: admitting more would only thrash
+            self._schedule_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        scheduled: set[int] = set()
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            assert num_new > 0, "a running sequence must have a token to compute"
+            if not self._make_room(seq, num_new, scheduled, batch):
+                break                # seq itself was preempted: it was the newest left
+            self.block_manager.append_slots(seq, num_new)
+            batch.items.append(self._item(seq, num_new))
+            scheduled.add(seq.seq_id)
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _make_room(self, seq: Sequence, num_new: int, scheduled: set[int], batch: ScheduledBatch) -> bool:
+        """Preempt the newest running sequences until seq's new tokens fit; False if seq went too."""
+        while not self.block_manager.can_append(seq, num_new):
+            victim = self.running[-1]
+            assert victim.seq_id not in scheduled, "preempting a sequence already in this batch"
+            self.preempt(victim)
+            batch.preempted.append(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self._ready_to_admit(seq):
+                break                # keep arrival order: a held-back sibling blocks the queue
+            num_new = self._admit(seq, budget)
+            if num_new == 0:
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.items.append(self._item(seq, num_new))
+            budget -= num_new
+
+    def _ready_to_admit(self, seq: Sequence) -> bool:
+        """n > 1 siblings wait until the first sibling's full prompt blocks are computed, to share them."""
+        parent = seq.fork_parent
+        if parent is None or parent.status != SequenceStatus.RUNNING:
+            return True          # finished or preempted: seq goes alone (the prefix cache may still help)
+        return parent.num_computed_tokens >= self._num_shared_blocks(seq, parent) * self.block_manager.block_size
+
+    def _num_shared_blocks(self, seq: Sequence, parent: Sequence) -> int:
+        return (seq.num_prompt_tokens - 1) // self.block_manager.block_size
+
+    def _admit(self, seq: Sequence, budget: int) -> int:
+        """Give seq its shared/cached prefix and blocks for its first chunk; 0 if it does not fit."""
+        bm = self.block_manager
+        parent = seq.fork_parent
+        if parent is not None and parent.status == SequenceStatus.RUNNING:
+            cached: list[int] = []
+            reuse = parent.block_table[:self._num_shared_blocks(seq, parent)]
+        else:
+            cached = bm.find_cached_prefix(seq)
+            reuse = cached
+        num_new = min(len(seq.token_ids) - len(reuse) * bm.block_size, budget)
+        if not bm.can_admit(seq, reuse, num_new):
+            return 0
+        if reuse is cached:
+            bm.record_prefix_lookup(len(seq.token_ids) - 1, len(cached) * bm.block_size)
+            bm.admit(seq, cached)
+            if seq.num_output_tokens == 0:
+                seq.num_cached_tokens = max(seq.num_cached_tokens, seq.num_computed_tokens)
+        else:
+            bm.fork(parent, seq)
+        bm.append_slots(seq, num_new)
+        return num_new
+
+    @staticmethod
+    def _item(seq: Sequence, num_new: int) -> BatchItem:
+        return BatchItem(seq, num_new, seq.num_computed_tokens + num_new == len(seq.token_ids))
+
+    # ---- state changes from the engine --------------------------------------------------------
+    def preempt(self, seq: Sequence) -> None:
+        """Recompute-style preemption. (A swap-to-CPU variant would copy seq's blocks to the
+        num_swap_blocks pool here and keep num_computed_tokens; nothing else needs to change.)"""
+        self.running.remove(seq)
+        self.block_manager.free_seq(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.preemptions += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence, wherever it is."""
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status == SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free_seq(seq)
+        seq.status = SequenceStatus.FINISHED
