@@ -90,7 +90,9 @@ def _attend_one(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     k = _gather(k_cache, blocks)[:ctx_len].to(q.dtype)
     v = _gather(v_cache, blocks)[:ctx_len].to(q.dtype)
     mask = None
-    if q_len != ctx_len or (window is not None and window < ctx_len):
+    # A lone query at the end sees every cached key: no mask needed unless a window cuts in.
+    needs_causal_offset = q_len != ctx_len and q_len > 1
+    if needs_causal_offset or (window is not None and window < ctx_len):
         q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
         k_pos = torch.arange(ctx_len, device=q.device)[None, :]
         mask = _allowed(q_pos, k_pos, window)
@@ -105,7 +107,9 @@ def _decode_batch(q, k_cache, v_cache, block_tables, ctx_lens, starts, seqs, sca
     idx = torch.tensor(seqs, device=q.device)
     ctx = torch.tensor([ctx_lens[b] for b in seqs], device=q.device)
     max_blocks = (max(ctx_lens[b] for b in seqs) + bs - 1) // bs
-    blocks = block_tables.index_select(0, idx)[:, :max_blocks]
+    # Shorter sequences' padding entries are gathered too (then masked): any value >= 0 is
+    # allowed there, so keep them inside the pool.
+    blocks = block_tables.index_select(0, idx)[:, :max_blocks].clamp(max=k_cache.shape[0] - 1)
     k = _gather(k_cache, blocks).to(q.dtype).transpose(1, 2)     # [N, KH, L, D]
     v = _gather(v_cache, blocks).to(q.dtype).transpose(1, 2)
     k_pos = torch.arange(k.shape[2], device=q.device)[None, :]

@@ -56,6 +56,8 @@ def _attention_kernel(
         q0 = 0
     else:
         seq = _find_seq(query_start_loc, tile, num_seqs, BLOCK_Q)
+        if seq < 0:  # a tile before this slice's first sequence (query_start_loc[0] > 0)
+            return
         q0 = (tile - (tl.load(query_start_loc + seq) // BLOCK_Q + seq)) * BLOCK_Q
     q_begin = tl.load(query_start_loc + seq)
     q_len = tl.load(query_start_loc + seq + 1) - q_begin
@@ -154,18 +156,35 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: to
     return 1 if splits <= 1 else triton.next_power_of_2(splits)
 
 
+def launch_config(decode: bool, qg: int, tune: dict | None = None) -> dict:
+    """Tile sizes: decode tiles are one token's GQA group (>= 16 rows for tl.dot); prefill tiles
+    pack block_m // qg query tokens of one sequence."""
+    if decode:
+        cfg = dict(block_m=max(16, triton.next_power_of_2(qg)), block_n=64, num_warps=4,
+                   num_stages=2)
+    else:
+        # H100 sweep (docs/perf-kernels.md): 128x32 tiles, 8 warps beat 64x64, 4 warps by 6-10%
+        cfg = dict(block_m=max(128, triton.next_power_of_2(qg)), block_n=32, num_warps=8,
+                   num_stages=2)
+    cfg.update(tune or {})
+    assert cfg["block_m"] >= qg, (cfg, qg)
+    return cfg
+
+
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: torch.Tensor,
                     query_start_loc: torch.Tensor, scale: float, sliding_window: int | None = None,
-                    *, max_query_len: int | None = None, max_context_len: int | None = None,
-                    num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                    *, num_decodes: int | None = None, max_context_len: int | None = None,
+                    num_splits: int | None = None, out: torch.Tensor | None = None,
+                    tune: dict | None = None) -> torch.Tensor:
     """Causal attention of q [T, H, D] over paged K/V (docs/CONTRACTS.md, "Kernels").
 
     Every sequence must have at least one query token. Optional host-side hints, none of which
-    needs a device sync: max_query_len (1 selects the decode kernel; by default a batch is decode
-    when T == B), max_context_len (bounds the split count; by default the block table's width),
-    num_splits (force a split count, for tuning); out (a [T, H, D] buffer to write, e.g. a CUDA
-    graph's static output).
+    needs a device sync: num_decodes (the first num_decodes sequences have one query token each:
+    they go to the decode kernel, the rest to the prefill kernel; by default the whole batch is
+    decode when T == B, else prefill), max_context_len (bounds the split count; by default the
+    block table's width), num_splits (force a split count, for tuning), out (a [T, H, D] buffer to
+    write, e.g. a CUDA graph's static output), tune (launch_config overrides, for tuning).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_seqs = context_lens.shape[0]
@@ -173,42 +192,52 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     assert cache_dim == head_dim and head_dim >= 16 and head_dim & (head_dim - 1) == 0, head_dim
     assert num_heads % num_kv_heads == 0 and q.stride(-1) == 1 and k_cache.stride(-1) == 1
     assert k_cache.stride() == v_cache.stride()
-    qg = num_heads // num_kv_heads
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.stride(-1) == 1
-    if num_tokens == 0:
-        return out
-    decode = max_query_len == 1 if max_query_len is not None else num_tokens == num_seqs
-    if decode:
-        block_m = max(16, triton.next_power_of_2(qg))
-        grid0 = num_seqs
+    if num_decodes is None:
+        num_decodes = num_seqs if num_tokens == num_seqs else 0
+    args = (q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, scale,
+            sliding_window, tune)
+    if num_decodes:
         if num_splits is None:
             bound = max_context_len or block_tables.shape[1] * block_size
-            num_splits = decode_splits(num_seqs, num_kv_heads, bound, q.device)
-        block_n, warps, stages = 64, 4, 2
-    else:
-        block_m = 64 if qg <= 8 else triton.next_power_of_2(qg)
-        grid0 = num_tokens // (block_m // qg) + num_seqs  # covers every sequence's tiles, see _find_seq
-        num_splits = num_splits or 1
-        block_n, warps, stages = 64, 4, 2
+            num_splits = decode_splits(num_decodes, num_kv_heads, bound, q.device)
+        _launch(*args, first=0, count=num_decodes, decode=True, num_splits=num_splits)
+    if num_decodes < num_seqs:
+        _launch(*args, first=num_decodes, count=num_seqs - num_decodes, decode=False,
+                num_splits=1 if num_decodes else (num_splits or 1))
+    return out
+
+
+def _launch(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, scale,
+            window, tune, *, first: int, count: int, decode: bool, num_splits: int) -> None:
+    """Run sequences [first, first + count) (their tokens follow one another in q)."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    qg = num_heads // num_kv_heads
+    cfg = launch_config(decode, qg, tune)
+    # A decode tile is one sequence; prefill tiles are found by _find_seq, which needs at most
+    # this many (query_start_loc[b] // block_q + b never exceeds it).
+    grid0 = count if decode else num_tokens // (cfg["block_m"] // qg) + count
     assert num_splits & (num_splits - 1) == 0, num_splits
     part_out = part_lse = out  # placeholders, unused without splits
-    if num_splits > 1:
-        part_out = torch.empty(num_tokens * num_heads * num_splits * head_dim,
-                               dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(num_tokens * num_heads * num_splits, dtype=torch.float32,
+    if num_splits > 1:  # decode tokens are the batch's first `count` tokens
+        rows = count if decode else num_tokens
+        part_out = torch.empty(rows * num_heads * num_splits * head_dim, dtype=torch.float32,
                                device=q.device)
+        part_lse = torch.empty(rows * num_heads * num_splits, dtype=torch.float32, device=q.device)
+    seqs = slice(first, first + count)
     _attention_kernel[(grid0, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out,
-        part_out, part_lse, num_seqs, scale * _LOG2E, sliding_window or 0,
+        q, k_cache, v_cache, block_tables[seqs], context_lens[seqs], query_start_loc[first:],
+        out, part_out, part_lse, count, scale * _LOG2E, window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        QG=qg, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, IS_DECODE=decode, USE_WINDOW=sliding_window is not None,
-        NUM_HEADS=num_heads, num_warps=warps, num_stages=stages)
+        QG=qg, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=cfg["block_m"],
+        BLOCK_N=cfg["block_n"], NUM_SPLITS=num_splits, IS_DECODE=decode,
+        USE_WINDOW=window is not None, NUM_HEADS=num_heads,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if num_splits > 1:
-        _merge_kernel[(num_tokens, num_heads)](
+        _merge_kernel[(rows, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits)
-    return out

@@ -5,6 +5,7 @@ never a traceback). `deploy plan` imports no torch (tests/test_cli_plan.py check
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -84,6 +85,8 @@ def plan(profile: str = typer.Argument(..., help="YAML profile"),
 
     prof, spec = load(profile, set_)
     target = resolve_target(prof, gpu)
+    if gpu:   # the what-if GPU is what the settings show
+        prof = dataclasses.replace(prof, gpu=target.name, explicit=prof.explicit | {"gpu"})
     result = make_plan(prof, spec, target)
     print_warnings(prof)
     if json_:

@@ -129,7 +129,8 @@ class EngineThread:
     def stop(self, join_timeout_s: float = 10.0) -> None:
         self._stop = True
         self._wake.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+        # A thread still loading weights cannot be interrupted; it is a daemon and dies with us.
+        if self.ready.is_set() and self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(join_timeout_s)
 
     def _post(self, command) -> None:

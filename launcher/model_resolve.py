@@ -18,7 +18,6 @@ import struct
 from pathlib import Path
 
 from . import catalog
-from .errors import UserError
 from .gguf_meta import spec_from_gguf
 from .model_spec import SUPPORTED_ARCHITECTURES, ModelSpec, TensorInfo
 from .profile import Profile
@@ -72,15 +71,21 @@ def _looks_like_path(model: str) -> bool:
 
 def spec_from_path(profile: Profile, path: Path, need_weights: bool) -> ModelSpec:
     if path.is_file():
+        if profile.load_format == "safetensors":
+            raise profile.error("load_format", f"safetensors, but model {str(path)!r} is a file",
+                                "set load_format: gguf (or auto) for a .gguf file")
         if path.suffix != ".gguf":
             raise profile.error("model", f"{str(path)!r} is a file but not a .gguf file",
                                 "point model: at a .gguf file or a folder with config.json")
         return _gguf_spec(profile, path)
     config_path = path / "config.json"
-    if not config_path.is_file():
-        ggufs = sorted(path.glob("*.gguf"))
+    ggufs = sorted(path.glob("*.gguf"))
+    if not config_path.is_file() or profile.load_format == "gguf":
         if len(ggufs) == 1:
             return _gguf_spec(profile, ggufs[0])
+        if profile.load_format == "gguf":
+            raise profile.error("model", f"load_format is gguf but folder {str(path)!r} holds "
+                                f"{len(ggufs)} .gguf files", "point model: at one .gguf file")
         raise profile.error("model", f"folder {str(path)!r} has no config.json",
                             "point model: at a Hugging Face model folder (config.json + "
                             "*.safetensors) or a .gguf file")

@@ -4,12 +4,17 @@ No torch here: `deploy plan` imports this module.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 # Architectures our one Llama-family decoder implements (DESIGN.md decision 2).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
 }
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk|h)\.(\d+)\.")
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 @dataclass
@@ -117,3 +122,28 @@ class ModelSpec:
         per_layer = self.layer_linear_params + self.layer_small_params
         return (self.embedding_params + self.lm_head_params + self.hidden_size
                 + self.num_hidden_layers * per_layer)
+
+    def param_groups(self) -> tuple[list[tuple[int, int]], int]:
+        """([(linear params, small params) per decoder layer], params outside the layers).
+
+        From checkpoint headers when they describe unquantized tensors (exact; names decide where
+        a tensor lives, 2-D tensors of a layer are its linear weights); otherwise from the counts
+        above. A GGUF's shapes are the logical shapes, so its quantized tensors count too.
+        """
+        tensors = self.tensors
+        usable = tensors and (self.source == "gguf"
+                              or all(t.dtype in _FLOAT_DTYPES for t in tensors))
+        if not usable:
+            per_layer = (self.layer_linear_params, self.layer_small_params)
+            other = self.embedding_params + self.lm_head_params + self.hidden_size
+            return [per_layer] * self.num_hidden_layers, other
+        layers = [[0, 0] for _ in range(self.num_hidden_layers)]
+        other = 0
+        for t in tensors:
+            numel = math.prod(t.shape)
+            match = _LAYER_INDEX.search(t.name)
+            if match is None or int(match.group(1)) >= len(layers):
+                other += numel
+            else:
+                layers[int(match.group(1))][0 if len(t.shape) >= 2 else 1] += numel
+        return [tuple(pair) for pair in layers], other

@@ -44,6 +44,7 @@ class ModelContext:
     vocab_size: int
     tokenizer: object
     pool_tokens: int | None = None   # KV blocks × block size: one sequence can never hold more
+    chat_template: str | None = None  # the profile's template; None: the tokenizer's own
 
 
 # ---- typed field access ----------------------------------------------------------------------
@@ -319,7 +320,7 @@ def parse_chat(body: Body, ctx: ModelContext) -> GenerateRequest:
            "tool_choice is not supported by this server; leave it out.")
     messages = _messages(body)
     text = _apply_chat_template(_tokenizer(ctx, "messages"), messages,
-                                body.get("add_generation_prompt", "boolean", True))
+                                body.get("add_generation_prompt", "boolean", True), ctx.chat_template)
     ids = ctx.tokenizer.encode(text, add_special_tokens=False)
     _check(len(ids) > 0, "messages", "The messages render to an empty prompt.")
     max_tokens = _fit_context(ctx, len(ids), _max_tokens(body, ("max_completion_tokens", "max_tokens")),
@@ -368,10 +369,12 @@ def _message(m, where: str) -> dict:
     return {"role": CHAT_ROLES[role], "content": content}
 
 
-def _apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+def _apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool,
+                         template: str | None) -> str:
+    extra = {"chat_template": template} if template else {}
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+                                             add_generation_prompt=add_generation_prompt, **extra)
     except ValueError as e:   # no template at all: a model problem, stated for the user
         raise ProtocolError(400, f"The model's chat template cannot render these messages: {e}",
                             param="messages") from None

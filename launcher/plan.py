@@ -8,7 +8,6 @@ Every term is separate (README "Memory plan" documents each formula):
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field, replace
 
 from .gpus import GiB, MiB, GpuSpec
@@ -28,9 +27,6 @@ CPU_RESERVE_BYTES = 1 * GiB        # interpreter, torch libraries, tokenizer, HT
 GRAPH_BYTES_PER_LAYER = 218_000    # CUDA-graph pool per captured graph per layer:
 GRAPH_BYTES_PER_HIDDEN = 67        #   218,000 + 67 × hidden bytes (fit, see cuda_graph_bytes)
 MAX_CAPTURE_BATCH = 512
-
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk|h)\.(\d+)\.")
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 @dataclass
@@ -130,8 +126,8 @@ def plan_terms(profile: Profile, spec: ModelSpec, gpu: GpuSpec) -> MemoryPlan:
     tp = profile.tensor_parallel_size
     fixed_kv = profile.kv_cache_memory_bytes
     budget = gpu.total_bytes if fixed_kv else int(gpu.total_bytes * profile.gpu_memory_utilization)
-    weights = plan_weights(profile, spec, dtype)
     on_gpu = device == "cuda"
+    weights = plan_weights(profile, spec, dtype, offload=on_gpu)
     result = MemoryPlan(
         model=spec.name, gpu=gpu, device=device, dtype=dtype, total_bytes=gpu.total_bytes,
         gpu_memory_utilization=profile.gpu_memory_utilization, budget_bytes=budget,
@@ -167,31 +163,6 @@ def kv_dtype(profile: Profile, dtype: str) -> str:
 
 # ---------------------------------------------------------------- weights
 
-def param_groups(spec: ModelSpec) -> tuple[list[tuple[int, int]], int]:
-    """([(linear params, small params) per decoder layer], params outside the layers).
-
-    From checkpoint headers when they describe unquantized tensors (exact, names decide where a
-    tensor lives); otherwise from the config's parameter counts. A GGUF's shapes are the logical
-    shapes, so its quantized tensors count their real parameter numbers too.
-    """
-    tensors = spec.tensors
-    usable = tensors and (spec.source == "gguf" or all(t.dtype in _FLOAT_DTYPES for t in tensors))
-    if not usable:
-        per_layer = (spec.layer_linear_params, spec.layer_small_params)
-        other = spec.embedding_params + spec.lm_head_params + spec.hidden_size
-        return [per_layer] * spec.num_hidden_layers, other
-    layers = [[0, 0] for _ in range(spec.num_hidden_layers)]
-    other = 0
-    for t in tensors:
-        numel = math.prod(t.shape)
-        match = _LAYER_INDEX.search(t.name)
-        if match is None or int(match.group(1)) >= len(layers):
-            other += numel
-        else:
-            layers[int(match.group(1))][0 if len(t.shape) >= 2 else 1] += numel
-    return [tuple(pair) for pair in layers], other
-
-
 def linear_bytes(params: int, dtype_bytes: int, quantization: str | None) -> tuple[int, int]:
     """(bytes, of which scale bytes) of quantizable linear weights."""
     if quantization is None:
@@ -200,12 +171,14 @@ def linear_bytes(params: int, dtype_bytes: int, quantization: str | None) -> tup
     return math.ceil(params / 2) + scales, scales
 
 
-def plan_weights(profile: Profile, spec: ModelSpec, dtype: str) -> WeightsPlan:
+def plan_weights(profile: Profile, spec: ModelSpec, dtype: str,
+                 offload: bool = True) -> WeightsPlan:
     """Per-GPU weight bytes and the whole layers cpu_offload_gb moves to CPU memory.
     Embeddings, lm_head, norms and biases stay in the compute dtype; tensor parallelism divides
-    the linear weights and the (vocab-parallel) embeddings, norms are replicated."""
+    the linear weights and the (vocab-parallel) embeddings, norms are replicated. On a CPU
+    target there is nowhere to offload to (offload=False)."""
     wb, quant, tp = DTYPE_BYTES[dtype], profile.quantization, profile.tensor_parallel_size
-    layers, other = param_groups(spec)
+    layers, other = spec.param_groups()
     layer_bytes, layer_scales = [], []
     for linear, small in layers:
         lin, scales = linear_bytes(linear, wb, quant)
@@ -213,7 +186,7 @@ def plan_weights(profile: Profile, spec: ModelSpec, dtype: str) -> WeightsPlan:
         layer_scales.append(math.ceil(scales / tp))
     norm_params = spec.hidden_size
     other_bytes = math.ceil((other - norm_params) * wb / tp) + norm_params * wb
-    offloaded, moved = offload_layers(layer_bytes, profile.cpu_offload_gb)
+    offloaded, moved = offload_layers(layer_bytes, profile.cpu_offload_gb if offload else 0)
     total = sum(layer_bytes) + other_bytes
     return WeightsPlan(dtype=dtype, quantization=quant, total_bytes=total,
                        gpu_bytes=total - moved, cpu_bytes=moved, layers_offloaded=offloaded,
@@ -347,7 +320,7 @@ def find_fixes(profile: Profile, spec: ModelSpec, gpu: GpuSpec, p: MemoryPlan) -
 
 
 def change_fix(profile, spec, gpu, p, key: str, value, text: str, what: str) -> Fix:
-    alt = plan_terms(with_changes(profile, **{key: value}), spec, gpu)
+    alt = plan_terms(replace(profile, **{key: value}), spec, gpu)
     frees = p.non_kv_bytes - alt.non_kv_bytes
     tail = "and fits" if alt.fits else "(not enough alone)"
     return Fix(key, value, f"{text} frees {gib(frees)} {what} {tail}", alt.fits, frees)
@@ -365,7 +338,7 @@ def memory_fix(profile, spec, gpu, p) -> list[Fix]:
                     f"({gib(value)})", True)]
     needed = math.ceil((p.non_kv_bytes + need_kv) / p.total_bytes * 100) / 100
     while needed <= 1.0:
-        if plan_terms(with_changes(profile, gpu_memory_utilization=needed), spec, gpu).fits:
+        if plan_terms(replace(profile, gpu_memory_utilization=needed), spec, gpu).fits:
             return [Fix("gpu_memory_utilization", needed,
                         f"gpu_memory_utilization: {needed:.2f}", True)]
         needed = round(needed + 0.01, 2)
@@ -383,33 +356,29 @@ def offload_gb_for(layer_bytes: list[int], count: int) -> float:
 
 def offload_fix(profile, spec, gpu, p) -> list[Fix]:
     """The smallest cpu_offload_gb that fits; and with nf4 too when 4-bit alone is short."""
-    out = [f for f in [_offload_fix(profile, spec, gpu, p, profile.quantization)] if f]
-    if profile.quantization is None:
-        nf4 = plan_terms(with_changes(profile, quantization="nf4"), spec, gpu)
-        if not nf4.fits:
-            out += [f for f in [_offload_fix(profile, spec, gpu, p, "nf4")] if f]
+    if p.device != "cuda":
+        return []
+    quants = [profile.quantization]
+    if profile.quantization is None and not plan_terms(
+            replace(profile, quantization="nf4"), spec, gpu).fits:
+        quants.append("nf4")
+    out = []
+    for quant in quants:
+        base = replace(profile, quantization=quant)
+        layers = plan_weights(base, spec, p.dtype).layer_bytes
+        values = (offload_gb_for(layers, n) for n in range(1, len(layers) + 1))
+        for value in (v for v in values if v > profile.cpu_offload_gb):
+            alt = plan_terms(replace(base, cpu_offload_gb=value), spec, gpu)
+            if alt.fits:
+                text = (f"cpu_offload_gb: {value:g} (moves {alt.weights.layers_offloaded} of "
+                        f"{len(layers)} layers, {gib(alt.weights.cpu_bytes)}, to CPU memory)")
+                key = "cpu_offload_gb" if quant == profile.quantization else \
+                    "quantization+cpu_offload_gb"
+                out.append(Fix(key, value, text if key == "cpu_offload_gb" else
+                               f"quantization: {quant} with {text}", True,
+                               p.weights.gpu_bytes - alt.weights.gpu_bytes))
+                break
     return out
-
-
-def _offload_fix(profile, spec, gpu, p, quant: str | None) -> Fix | None:
-    base = with_changes(profile, quantization=quant)
-    layers = plan_weights(base, spec, p.dtype).layer_bytes
-    for count in range(1, len(layers) + 1):
-        value = offload_gb_for(layers, count)
-        if value <= profile.cpu_offload_gb:
-            continue
-        alt = plan_terms(with_changes(base, cpu_offload_gb=value), spec, gpu)
-        if not alt.fits:
-            continue
-        text = (f"cpu_offload_gb: {value:g} (moves {count} of {len(layers)} layers, "
-                f"{gib(alt.weights.cpu_bytes)}, to CPU memory)")
-        if quant == profile.quantization:
-            return Fix("cpu_offload_gb", value, text, True,
-                       p.weights.gpu_bytes - alt.weights.gpu_bytes)
-        return Fix("quantization+cpu_offload_gb", {"quantization": quant, "cpu_offload_gb": value},
-                   f"quantization: {quant} with {text}", True,
-                   p.weights.gpu_bytes - alt.weights.gpu_bytes)
-    return None
 
 
 def smaller_fix(profile, spec, gpu, p, key: str) -> list[Fix]:
@@ -422,7 +391,7 @@ def smaller_fix(profile, spec, gpu, p, key: str) -> list[Fix]:
         value //= 2
     if not candidates:
         return []
-    alts = [(v, plan_terms(with_changes(profile, **{key: v}), spec, gpu)) for v in candidates]
+    alts = [(v, plan_terms(replace(profile, **{key: v}), spec, gpu)) for v in candidates]
     value, alt = next(((v, a) for v, a in alts if a.fits), alts[0])
     frees = p.non_kv_bytes - alt.non_kv_bytes
     tail = "and fits" if alt.fits else "(not enough alone)"
@@ -432,7 +401,3 @@ def smaller_fix(profile, spec, gpu, p, key: str) -> list[Fix]:
 def gib(n: int | float) -> str:
     return f"{n / GiB:.2f} GiB"
 
-
-def with_changes(profile: Profile, **changes) -> Profile:
-    """A copy of the profile with some keys changed (for what-ifs and fixes)."""
-    return replace(profile, **changes)

@@ -43,7 +43,8 @@ def plan_to_json(p: MemoryPlan, profile: Profile, spec: ModelSpec) -> dict:
         "max_concurrency": round(p.max_concurrency, 4),
         "fixes": [{"field": f.field, "value": f.value, "fits": f.fits,
                    "frees_bytes": f.frees_bytes, "text": f.text} for f in p.fixes],
-        "settings": profile.settings(),
+        "settings": {k: ("***" if k == "api_key" and v else v)
+                     for k, v in profile.settings().items()},
         "defaults": sorted(set(profile.settings()) - profile.explicit),
     }
 
@@ -67,10 +68,11 @@ def memory_bar(p: MemoryPlan, width: int = 60) -> str:
     """One line of rich markup: each term's share of the budget (or of what is asked, when that
     is more), free space as dots."""
     scale = max(p.budget_bytes, p.used_bytes) / width
-    parts, used_chars = [], 0
+    parts, used_chars, running = [], 0, 0
     for _label, get, style, char in _SEGMENTS:
-        n = round(get(p) / scale) if get(p) else 0
-        n = max(n, 1) if get(p) else 0
+        running += get(p)
+        # cumulative rounding keeps the bar's length true; a non-zero term shows at least once
+        n = max(round(running / scale) - used_chars, 1 if get(p) else 0)
         parts.append(f"[{style}]{char * n}[/]")
         used_chars += n
     free = max(0, width - used_chars)

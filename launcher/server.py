@@ -42,6 +42,7 @@ class ServerSettings:
     pool_tokens: int | None = None      # num_blocks × block_size
     api_key: str | None = None
     model_root: str | None = None       # shown as `root` in /v1/models
+    chat_template: str | None = None    # the profile's Jinja template (else the tokenizer's)
     drain_timeout_s: float = 30.0       # shutdown: how long in-flight requests may still run
 
 
@@ -61,7 +62,7 @@ class ServerState:
             s = self.settings
             tokenizer = self.engine.engine.tokenizer
             self._context = ModelContext(s.model_name, s.max_model_len, s.max_logprobs,
-                                         s.vocab_size, tokenizer, s.pool_tokens)
+                                         s.vocab_size, tokenizer, s.pool_tokens, s.chat_template)
             self._tokens = TokenStrings(tokenizer)
         return self._context
 

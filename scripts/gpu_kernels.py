@@ -29,6 +29,7 @@ from pagedeploy.kernels.triton_norm import rms_norm  # noqa: E402
 from pagedeploy.kernels.triton_rotary import apply_rotary  # noqa: E402
 
 MODELS = {"qwen3-0.6b": (16, 8, 128, 1024), "llama-3-8b": (32, 8, 128, 4096)}  # H, KH, D, hidden
+L2_BYTES = 50 << 20  # H100 L2
 LOG: list[str] = []
 TABLE: list[str] = []
 
@@ -47,6 +48,24 @@ def bench(fn, quick: bool) -> float:
         return (time.perf_counter() - t) * 1e3
     import triton.testing
     return triton.testing.do_bench(fn, warmup=20, rep=60, return_mode="median")
+
+
+def bench_graph(make_fn, nbytes: float, quick: bool) -> float:
+    """Median GPU milliseconds per call, without host launch cost (how the engine's CUDA-graph
+    decode steps run them): one graph replays the call on enough distinct inputs to overflow L2,
+    so small problems are read from HBM as in a real step."""
+    copies = max(1, min(32, int(2 * L2_BYTES // max(nbytes, 1))))
+    fns = [make_fn(i) for i in range(copies)]
+    for fn in fns:
+        fn()  # compile and warm outside the capture
+    if quick:
+        return bench(lambda: [fn() for fn in fns], quick) / copies
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    return bench(graph.replay, quick) / copies
 
 
 def upcast(case: dict) -> dict:
@@ -95,24 +114,31 @@ def decode_runs(device, dtype, quick, ceiling):
 
 
 def decode_one(name, h, kh, d, bs, batch, ctx_lens, dtype, device, quick, ceiling, label):
+    """Graph-replay time (the table) and eager time with host launch cost (the log)."""
+    def make(seed, **kw):
+        case = attention_case([1] * batch, ctx_lens, h, kh, d, bs, dtype, device, seed=seed)
+        out = torch.empty_like(case["q"])
+        return lambda: paged_attention(**case, max_context_len=max_ctx, out=out, **kw)
+
     case = attention_case([1] * batch, ctx_lens, h, kh, d, bs, dtype, device, seed=batch)
     max_ctx = max(ctx_lens)
     expect = ref.paged_attention_ref(**upcast(case))
     err = rel_err(paged_attention(**case, max_context_len=max_ctx), expect)
-    ms = bench(lambda: paged_attention(**case, max_context_len=max_ctx), quick)
     elem = torch.finfo(dtype).bits // 8
     nbytes = 2 * sum(ctx_lens) * kh * d * elem + 2 * batch * h * d * elem
+    ms = bench_graph(make, nbytes, quick)
+    eager_ms = bench(lambda: paged_attention(**case, max_context_len=max_ctx), quick)
     splits = decode_splits(batch, kh, max_ctx, case["q"].device)
     tries = []
-    for s in (1, 2, 4, 8, 16, 32) if batch <= 64 else ():  # what the split heuristic missed
-        if s != splits and s <= max(1, max_ctx // 64):
-            t = bench(lambda: paged_attention(**case, max_context_len=max_ctx, num_splits=s), quick)
-            tries.append((t, s))
+    for s in (1, 2, 4, 8, 16, 32, 64) if batch <= 64 else ():  # what the split heuristic missed
+        if s != splits and s <= max(1, max_ctx // 32):
+            tries.append((bench_graph(lambda i: make(i, num_splits=s), nbytes, quick), s))
     best = min(tries + [(ms, splits)])
-    log(f"  splits tried (ms, splits): {[(round(t, 4), s) for t, s in sorted(tries)]}")
+    log(f"  splits tried (graph ms, splits): {[(round(t, 4), s) for t, s in sorted(tries)]}")
     ref_ms = bench(lambda: ref.paged_attention_ref(**case), quick) if batch <= 64 else float("nan")
     row(f"decode {name} bs{bs} B{batch} {label}", ms, nbytes, err, ceiling,
-        f"splits {splits} (best {best[1]}: {best[0] * 1e3:.1f} us) ref {ref_ms * 1e3:.0f} us")
+        f"splits {splits} (best {best[1]}: {best[0] * 1e3:.1f} us) eager {eager_ms * 1e3:.0f} us"
+        f" ref {ref_ms * 1e3:.0f} us")
 
 
 def prefill_runs(device, dtype, quick, ceiling, tflops_peak=760.0):
@@ -138,49 +164,114 @@ def prefill_runs(device, dtype, quick, ceiling, tflops_peak=760.0):
             TABLE.append(line)
 
 
+def tune_runs(device, dtype, quick, ceiling):
+    """Tile sizes around launch_config's defaults, on a few representative shapes."""
+    from pagedeploy.kernels.triton_attention import launch_config
+    tiny = (4, 2, 32, 64)
+    shapes = [  # label, (h, kh, d), bs, q_lens, ctx_lens
+        ("decode qwen3 B256 ctx4096 bs16", MODELS["qwen3-0.6b"], 16, [1] * 256, [4096] * 256),
+        ("decode llama B64 ctx4096 bs256", MODELS["llama-3-8b"], 256, [1] * 64, [4096] * 64),
+        ("decode qwen3 B64 ctx100-2048 bs16", MODELS["qwen3-0.6b"], 16, [1] * 64,
+         [random.Random(1).randint(100, 2048) for _ in range(64)]),
+        ("prefill llama 8x1024", MODELS["llama-3-8b"], 16, [1024] * 8, [1024] * 8),
+        ("chunk qwen3 4x512/4096", MODELS["qwen3-0.6b"], 16, [512] * 4, [4096] * 4),
+    ]
+    if quick:
+        shapes = [("decode tiny", tiny, 16, [1] * 3, [70] * 3), ("prefill tiny", tiny, 16, [20], [30])]
+    for label, (h, kh, d, _), bs, q_lens, ctx_lens in shapes:
+        case = attention_case(q_lens, ctx_lens, h, kh, d, bs, dtype, device, seed=2)
+        decode = label.startswith("decode")
+        default = launch_config(decode, h // kh)
+        variants = [dict(block_n=bn, num_warps=w, num_stages=st)
+                    for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+        if not decode:
+            variants += [dict(v, block_m=128) for v in variants]
+        elem = torch.finfo(dtype).bits // 8
+        nbytes = 2 * sum(ctx_lens) * kh * d * elem
+        results = []
+        for v in variants[:2] if quick else variants:
+            try:
+                fn = lambda: paged_attention(**case, max_context_len=max(ctx_lens), tune=v)  # noqa: E731
+                fn()
+                results.append((bench(fn, quick), v))
+            except Exception as e:  # e.g. out of shared memory for the biggest tiles
+                log(f"  {label} {v}: {type(e).__name__}")
+        results.sort(key=lambda r: r[0])
+        for ms, v in results:
+            log(f"  {label} {v}: {ms * 1e3:.1f} us, {nbytes / ms / 1e6:.0f} GB/s")
+        best_ms, best = results[0]
+        cur = [ms for ms, v in results if all(default[k] == v.get(k, default[k]) for k in default)]
+        line = (f"tune {label:<34} default {cur[0] * 1e3 if cur else float('nan'):.1f} us, "
+                f"best {best_ms * 1e3:.1f} us {best}")
+        log(line)
+        TABLE.append(line)
+
+
 def small_kernel_runs(device, dtype, quick, ceiling):
-    elem = torch.finfo(dtype).bits // 8
+    """rms_norm (+residual), rotary and store_kv at a decode batch and a prefill chunk."""
     tokens = (5, 9) if quick else (256, 8192)
     models = {"tiny": (4, 2, 32, 64)} if quick else MODELS
-    gen = torch.Generator().manual_seed(0)
-    for name, (h, kh, d, hidden) in models.items():
+    for name, dims in models.items():
         for t in tokens:
-            x = torch.randn(t, hidden, generator=gen).to(device, dtype)
-            r = torch.randn(t, hidden, generator=gen).to(device, dtype)
-            w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device, dtype)
-            expect = ref.rms_norm_ref(x.float(), w.float(), 1e-6, r.float())[0]
-            err = rel_err(rms_norm(x, w, 1e-6, r)[0], expect)
-            ms = bench(lambda: rms_norm(x, w, 1e-6, r), quick)
-            ref_ms = bench(lambda: ref.rms_norm_ref(x, w, 1e-6, r), quick)
-            row(f"rms_norm+residual {name} T{t}", ms, 4 * t * hidden * elem, err, ceiling,
-                f"ref {ref_ms * 1e3:.0f} us")
+            for kind in (norm_inputs, rotary_inputs, store_inputs):
+                small_one(kind, name, t, dims, dtype, device, quick, ceiling)
 
-            _, q, k, v = qkv_views(t, h, kh, d, dtype, device, gen)
-            angles = torch.arange(4096)[:, None] * (1e4 ** (-torch.arange(0, d, 2) / d))[None]
-            cache = torch.cat((angles.cos(), angles.sin()), -1).float().to(device)
-            pos = torch.randint(0, 4096, (t,), generator=gen).to(device)
-            q_ref, k_ref = ref.apply_rotary_ref(q.float(), k.float(), pos, cache)
-            q2, k2 = apply_rotary(q.clone(), k.clone(), pos, cache)
-            err = max(rel_err(q2, q_ref), rel_err(k2, k_ref))
-            ms = bench(lambda: apply_rotary(q, k, pos, cache), quick)
-            row(f"rotary {name} T{t}", ms, 2 * t * (h + kh) * d * elem + t * d * 4, err, ceiling)
 
-            bs, nb = 16, t // 16 + 64
-            k_cache = torch.randn(nb, bs, kh, d, generator=gen).to(device, dtype)
-            v_cache = torch.randn_like(k_cache)
-            slots = torch.randperm(nb * bs, generator=gen)[:t].to(device)
-            k_ref, v_ref = k_cache.clone(), v_cache.clone()
-            ref.store_kv_ref(k, v, k_ref, v_ref, slots)
-            store_kv(k, v, k_cache, v_cache, slots)
-            err = 0.0 if torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref) else float("nan")
-            ms = bench(lambda: store_kv(k, v, k_cache, v_cache, slots), quick)
-            row(f"store_kv {name} T{t}", ms, 4 * t * kh * d * elem, err, ceiling)
+def small_one(inputs, name, t, dims, dtype, device, quick, ceiling):
+    label, nbytes, fn, check = inputs(t, *dims, dtype, device, seed=0)
+    err = check()
+    ms = bench_graph(lambda i: inputs(t, *dims, dtype, device, seed=i + 1)[2], nbytes, quick)
+    eager_ms = bench(fn, quick)
+    row(f"{label} {name} T{t}", ms, nbytes, err, ceiling, f"eager {eager_ms * 1e3:.0f} us")
+
+
+def norm_inputs(t, h, kh, d, hidden, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, r = (torch.randn(t, hidden, generator=gen).to(device, dtype) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device, dtype)
+    expect = lambda: ref.rms_norm_ref(x.float(), w.float(), 1e-6, r.float())[0]  # noqa: E731
+    check = lambda: rel_err(rms_norm(x, w, 1e-6, r)[0], expect())  # noqa: E731
+    nbytes = 4 * t * hidden * (torch.finfo(dtype).bits // 8)  # read x, r; write out, residual
+    return "rms_norm+residual", nbytes, lambda: rms_norm(x, w, 1e-6, r), check
+
+
+def rotary_inputs(t, h, kh, d, hidden, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    _, q, k, _ = qkv_views(t, h, kh, d, dtype, device, gen)
+    angles = torch.arange(4096)[:, None] * (1e4 ** (-torch.arange(0, d, 2) / d))[None]
+    cache = torch.cat((angles.cos(), angles.sin()), -1).float().to(device)
+    pos = torch.randint(0, 4096, (t,), generator=gen).to(device)
+
+    def check():
+        q_ref, k_ref = ref.apply_rotary_ref(q.float(), k.float(), pos, cache)
+        q2, k2 = apply_rotary(q.clone(), k.clone(), pos, cache)
+        return max(rel_err(q2, q_ref), rel_err(k2, k_ref))
+    nbytes = 2 * t * (h + kh) * d * (torch.finfo(dtype).bits // 8) + t * d * 4
+    return "rotary", nbytes, lambda: apply_rotary(q, k, pos, cache), check
+
+
+def store_inputs(t, h, kh, d, hidden, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    _, _, k, v = qkv_views(t, h, kh, d, dtype, device, gen)
+    bs, nb = 16, t // 16 + 64
+    k_cache = torch.randn(nb, bs, kh, d, generator=gen).to(device, dtype)
+    v_cache = torch.randn_like(k_cache)
+    slots = torch.randperm(nb * bs, generator=gen)[:t].to(device)
+
+    def check():
+        k_ref, v_ref = k_cache.clone(), v_cache.clone()
+        ref.store_kv_ref(k, v, k_ref, v_ref, slots)
+        store_kv(k, v, k_cache, v_cache, slots)
+        same = torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+        return 0.0 if same else float("nan")
+    nbytes = 4 * t * kh * d * (torch.finfo(dtype).bits // 8)
+    return "store_kv", nbytes, lambda: store_kv(k, v, k_cache, v_cache, slots), check
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU interpreter smoke)")
-    parser.add_argument("--only", default="decode,prefill,small")
+    parser.add_argument("--only", default="small,decode,prefill,tune")
     args = parser.parse_args()
     device = "cpu" if args.quick else "cuda"
     dtype = torch.float32 if args.quick else torch.bfloat16
@@ -189,7 +280,8 @@ def main() -> int:
         log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
     ceiling = hbm_ceiling(device, args.quick)
     failed = 0
-    sections = {"decode": decode_runs, "prefill": prefill_runs, "small": small_kernel_runs}
+    sections = {"decode": decode_runs, "prefill": prefill_runs, "small": small_kernel_runs,
+                "tune": tune_runs}
     for name in args.only.split(","):
         try:
             sections[name](device, dtype, args.quick, ceiling)

@@ -49,6 +49,10 @@ def hf_smollm2(smollm2_gguf_path):
         path = Path(smollm2_gguf_path)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                      dtype=torch.float32)
+        # The weights are already dequantized; without this transformers refuses to save.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         tmp = folder.with_name(folder.name + ".tmp")
         model.save_pretrained(str(tmp))
         tmp.replace(folder)

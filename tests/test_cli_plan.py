@@ -39,6 +39,7 @@ def test_plan_imports_no_torch_and_runs_under_a_second():
     code = ("import sys\nfrom pagedeploy.launcher.cli import main\n"
             f"sys.argv = ['deploy', 'plan', {CPU_DEFAULT!r}, '--json']\n"
             "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "import pagedeploy.launcher.engine_config\n"
             "assert 'torch' not in sys.modules, 'deploy plan imported torch'\n"
             "sys.exit(code)\n")
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -51,7 +52,7 @@ def test_plan_imports_no_torch_and_runs_under_a_second():
     cpu_seconds = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     # CPU time is what the command costs; wall time also counts a busy machine's other work.
     assert cpu_seconds < 1.0, cpu_seconds
-    assert wall < 3.0, wall
+    assert wall < 5.0, wall
 
 
 def test_json_shape_of_every_profile():

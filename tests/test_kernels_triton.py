@@ -129,11 +129,14 @@ def test_rotary_gpu(dtype, h, kh, d):
 # --------------------------------------------------------------------------- paged_attention
 
 def lengths(kind: str, num_seqs: int, max_ctx: int, rng: random.Random):
-    """(q_lens, ctx_lens) of a ragged batch: decode, fresh prefill, prefix hit, or a mix."""
+    """(q_lens, ctx_lens) of a ragged batch: decode, fresh prefill, prefix hit, or a mix
+    ("mixed": interleaved; "split": decode rows first, as a runner passing num_decodes orders them)."""
     q_lens, ctx_lens = [], []
     for i in range(num_seqs):
         ctx = rng.randint(1, max_ctx)
-        row = kind if kind != "mixed" else ("decode", "prefill", "prefix")[i % 3]
+        row = kind if kind not in ("mixed", "split") else ("decode", "prefill", "prefix")[i % 3]
+        if kind == "split":
+            row = "decode" if i < num_seqs // 2 else ("prefill", "prefix")[i % 2]
         q_len = {"decode": 1, "prefill": ctx, "prefix": rng.randint(1, ctx)}[row]
         q_lens.append(q_len)
         ctx_lens.append(ctx)
@@ -170,6 +173,8 @@ def check_attention(kind, num_seqs, max_ctx, h, kh, d, bs, dtype, device, seed=0
     from pagedeploy.kernels.triton_attention import paged_attention
     q_lens, ctx_lens = lengths(kind, num_seqs, max_ctx, random.Random(seed))
     case = attention_case(q_lens, ctx_lens, h, kh, d, bs, dtype, device, seed)
+    if kind == "split":
+        hints["num_decodes"] = num_seqs // 2
     up = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v)
           for k, v in case.items()}
     expect = ref.paged_attention_ref(**up, sliding_window=window)
@@ -197,6 +202,8 @@ GPU_ATTENTION = [  # kind, seqs, max_ctx, h, kh, d, bs
     ("mixed", 11, 1000, 32, 4, 128, 128),
     ("mixed", 9, 800, 16, 8, 128, 16),
     ("mixed", 6, 300, 12, 6, 64, 32),        # group 2
+    ("split", 12, 2000, 32, 8, 128, 16),     # decode kernel on the first half, prefill on the rest
+    ("split", 7, 900, 28, 4, 64, 256),
 ]
 
 
@@ -207,7 +214,7 @@ def test_attention_gpu(dtype, case):
     check_attention(*case, dtype, "cuda")
 
 
-@pytest.mark.parametrize("kind", ["decode", "prefix", "mixed"])
+@pytest.mark.parametrize("kind", ["decode", "prefix", "mixed", "split"])
 @on_gpu
 def test_attention_window_gpu(kind):
     check_attention(kind, 8, 1500, 16, 8, 128, 16, torch.bfloat16, "cuda", window=300)
@@ -264,19 +271,35 @@ CPU_GROUPS = {  # small sizes for the interpreter (~1e4x slower than the GPU)
         check_attention("mixed", 4, 60, 4, 4, 16, 16, torch.float32, "cpu", seed=8, window=20),
         check_attention("prefix", 2, 50, 8, 2, 16, 16, torch.float32, "cpu", seed=9,
                         num_splits=2),
+        check_attention("split", 5, 90, 4, 2, 16, 16, torch.float32, "cpu", seed=10),
+        check_attention("split", 4, 70, 8, 2, 32, 32, torch.float32, "cpu", seed=11,
+                        num_splits=4, window=30),
     ],
 }
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-@pytest.mark.parametrize("group", list(CPU_GROUPS))
-def test_interpreter(group):
+def test_interpreter():
+    """All CPU groups in one child process (importing torch and Triton once keeps it quick)."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__, group], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.run([sys.executable, __file__, *CPU_GROUPS], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def _run_cpu_groups(names: list[str]) -> int:
+    import traceback
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_interpreter"
+    failed = 0
+    for name in names:
+        try:
+            CPU_GROUPS[name]()
+            print(f"ok   {name}")
+        except Exception:
+            failed += 1
+            print(f"FAIL {name}\n{traceback.format_exc()}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_interpreter"
-    CPU_GROUPS[sys.argv[1]]()
+    sys.exit(_run_cpu_groups(sys.argv[1:]))

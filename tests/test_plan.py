@@ -147,14 +147,14 @@ def test_weights_over_budget_lists_fixes_that_replan():
     assert fixes["quantization"].frees_bytes > 8 * GiB
     offload = fixes["cpu_offload_gb"]
     assert offload.fits
-    prof_fixed = build_profile({"model": "qwen3-8b", "max_model_len": 4096, "max_num_seqs": 16,
-                                "cpu_offload_gb": offload.value}, {}, "t.yaml", ".")
-    assert plan(prof_fixed, spec("qwen3-8b"), gpu).fits
-    one_layer_less = plan_weights(prof_fixed, spec("qwen3-8b"), "bfloat16").layer_bytes
-    fewer = sum(one_layer_less[:plan(prof_fixed, spec("qwen3-8b"), gpu).weights.layers_offloaded
-                               - 1]) / GiB
-    assert not plan(profile(model="qwen3-8b", max_model_len=4096, max_num_seqs=16,
-                            cpu_offload_gb=fewer * 0.999), spec("qwen3-8b"), gpu).fits
+    keys = dict(model="qwen3-8b", max_model_len=4096, max_num_seqs=16)
+    fixed = plan(profile(**keys, cpu_offload_gb=offload.value), spec("qwen3-8b"), gpu)
+    assert fixed.fits
+    # the fix is the smallest: one layer fewer in CPU memory does not fit
+    moved = fixed.weights.layers_offloaded
+    fewer = sum(fixed.weights.layer_bytes[:moved - 1]) / GiB
+    short = plan(profile(**keys, cpu_offload_gb=fewer), spec("qwen3-8b"), gpu)
+    assert short.weights.layers_offloaded == moved - 1 and not short.fits
 
 
 def test_long_max_model_len_gets_the_largest_that_fits():
@@ -298,7 +298,8 @@ def test_bad_model_paths(tmp_path, setup, words):
     assert (info.value.field, info.value.line, info.value.column) == ("model", 1, 8)
 
 
-def test_catalog_and_hub_ids_resolve_without_network():
+def test_catalog_and_hub_ids_resolve_without_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))      # whatever this machine has cached
     for model, name in [("Qwen/Qwen3-8B", "qwen3-8b"), ("meta-llama/Meta-Llama-3-8B", "llama-3-8b"),
                         ("meta-llama/Meta-Llama-3-8B-Instruct", "llama-3-8b"),
                         ("deepseek-ai/DeepSeek-R1-Distill-Llama-70B",
@@ -349,3 +350,34 @@ def test_engine_config_for_a_gpu_plan_resolves_auto_dtype():
     gguf_on_gpu = plan_terms(profile(model="x"), ModelSpec.from_config(
         dict(TINY, torch_dtype="float32"), source="gguf"), H100)
     assert gguf_on_gpu.dtype == "bfloat16"
+
+
+def test_hub_id_in_the_local_hf_cache_is_a_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    snapshot = tmp_path / "models--acme--tiny-llama" / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps(TINY))
+    safetensors_header_only(snapshot / "model.safetensors", tiny_tensors())
+    s = resolve_model(profile(model="acme/tiny-llama"))
+    assert (s.source, s.path) == ("folder", str(snapshot))
+    with pytest.raises(UserError, match="neither a local path nor a catalog model"):
+        resolve_model(profile(model="acme/other"))
+
+
+def test_load_format_must_match_the_files(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    with pytest.raises(UserError, match="load_format is gguf"):
+        resolve_model(profile(model=str(tmp_path), load_format="gguf"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(UserError, match="load_format: gguf"):
+        resolve_model(profile(model=str(tmp_path / "m.gguf"), load_format="safetensors"))
+
+
+def test_device_cuda_without_a_gpu_is_a_user_error(monkeypatch):
+    from pagedeploy.launcher import gpus
+
+    monkeypatch.setattr(gpus, "detect_gpu", lambda: None)
+    with pytest.raises(UserError, match="no CUDA GPU is visible") as info:
+        resolve_target(profile(model="x", device="cuda"))
+    assert info.value.field == "device" and "gpu: NAME" in info.value.fix
+    assert resolve_target(profile(model="x")).device == "cpu"     # auto falls back to host RAM
