@@ -46,8 +46,9 @@ def apply_rotary_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
-    # Written as HF's `x * cos + rotate_half(x) * sin` term by term, so fp32 results are identical.
-    out = torch.cat((x1 * cos + (-x2) * sin, x2 * cos + x1 * sin), dim=-1)
+    # HF's `x * cos + rotate_half(x) * sin` term by term (a + (-b) * c == a - b * c exactly),
+    # so fp32 results are bit-identical to HF's.
+    out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
 
 
@@ -56,19 +57,19 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         query_start_loc: torch.Tensor, scale: float,
                         sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention of q [T, H, D] over each sequence's cached K/V (see CONTRACTS.md)."""
-    ctx_lens = context_lens.tolist()
-    starts = query_start_loc.tolist()
+    ctx_lens, starts = context_lens.tolist(), query_start_loc.tolist()
     q_lens = [starts[b + 1] - starts[b] for b in range(len(ctx_lens))]
+    if len(q_lens) == 1 and q_lens[0] > 0:   # batch of one: no scatter into `out`
+        return _attend_one(q, k_cache, v_cache, block_tables[0], ctx_lens[0], scale,
+                           sliding_window)
     out = torch.empty_like(q)
     decodes = [b for b, n in enumerate(q_lens) if n == 1]
     if len(decodes) > 1:
         _decode_batch(q, k_cache, v_cache, block_tables, ctx_lens, starts, decodes, scale,
                       sliding_window, out)
-        decodes = set(decodes)
-    else:
-        decodes = set()
+    batched = set(decodes) if len(decodes) > 1 else set()
     for b, q_len in enumerate(q_lens):
-        if q_len == 0 or b in decodes:
+        if q_len == 0 or b in batched:
             continue
         s = starts[b]
         out[s:s + q_len] = _attend_one(q[s:s + q_len], k_cache, v_cache, block_tables[b],
@@ -130,9 +131,9 @@ def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> to
 
 
 def _sdpa(q, k, v, mask, is_causal: bool, scale: float) -> torch.Tensor:
-    """SDPA with GQA: q [..., H, Lq, D], k/v [..., KH, Lk, D]."""
-    groups = q.shape[-3] // k.shape[-3]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=-3)
-        v = v.repeat_interleave(groups, dim=-3)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    """SDPA with GQA: q [H, Lq, D], k/v [KH, Lk, D]. Batched 4-D inputs take the CPU flash
+    kernel (3-D ones fall back to the slower math path), which also handles GQA without copies."""
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask,
+                                         is_causal=is_causal, scale=scale,
+                                         enable_gqa=q.shape[0] != k.shape[0])
+    return out[0]

@@ -6,10 +6,11 @@ for the whole group and the two products run on the tensor cores (tl.dot needs >
 decode step's group alone rarely fills). K/V rows are gathered token by token through the block
 table, so a tile may span several cache blocks and any block size works.
 
-Decode (every sequence has one query token) uses one tile per sequence and, when there are too few
-(sequence, kv head) pairs to fill the GPU, splits each context into NUM_SPLITS chunks whose partial
-results a second kernel merges by their log-sum-exp. The split count depends only on shapes and
-host integers, never on tensor values, so a decode step can be captured in a CUDA graph.
+Decode rows (one query token each: the whole batch when T == B, or the batch's first num_decodes
+sequences) use one tile per sequence and, when there are too few (sequence, kv head) pairs to fill
+the GPU, split each context into NUM_SPLITS chunks whose partial results a second kernel merges by
+their log-sum-exp. The other rows take the prefill tiles. Launch shapes depend only on tensor shapes
+and host integers, never on tensor values, so a decode step can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import triton
 import triton.language as tl
 
 _LOG2E = 1.4426950408889634
-_NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully masked rows give exp2(-inf) = 0, not NaN
+# Running-max start: finite, so a row with every key masked gets exp2(-inf - m) = 0, never NaN.
+_NEG_BIG = tl.constexpr(-1.0e30)
 _SMS: dict[int, int] = {}
 
 
@@ -148,12 +150,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device,
-                  min_chunk: int = 256, max_splits: int = 32) -> int:
-    """How many context chunks per (sequence, kv head): enough programs for ~2 waves, >= min_chunk each."""
+                  min_chunk: int = 64, max_splits: int = 64) -> int:
+    """Context chunks per (sequence, kv head): enough programs for ~2 per SM, >= min_chunk tokens
+    each, rounded down to a power of two. On the H100 sweep (docs/perf-kernels.md) this picks the
+    fastest or within 0.7 us of it: B=1 ctx 512 -> 8, ctx 4096 -> 32; B=64 (512 programs) -> 1."""
     programs = num_seqs * num_kv_heads
     want = triton.cdiv(2 * _num_sms(device), programs)
     splits = min(want, triton.cdiv(max_context, min_chunk), max_splits)
-    return 1 if splits <= 1 else triton.next_power_of_2(splits)
+    return 1 if splits <= 1 else 1 << (splits.bit_length() - 1)
 
 
 def launch_config(decode: bool, qg: int, tune: dict | None = None) -> dict:

@@ -28,7 +28,7 @@ def _store_kv_kernel(k_ptr, v_ptr, k_cache, v_cache, slot_mapping,
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
-    """Write k, v [T, KH, D] (any row/head strides) into caches [NB, BS, KH, D]; slot < 0 skipped."""
+    """Write k, v [T, KH, D] (any row/head strides) into caches [NB, BS, KH, D]; skip slot < 0."""
     num_tokens, num_kv_heads, head_dim = k.shape
     assert k.stride(-1) == 1 and v.stride(-1) == 1 and k_cache.stride(-1) == 1
     assert k_cache.stride() == v_cache.stride() and k_cache.shape[2:] == (num_kv_heads, head_dim)

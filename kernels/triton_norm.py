@@ -28,7 +28,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, eps, stride_x,
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
              residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rmsnorm(x + residual) * weight, x + residual), or (rmsnorm(x) * weight, x) without residual."""
+    """(rmsnorm(x + residual) * weight, x + residual); without residual (rmsnorm(x) * weight, x)."""
     hidden = x.shape[-1]
     x2 = x.reshape(-1, hidden)
     assert x2.stride(-1) == 1 and weight.is_contiguous()

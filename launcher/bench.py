@@ -159,6 +159,10 @@ def _hf_gguf_folder(path: str):
         print(f"converting {path} with transformers' GGUF loader (once; cached in {folder}) ...")
         p = Path(path)
         model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+        # The weights are dequantized already; without this transformers refuses to save them.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         tmp = folder.with_name(folder.name + ".tmp")
         model.save_pretrained(str(tmp))
         tmp.replace(folder)

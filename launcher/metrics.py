@@ -74,17 +74,17 @@ class ServerMetrics:
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_usage)
-        t = self._totals
-        # Counters only move forward: advance by what the engine added since the last snapshot.
-        for name, counter in (("prompt_tokens", self.prompt_tokens),
-                              ("generation_tokens", self.generation_tokens),
-                              ("preemptions", self.preemptions),
-                              ("prefix_queries", self.prefix_queries),
-                              ("prefix_hits", self.prefix_hits)):
-            now = int(getattr(stats, name + ("_total" if name.endswith("tokens") else "")))
-            if now > getattr(t, name):
-                counter.inc(now - getattr(t, name))
-                setattr(t, name, now)
+        # Counters only move forward: advance each by what the engine added since the last snapshot.
+        for field_name, counter, now in (
+                ("prompt_tokens", self.prompt_tokens, stats.prompt_tokens_total),
+                ("generation_tokens", self.generation_tokens, stats.generation_tokens_total),
+                ("preemptions", self.preemptions, stats.preemptions),
+                ("prefix_queries", self.prefix_queries, stats.prefix_queries),
+                ("prefix_hits", self.prefix_hits, stats.prefix_hits)):
+            seen = getattr(self._totals, field_name)
+            if now > seen:
+                counter.inc(now - seen)
+                setattr(self._totals, field_name, now)
 
     def observe_finished(self, finish_reason: str, e2e_seconds: float) -> None:
         self._success.labels(self._model_name, finish_reason).inc()

@@ -14,6 +14,7 @@ Layout (chosen for the Triton kernels in int4_triton.py):
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,8 @@ def quantize_int4(w: torch.Tensor, group_size: int = INT4_GROUP_SIZE,
                   scale_dtype: torch.dtype = torch.float16) -> Int4Weight:
     """Min-max asymmetric quantization of `w [out, in]` on w's device, a chunk of rows at a time."""
     out, inp = w.shape
+    if inp % group_size or group_size % 8:
+        raise ValueError(f"int4: in={inp} must be a multiple of group_size={group_size} (itself of 8)")
     rows = max(1, _CHUNK_ELEMS // inp)
     parts = [_quantize_rows(w[r:r + rows], group_size, scale_dtype) for r in range(0, out, rows)]
     packed, scales, zeros = (torch.cat(p) for p in zip(*parts))
@@ -135,7 +138,11 @@ _GGUF_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q4_K": 144}
 
 
 def _blocks(raw, qtype: str, shape: tuple[int, int]) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
+    if isinstance(raw, np.ndarray):
+        with warnings.catch_warnings():   # GGUFReader's memmap is read-only; we only ever read it
+            warnings.simplefilter("ignore", UserWarning)
+            raw = torch.from_numpy(np.ascontiguousarray(raw))
+    t = raw
     t = t.contiguous().view(torch.uint8)
     elems = 256 if qtype == "Q4_K" else 32
     out, inp = shape

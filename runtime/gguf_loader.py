@@ -6,6 +6,7 @@ file's identity; later loads stream that file (about a second for SmolLM2-135M).
 """
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,11 +31,13 @@ _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 def hf_name(gguf_name: str) -> str | None:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; None for tensors we
-    do not use (e.g. rope_freqs)."""
+    do not use."""
     m = _LAYER_RE.match(gguf_name)
     if m:
         layer, part, kind = m.groups()
         return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}" if part in _LAYER_NAMES else None
+    if gguf_name == "rope_freqs.weight":   # llama3 rope scaling factors, kept under this name
+        return gguf_name
     base, _, kind = gguf_name.rpartition(".")
     return f"{_TOP_NAMES[base]}.{kind}" if base in _TOP_NAMES else None
 
@@ -76,7 +79,7 @@ def gguf_weights_cache(path: str | Path) -> Path:
     cached = cache_dir() / "gguf-weights" / f"{file_cache_key(path)}.safetensors"
     if not cached.exists():
         cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
+        tmp = cached.with_suffix(f".{os.getpid()}.tmp")   # concurrent first loads do not collide
         save_file(dequantize_gguf(path), str(tmp), metadata={"source": str(path)})
         tmp.replace(cached)
     return cached

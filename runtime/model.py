@@ -1,4 +1,4 @@
-"""One decoder for the Llama family (Llama 2/3, Qwen2/2.5, Qwen3, Mistral, SmolLM2), driven by ModelSpec.
+"""One decoder for the Llama family (Llama 2/3, Qwen2/2.5, Qwen3, Mistral, SmolLM2), from ModelSpec.
 
 Parameter names follow HF's (`model.layers.N.self_attn.o_proj.weight` ...) except the fused
 projections: q/k/v live in `qkv_proj` and gate/up in `gate_up_proj`; `load_weight` maps HF names.
@@ -166,6 +166,10 @@ class LlamaForCausalLM(nn.Module):
         """Copy one HF-named checkpoint tensor into place; False when the name is not ours."""
         if hf_name == "lm_head.weight" and self.lm_head is None:
             return True   # tied checkpoints may still carry a copy of the embedding
+        if hf_name == "rope_freqs.weight":   # llama.cpp's form of llama3 rope scaling
+            self.model.cos_sin_cache.copy_(rope_cos_sin_cache(
+                self.spec, self.model.cos_sin_cache.shape[0], freq_factors=tensor))
+            return True
         module_name, _, param_name = hf_name.rpartition(".")
         owner, fused = module_name.rpartition(".")[2], None
         if owner in STACKED_PARAMS:
@@ -216,7 +220,8 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
-    """transformers' _compute_llama3_parameters: long wavelengths slowed by `factor`, smooth between."""
+    """transformers' _compute_llama3_parameters: long wavelengths slowed down by `factor`,
+    short ones kept, a smooth blend in between."""
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
     low_wavelen, high_wavelen = old_len / low, old_len / high
@@ -228,8 +233,12 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin_cache(spec: ModelSpec, max_positions: int) -> torch.Tensor:
-    """fp32 [max_positions, head_dim] = cat(cos, sin) over the half dims (kernel contract)."""
+def rope_cos_sin_cache(spec: ModelSpec, max_positions: int,
+                       freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 [max_positions, head_dim] = cat(cos, sin) over the half dims (kernel contract).
+    `freq_factors` divide the frequencies, as GGUF files' rope_freqs tensor asks."""
     inv_freq = rope_inv_freq(spec)
+    if freq_factors is not None:
+        inv_freq = inv_freq / freq_factors.float().to(inv_freq.device)
     freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)

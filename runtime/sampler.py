@@ -26,7 +26,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), "one logits row per sequence"
         logits = logits.float()
-        logprobs = _logprobs(logits, seqs) if any(s.params.logprobs is not None for s in seqs) else None
+        logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
         logits = _apply_penalties(logits, seqs)
         token_ids = _sample(logits, seqs)
         chosen = token_ids.tolist()
@@ -108,10 +108,6 @@ def _penalize_row(row: torch.Tensor, seq: Sequence, vocab: int) -> torch.Tensor:
     row = row - p.frequency_penalty * counts
     row = row - p.presence_penalty * (counts > 0).float()
     return row
-
-
-def _logprobs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    return torch.log_softmax(logits, dim=-1)
 
 
 def _gather_logprobs(logprobs: torch.Tensor | None, seqs: list[Sequence],

@@ -107,9 +107,9 @@ class Scheduler:
         parent = seq.fork_parent
         if parent is None or parent.status != SequenceStatus.RUNNING:
             return True          # finished or preempted: seq goes alone (the prefix cache may still help)
-        return parent.num_computed_tokens >= self._num_shared_blocks(seq, parent) * self.block_manager.block_size
+        return parent.num_computed_tokens >= self._num_shared_blocks(seq) * self.block_manager.block_size
 
-    def _num_shared_blocks(self, seq: Sequence, parent: Sequence) -> int:
+    def _num_shared_blocks(self, seq: Sequence) -> int:
         return (seq.num_prompt_tokens - 1) // self.block_manager.block_size
 
     def _admit(self, seq: Sequence, budget: int) -> int:
@@ -118,7 +118,7 @@ class Scheduler:
         parent = seq.fork_parent
         if parent is not None and parent.status == SequenceStatus.RUNNING:
             cached: list[int] = []
-            reuse = parent.block_table[:self._num_shared_blocks(seq, parent)]
+            reuse = parent.block_table[:self._num_shared_blocks(seq)]
         else:
             cached = bm.find_cached_prefix(seq)
             reuse = cached

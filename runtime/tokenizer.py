@@ -6,6 +6,8 @@ saved once with save_pretrained under the cache dir, keyed by the file's identit
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 from pagedeploy.launcher.gguf_meta import cache_dir, file_cache_key
@@ -13,7 +15,8 @@ from pagedeploy.runtime.config import EngineConfig
 
 
 def load_tokenizer(config: EngineConfig):
-    """A transformers tokenizer, or None when there is none (dummy catalog models: token ids only)."""
+    """A transformers tokenizer, or None when there is none (dummy catalog models work on token
+    ids only)."""
     source = config.tokenizer
     if source is None or not Path(source).exists():
         return None
@@ -35,11 +38,20 @@ def gguf_tokenizer_folder(path: str | Path) -> Path:
 
         path = Path(path)
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        tmp = folder.with_name(folder.name + ".tmp")
+        tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
         tok.save_pretrained(str(tmp))
-        if not folder.exists():   # a concurrent first use may have won the race
-            tmp.replace(folder)
+        _publish(tmp, folder)
     return folder
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Move a finished folder into place; a concurrent first use may have won the race."""
+    try:
+        tmp.replace(folder)
+    except OSError:
+        if not (folder / "tokenizer_config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def eos_token_ids(config: EngineConfig, tokenizer=None) -> list[int]:

@@ -11,7 +11,9 @@ sampling, so every run generates exactly the same number of tokens) are run twic
   another, against a `deploy up` subprocess loaded from the same profile.
 Throughput is generated tokens / wall time; the server keeps X% of the offline figure. The
 offline/server pairs run back to back, `--repeat` times, and the best of each is kept, because a
-busy shared machine makes single runs noisy.
+busy shared machine makes single runs noisy. CPU seconds per token (the offline process versus the
+server process, clients not counted) is also reported: it shows the server's own overhead even
+when other jobs share the cores and wall-clock figures drift.
 """
 from __future__ import annotations
 
@@ -49,11 +51,20 @@ class Result:
     requests: int
     tokens: int
     seconds: float
+    cpu_seconds: float                # CPU time of the process doing the serving (all its threads)
     mean_ttft_s: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """user + system CPU time of a whole process (every thread), from /proc."""
+    if pid is None:
+        return time.process_time()
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def workload(n: int) -> list[str]:
@@ -67,7 +78,7 @@ def run_offline(engine, prompts: list[str], concurrency: int, max_tokens: int) -
 
     pending = list(enumerate(prompts))
     in_flight, tokens = 0, 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     while pending or engine.has_unfinished():
         while pending and in_flight < concurrency:
             i, prompt = pending.pop(0)
@@ -79,7 +90,8 @@ def run_offline(engine, prompts: list[str], concurrency: int, max_tokens: int) -
             if out.finished:
                 in_flight -= 1
                 tokens += out.num_generated_tokens
-    return Result("offline", concurrency, len(prompts), tokens, time.perf_counter() - start)
+    return Result("offline", concurrency, len(prompts), tokens, time.perf_counter() - start,
+                  cpu_seconds() - cpu)
 
 
 # ---- server ------------------------------------------------------------------------------------
@@ -131,7 +143,8 @@ async def stream_one(client: httpx.AsyncClient, url: str, i: int, prompt: str, m
     return tokens, ttft or 0.0
 
 
-async def run_clients(url: str, prompts: list[str], concurrency: int, max_tokens: int) -> Result:
+async def run_clients(url: str, server_pid: int, prompts: list[str], concurrency: int,
+                      max_tokens: int) -> Result:
     queue = list(enumerate(prompts))
     results: list[tuple[int, float]] = []
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -141,11 +154,11 @@ async def run_clients(url: str, prompts: list[str], concurrency: int, max_tokens
                 i, prompt = queue.pop(0)
                 results.append(await stream_one(client, url, i, prompt, max_tokens))
 
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds(server_pid)
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, cpu_seconds(server_pid) - cpu
     tokens = sum(t for t, _ in results)
-    return Result("server", concurrency, len(prompts), tokens, seconds,
+    return Result("server", concurrency, len(prompts), tokens, seconds, cpu,
                   sum(f for _, f in results) / len(results))
 
 
@@ -165,12 +178,15 @@ def report(rows: list[tuple[Result, Result]], args, machine: str) -> str:
         "process, C asyncio httpx clients each streaming /v1/completions (SSE, include_usage) one "
         f"request after another. Best of {args.repeat} back-to-back offline/server pairs.",
         "",
-        "| concurrent clients | offline tok/s | server tok/s | server / offline | server mean TTFT |",
-        "|---:|---:|---:|---:|---:|",
+        "| concurrent clients | offline tok/s | server tok/s | server / offline | "
+        "offline CPU ms/token | server CPU ms/token | server mean TTFT |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for off, srv in rows:
         lines.append(f"| {srv.concurrency} | {off.tokens_per_s:.2f} | {srv.tokens_per_s:.2f} | "
-                     f"{100 * srv.tokens_per_s / off.tokens_per_s:.1f}% | {srv.mean_ttft_s:.2f} s |")
+                     f"{100 * srv.tokens_per_s / off.tokens_per_s:.1f}% | "
+                     f"{1000 * off.cpu_seconds / off.tokens:.0f} | {1000 * srv.cpu_seconds / srv.tokens:.0f} | "
+                     f"{srv.mean_ttft_s:.2f} s |")
     return "\n".join(lines) + "\n"
 
 
@@ -197,15 +213,16 @@ def main() -> None:
     proc = start_server(args.profile, args.set, port, Path("/tmp") / f"bench-server-{port}.log")
     try:
         wait_ready(url, proc)
-        asyncio.run(run_clients(url, prompts[:2], 2, 4))   # warm-up
+        asyncio.run(run_clients(url, proc.pid, prompts[:2], 2, 4))   # warm-up
         rows = []
         for c in (int(x) for x in args.concurrency.split(",")):
             best_off = best_srv = None
             for _ in range(args.repeat):
                 off = run_offline(engine, prompts, c, args.max_tokens)
-                srv = asyncio.run(run_clients(url, prompts, c, args.max_tokens))
+                srv = asyncio.run(run_clients(url, proc.pid, prompts, c, args.max_tokens))
                 assert off.tokens == srv.tokens == args.requests * args.max_tokens, (off, srv)
-                print(f"C={c}: offline {off.tokens_per_s:.2f} tok/s, server {srv.tokens_per_s:.2f} tok/s "
+                print(f"C={c}: offline {off.tokens_per_s:.2f} tok/s {off.cpu_seconds:.1f} CPU s, server "
+                      f"{srv.tokens_per_s:.2f} tok/s {srv.cpu_seconds:.1f} CPU s "
                       f"({100 * srv.tokens_per_s / off.tokens_per_s:.1f}%)", flush=True)
                 best_off = off if best_off is None or off.tokens_per_s > best_off.tokens_per_s else best_off
                 best_srv = srv if best_srv is None or srv.tokens_per_s > best_srv.tokens_per_s else best_srv

@@ -2,6 +2,7 @@
 
     python3 scripts/gpu_kernels.py            # on the GPU machine; full log in $OUT/kernels.log
     TRITON_INTERPRET=1 python scripts/gpu_kernels.py --quick   # tiny sizes, on the CPU: smoke test
+    python scripts/gpu_kernels.py --aot       # no GPU: compile the attention kernels for sm_90a
 
 Correctness is ||out - ref|| / ||ref|| against the reference run in fp32 on upcast inputs. Times are
 triton.testing.do_bench medians (it flushes L2 between runs, so small problems are not timed out of
@@ -35,8 +36,12 @@ TABLE: list[str] = []
 
 
 def log(line: str = "") -> None:
+    """Print, and append to $OUT/kernels.log at once (a run cut short keeps what it measured)."""
     print(line, flush=True)
     LOG.append(line)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "kernels.log"), "a") as f:
+            f.write(line + "\n")
 
 
 def bench(fn, quick: bool) -> float:
@@ -54,7 +59,7 @@ def bench_graph(make_fn, nbytes: float, quick: bool) -> float:
     """Median GPU milliseconds per call, without host launch cost (how the engine's CUDA-graph
     decode steps run them): one graph replays the call on enough distinct inputs to overflow L2,
     so small problems are read from HBM as in a real step."""
-    copies = max(1, min(32, int(2 * L2_BYTES // max(nbytes, 1))))
+    copies = 2 if quick else max(1, min(32, int(2 * L2_BYTES // max(nbytes, 1))))
     fns = [make_fn(i) for i in range(copies)]
     for fn in fns:
         fn()  # compile and warm outside the capture
@@ -111,9 +116,14 @@ def decode_runs(device, dtype, quick, ceiling):
             lens = [random.Random(batch).randint(100, 2048) for _ in range(256 if not quick else 3)]
             decode_one(name, h, kh, d, bs, len(lens), lens, dtype, device, quick, ceiling,
                        "ctx 100-2048")
+        for batch in batches[:2]:  # a CUDA graph captured for max_model_len sizes splits by it
+            lens = [random.Random(batch).randint(100, 2048) for _ in range(batch)]
+            decode_one(name, h, kh, d, 16, batch, lens, dtype, device, quick, ceiling,
+                       "ctx 100-2048 bound 40960", bound=40960)
 
 
-def decode_one(name, h, kh, d, bs, batch, ctx_lens, dtype, device, quick, ceiling, label):
+def decode_one(name, h, kh, d, bs, batch, ctx_lens, dtype, device, quick, ceiling, label,
+               bound=None):
     """Graph-replay time (the table) and eager time with host launch cost (the log)."""
     def make(seed, **kw):
         case = attention_case([1] * batch, ctx_lens, h, kh, d, bs, dtype, device, seed=seed)
@@ -121,7 +131,7 @@ def decode_one(name, h, kh, d, bs, batch, ctx_lens, dtype, device, quick, ceilin
         return lambda: paged_attention(**case, max_context_len=max_ctx, out=out, **kw)
 
     case = attention_case([1] * batch, ctx_lens, h, kh, d, bs, dtype, device, seed=batch)
-    max_ctx = max(ctx_lens)
+    max_ctx = bound or max(ctx_lens)
     expect = ref.paged_attention_ref(**upcast(case))
     err = rel_err(paged_attention(**case, max_context_len=max_ctx), expect)
     elem = torch.finfo(dtype).bits // 8
@@ -162,6 +172,24 @@ def prefill_runs(device, dtype, quick, ceiling, tflops_peak=760.0):
                     f"{100 * tflops / tflops_peak:>5.1f}% err {err:.1e} ref {ref_ms * 1e3:.0f} us")
             log(line)
             TABLE.append(line)
+        mixed_one(name, h, kh, d, dtype, device, quick)
+
+
+def mixed_one(name, h, kh, d, dtype, device, quick):
+    """A continuous-batching step: decode rows first, then prefill chunks. With num_decodes the
+    decode rows take the decode kernel; without, the prefill kernel does all rows."""
+    n_dec, chunks = (3, [16, 9]) if quick else (60, [512, 300, 100, 37])
+    rng = random.Random(3)
+    ctx_lens = [rng.randint(100, 2048) for _ in range(n_dec)] + [c + 200 for c in chunks]
+    case = attention_case([1] * n_dec + chunks, ctx_lens, h, kh, d, 16, dtype, device, seed=4)
+    expect = ref.paged_attention_ref(**upcast(case))
+    for hint in (None, n_dec):
+        err = rel_err(paged_attention(**case, num_decodes=hint), expect)
+        ms = bench(lambda: paged_attention(**case, num_decodes=hint), quick)
+        line = (f"mixed {name} {n_dec} decodes + {len(chunks)} chunks, num_decodes={hint}: "
+                f"{ms * 1e3:.1f} us err {err:.1e}")
+        log(line)
+        TABLE.append(line)
 
 
 def tune_runs(device, dtype, quick, ceiling):
@@ -177,21 +205,28 @@ def tune_runs(device, dtype, quick, ceiling):
         ("chunk qwen3 4x512/4096", MODELS["qwen3-0.6b"], 16, [512] * 4, [4096] * 4),
     ]
     if quick:
-        shapes = [("decode tiny", tiny, 16, [1] * 3, [70] * 3), ("prefill tiny", tiny, 16, [20], [30])]
+        shapes = [("decode tiny", tiny, 16, [1] * 3, [70] * 3),
+                  ("prefill tiny", tiny, 16, [20], [30])]
     for label, (h, kh, d, _), bs, q_lens, ctx_lens in shapes:
         case = attention_case(q_lens, ctx_lens, h, kh, d, bs, dtype, device, seed=2)
         decode = label.startswith("decode")
         default = launch_config(decode, h // kh)
-        variants = [dict(block_n=bn, num_warps=w, num_stages=st)
-                    for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
-        if not decode:
-            variants += [dict(v, block_m=128) for v in variants]
+        # the first run's sweep (docs/perf-kernels.md) narrowed these to the close contenders
+        variants = [dict(block_n=64, num_warps=4, num_stages=2),
+                    dict(block_n=128, num_warps=4, num_stages=3),
+                    dict(block_n=32, num_warps=4, num_stages=2)] if decode else \
+            [dict(block_m=128, block_n=32, num_warps=8, num_stages=2),
+             dict(block_m=64, block_n=64, num_warps=4, num_stages=2),
+             dict(block_m=128, block_n=32, num_warps=4, num_stages=3),
+             dict(block_m=64, block_n=32, num_warps=4, num_stages=2),
+             dict(block_m=128, block_n=64, num_warps=8, num_stages=3)]
         elem = torch.finfo(dtype).bits // 8
         nbytes = 2 * sum(ctx_lens) * kh * d * elem
         results = []
         for v in variants[:2] if quick else variants:
             try:
-                fn = lambda: paged_attention(**case, max_context_len=max(ctx_lens), tune=v)  # noqa: E731
+                fn = lambda: paged_attention(  # noqa: E731
+                    **case, max_context_len=max(ctx_lens), tune=v)
                 fn()
                 results.append((bench(fn, quick), v))
             except Exception as e:  # e.g. out of shared memory for the biggest tiles
@@ -268,11 +303,68 @@ def store_inputs(t, h, kh, d, hidden, dtype, device, seed):
     return "store_kv", nbytes, lambda: store_kv(k, v, k_cache, v_cache, slots), check
 
 
+def aot_check() -> int:
+    """Compile the attention kernels for sm_90a on a machine without a GPU (Triton's own ptxas):
+    catches what the CPU interpreter lets through (run 1 lost a GPU call to a non-constexpr global)
+    and prints registers, spills and shared memory. Needs no CUDA; Triton API as of 3.6-3.9."""
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from pagedeploy.kernels.triton_attention import _attention_kernel, launch_config
+    names = _attention_kernel.arg_names
+    ptr = {"q_ptr", "k_cache", "v_cache", "out_ptr", "block_tables", "context_lens",
+           "query_start_loc", "part_out", "part_lse"}
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    ptxas = next((os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")
+                  if os.path.exists(os.path.join(bin_dir, n))), "ptxas")
+    failed = 0
+    variants = [(2, 128, 16, True, 1, False), (4, 128, 256, True, 32, True),
+                (2, 128, 16, False, 1, False), (7, 64, 8, False, 1, True)]
+    for qg, d, bs, decode, splits, window in variants:
+        cfg = launch_config(decode, qg)
+        consts = dict(QG=qg, HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_M=cfg["block_m"],
+                      BLOCK_N=cfg["block_n"], NUM_SPLITS=splits, IS_DECODE=decode,
+                      USE_WINDOW=window, NUM_HEADS=8 * qg)
+        args = [n for n in names if n not in consts]
+        sig = {n: ("*i32" if n in ("block_tables", "context_lens", "query_start_loc") else
+                   "*fp32" if n.startswith("part") else "*bf16" if n in ptr else
+                   "fp32" if n == "qk_scale" else "i32") for n in args}
+        sig.update({n: "constexpr" for n in consts})
+        # what the JIT infers at launch: pointers and strides are multiples of 16
+        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in args
+                 if n in ptr or n.startswith("stride")}
+        src = ASTSource(_attention_kernel, sig, attrs=attrs,
+                        constexprs={(names.index(n),): v for n, v in consts.items()})
+        label = f"qg{qg} d{d} bs{bs} decode={decode} splits={splits} window={window} {cfg}"
+        try:
+            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+        except Exception as e:  # noqa: BLE001  (report every variant)
+            failed += 1
+            log(f"FAIL {label}: {e}")
+            continue
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(kernel.asm["ptx"])
+        res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True)
+        info = " ".join(line.split("info    : ")[-1] for line in res.stderr.splitlines()
+                        if "Used" in line or "spill" in line)
+        log(f"ok   {label}: smem {kernel.metadata.shared} B, {info}")
+    return 1 if failed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU interpreter smoke)")
     parser.add_argument("--only", default="small,decode,prefill,tune")
+    parser.add_argument("--aot", action="store_true", help="compile for sm_90a only (no GPU)")
     args = parser.parse_args()
+    if args.aot:
+        return aot_check()
     device = "cpu" if args.quick else "cuda"
     dtype = torch.float32 if args.quick else torch.bfloat16
     if not args.quick:
@@ -290,12 +382,9 @@ def main() -> int:
             log(traceback.format_exc())
             TABLE.append(f"{name}: FAILED (see log)")
     bad = [line for line in TABLE if "err nan" in line or "FAILED" in line]
-    text = "\n".join(LOG + ["", "== summary (time, GB/s, % of copy ceiling, rel err) =="] + TABLE)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "kernels.log"), "w") as f:
-            f.write(text + "\n")
-    print("\n== summary (time, GB/s or TFLOP/s, % of ceiling, rel err vs fp32 ref) ==")
-    print("\n".join(TABLE))
+    log("\n== summary (time, GB/s or TFLOP/s, % of ceiling, rel err vs fp32 ref) ==")
+    for line in TABLE:
+        log(line)
     return 1 if failed or bad else 0
 
 

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,9 +54,12 @@ def hf_smollm2(smollm2_gguf_path):
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        tmp = folder.with_name(folder.name + ".tmp")
+        tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
         model.save_pretrained(str(tmp))
-        tmp.replace(folder)
+        try:
+            tmp.replace(folder)
+        except OSError:   # another test process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
 
 

@@ -27,7 +27,7 @@ def on_gpu(fn):
     return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(fn))
 
 
-# ||out - ref|| / ||ref|| bound per dtype (refs run in fp32 on upcast inputs); a single row may be 4x.
+# ||out - ref|| / ||ref|| bound per dtype (refs run in fp32 on upcast inputs); one row may reach 4x.
 REL_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 
 
@@ -42,7 +42,7 @@ def randn(*shape, gen: torch.Generator, device, dtype) -> torch.Tensor:
 
 
 def qkv_views(t: int, h: int, kh: int, d: int, dtype, device, gen):
-    """q, k, v as strided views of one fused buffer, the way a model's qkv projection leaves them."""
+    """q, k, v as strided views of one fused buffer, as a model's qkv projection leaves them."""
     qkv = randn(t, (h + 2 * kh) * d, gen=gen, device=device, dtype=dtype)
     q, k, v = qkv.split([h * d, kh * d, kh * d], dim=-1)
     return qkv, q.view(t, h, d), k.view(t, kh, d), v.view(t, kh, d)
@@ -130,7 +130,7 @@ def test_rotary_gpu(dtype, h, kh, d):
 
 def lengths(kind: str, num_seqs: int, max_ctx: int, rng: random.Random):
     """(q_lens, ctx_lens) of a ragged batch: decode, fresh prefill, prefix hit, or a mix
-    ("mixed": interleaved; "split": decode rows first, as a runner passing num_decodes orders them)."""
+    ("mixed": interleaved; "split": decode rows first, the order num_decodes asks for)."""
     q_lens, ctx_lens = [], []
     for i in range(num_seqs):
         ctx = rng.randint(1, max_ctx)
@@ -263,6 +263,7 @@ CPU_GROUPS = {  # small sizes for the interpreter (~1e4x slower than the GPU)
         check_attention("decode", 4, 80, 6, 2, 16, 16, torch.float32, "cpu", seed=3, num_splits=4),
         check_attention("decode", 2, 200, 16, 2, 16, 64, torch.float32, "cpu", seed=4,
                         num_splits=2, window=50),
+        check_attention("decode", 3, 60, 4, 2, 16, 8, torch.float32, "cpu", seed=12),  # bs 8
     ],
     "prefill": lambda: [
         check_attention("prefill", 3, 40, 4, 2, 16, 16, torch.float32, "cpu", seed=5),

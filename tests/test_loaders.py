@@ -30,7 +30,8 @@ def test_folder_loader_fills_every_weight(tmp_path, kind):
     params = dict(model.named_parameters())
     for name, tensor in state.items():
         if ".q_proj." in name:   # fused: q, k, v rows stacked in that order
-            fused = torch.cat([state[name.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")])
+            parts = [name.replace("q_proj", p) for p in ("q_proj", "k_proj", "v_proj")]
+            fused = torch.cat([state[p] for p in parts])
             assert torch.equal(params[name.replace("q_proj", "qkv_proj")], fused)
         elif ".gate_proj." in name:
             fused = torch.cat([tensor, state[name.replace("gate_proj", "up_proj")]])
@@ -40,7 +41,8 @@ def test_folder_loader_fills_every_weight(tmp_path, kind):
     if config["tie_word_embeddings"]:
         assert model.lm_head is None
         hidden = torch.randn(2, config["hidden_size"])
-        assert torch.equal(model.compute_logits(hidden), hidden @ state["model.embed_tokens.weight"].T)
+        embed = state["model.embed_tokens.weight"]
+        assert torch.equal(model.compute_logits(hidden), hidden @ embed.T)
 
 
 def test_folder_loader_names_missing_and_misshapen_weights(tmp_path):
@@ -111,7 +113,20 @@ def test_gguf_names_map_to_hf():
     assert hf_name("blk.12.attn_q.bias") == "model.layers.12.self_attn.q_proj.bias"
     assert hf_name("blk.3.attn_k_norm.weight") == "model.layers.3.self_attn.k_norm.weight"
     assert hf_name("blk.0.ffn_norm.weight") == "model.layers.0.post_attention_layernorm.weight"
-    assert hf_name("rope_freqs.weight") is None
+    assert hf_name("rope_freqs.weight") == "rope_freqs.weight"
+    assert hf_name("blk.0.unknown_thing.weight") is None
+
+
+def test_gguf_rope_freqs_divide_the_frequencies():
+    """llama.cpp stores llama3 rope scaling as per-frequency divisors: dividing all by 4 must
+    equal linear scaling by 4."""
+    config = tiny_config("qwen3")
+    spec = ModelSpec.from_config(config, source="catalog")
+    model = load_model(EngineConfig(spec=spec, num_blocks=1, max_model_len=64))
+    assert model.load_weight("rope_freqs.weight", torch.full((16,), 4.0))
+    linear = ModelSpec.from_config(dict(config, rope_scaling={"type": "linear", "factor": 4.0}))
+    expected = load_model(EngineConfig(spec=linear, num_blocks=1, max_model_len=64))
+    torch.testing.assert_close(model.model.cos_sin_cache, expected.model.cos_sin_cache)
 
 
 @pytest.mark.slow

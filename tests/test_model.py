@@ -209,3 +209,12 @@ def test_smollm2_batched_greedy_equals_hf_generate(smollm2_runner, hf_smollm2, s
         hf_tokens = out[0, n:].tolist()
         assert len(hf_tokens) >= 8, "HF stopped early; pick prompts with longer answers"
         assert s.token_ids[n:n + len(hf_tokens)] == hf_tokens
+
+
+def test_rope_read_from_transformers5_rope_parameters():
+    """transformers 5 writes rope_theta and the scaling inside `rope_parameters`."""
+    old_style = dict(tiny_config("llama3"), rope_theta=100000.0)
+    new_style = {k: v for k, v in old_style.items() if k not in ("rope_theta", "rope_scaling")}
+    new_style["rope_parameters"] = dict(old_style["rope_scaling"], rope_theta=100000.0)
+    expected = rope_cos_sin_cache(ModelSpec.from_config(old_style), 128)
+    assert torch.equal(rope_cos_sin_cache(ModelSpec.from_config(new_style), 128), expected)

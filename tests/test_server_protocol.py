@@ -416,3 +416,50 @@ def test_context_limit_uses_the_smaller_of_model_len_and_pool():
     with pytest.raises(ProtocolError) as e:
         parse_chat(Body({"messages": messages, "max_tokens": 100}), ctx)
     assert e.value.status == 400 and "100 tokens" in e.value.message and "KV cache" in e.value.message
+
+
+def test_metrics_counters_follow_engine_totals():
+    from pagedeploy.runtime.outputs import EngineStats
+
+    m = ServerMetrics(MODEL)
+
+    def stats(prompt, gen, preempt, queries, hits):
+        return EngineStats(num_running=2, num_waiting=1, kv_usage=0.25, num_free_blocks=3, num_blocks=4,
+                           preemptions=preempt, prefix_queries=queries, prefix_hits=hits,
+                           prompt_tokens_total=prompt, generation_tokens_total=gen)
+
+    m.update_engine(stats(10, 5, 1, 32, 16))
+    m.update_engine(stats(10, 9, 3, 48, 16))
+    text = m.render().decode()
+    assert metric(text, "pagedeploy:prompt_tokens_total") == 10
+    assert metric(text, "pagedeploy:generation_tokens_total") == 9
+    assert metric(text, "pagedeploy:num_preemptions_total") == 3
+    assert metric(text, "pagedeploy:prefix_cache_queries_total") == 48
+    assert metric(text, "pagedeploy:prefix_cache_hits_total") == 16
+    assert metric(text, "pagedeploy:kv_cache_usage_perc") == 0.25
+    assert metric(text, "pagedeploy:num_requests_waiting") == 1
+
+
+# ---- deploy up refusals (no weights loaded) -----------------------------------------------------
+
+def test_up_refuses_multi_gpu_and_plans_that_do_not_fit(smollm2_gguf_path, capsys):
+    from pathlib import Path
+
+    from pagedeploy.launcher.errors import UserError
+    from pagedeploy.launcher.up import EXIT_DOES_NOT_FIT, run_up
+
+    profile = str(Path(__file__).resolve().parent.parent / "profiles" / "cpu-default.yaml")
+    with pytest.raises(UserError) as e:
+        run_up(profile, None, None, ["tensor_parallel_size=2"])
+    assert "tensor_parallel_size" in e.value.one_line() and "\n" not in e.value.one_line()
+    assert run_up(profile, None, None, ["kv_cache_memory_bytes=1000000"]) == EXIT_DOES_NOT_FIT
+    assert "KV cache" in capsys.readouterr().out
+    with pytest.raises(UserError) as e:
+        run_up(profile, None, None, ["api_key_env=PAGEDEPLOY_SURELY_UNSET_VAR"])
+    assert "PAGEDEPLOY_SURELY_UNSET_VAR" in e.value.one_line()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        with pytest.raises(UserError) as e:
+            run_up(profile, None, busy.getsockname()[1], [])
+    assert "--port" in e.value.one_line()

@@ -1,0 +1,93 @@
+"""Quality of the 4-bit formats on the real SmolLM2-135M: perplexity on a fixed text, and the GGUF
+Q4_1 -> int4 conversion checked tensor by tensor against transformers' own dequantization.
+
+All variants run fp32 activations, so only the weight format differs. Note that the "bf16" model
+is itself a dequantized Q4_1 GGUF: re-quantizing it stacks a second 4-bit error on the first.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pagedeploy.quant.int4 import dequantize_int4, int4_from_gguf
+from pagedeploy.quant.linear import quantize_model_linears
+
+TEXT = Path(__file__).parent / "data" / "ppl_text.txt"
+
+# Measured (docs/perf-quant.md): bf16 24.76, nf4 29.93 (+21%), int4 g128/g64 34.83 (+41%).
+# The issue's +10% holds for int4 loaded straight from the GGUF's Q4_1 blocks (exact, +0%), not
+# for re-quantizing this already-4-bit model; these bounds catch regressions of the formats.
+MAX_RATIO = {"nf4": 1.30, "int4": 1.50}
+
+
+def _perplexity(model, ids: torch.Tensor) -> float:
+    with torch.inference_mode():
+        return math.exp(model(ids, labels=ids).loss.item())
+
+
+def _with_layers(model, change):
+    """A copy of the model whose decoder layers went through `change` (the fixture stays intact)."""
+    twin = copy.deepcopy(model)
+    change(twin.model.layers)
+    return twin
+
+
+def _round_bf16(layers):
+    for mod in layers.modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.weight.data = mod.weight.data.bfloat16().float()
+
+
+@pytest.mark.slow
+def test_perplexity_nf4_int4_vs_bf16(hf_smollm2, smollm2_tokenizer):
+    ids = torch.tensor([smollm2_tokenizer.encode(TEXT.read_text())])
+    assert 600 <= ids.shape[1] <= 1000, ids.shape
+    ppl = {}
+    for name, change in [("bf16", _round_bf16),
+                         ("nf4", lambda layers: quantize_model_linears(layers, "nf4")),
+                         ("int4", lambda layers: quantize_model_linears(layers, "int4"))]:
+        start = time.perf_counter()
+        ppl[name] = _perplexity(_with_layers(hf_smollm2, change), ids)
+        print(f"{name}: perplexity {ppl[name]:.3f} over {ids.shape[1]} tokens "
+              f"({time.perf_counter() - start:.1f} s)")
+    assert 10 < ppl["bf16"] < 40, ppl          # a sane model on plain English prose
+    for name, ratio in MAX_RATIO.items():
+        assert ppl["bf16"] < ppl[name] <= ratio * ppl["bf16"], ppl
+
+
+def _q_k_row_order(out_features: int, heads: int) -> torch.Tensor:
+    """The row permutation transformers applies to llama GGUF q/k weights (undoing llama.cpp's)."""
+    dim = out_features // heads // 2
+    rows = np.arange(out_features).reshape(heads, dim, 2).swapaxes(2, 1).reshape(-1)
+    return torch.from_numpy(np.ascontiguousarray(rows))
+
+
+@pytest.mark.slow
+def test_gguf_q4_1_loads_into_int4_exactly(smollm2_gguf_path, hf_smollm2):
+    """Every decoder linear of SmolLM2 (all Q4_1) converts to int4 g32 without a float copy and
+    dequantizes to exactly the weights transformers loaded: the int4 path loses nothing here."""
+    from gguf import GGUFReader
+
+    cfg = hf_smollm2.config
+    parts = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj"}
+    checked = 0
+    for t in GGUFReader(smollm2_gguf_path).tensors:
+        layer, _, part = t.name.removeprefix("blk.").rpartition(".weight")[0].partition(".")
+        if part not in parts:
+            continue
+        q = int4_from_gguf(t.data, t.tensor_type.name, (int(t.shape[1]), int(t.shape[0])))
+        if part in ("attn_q", "attn_k"):
+            heads = cfg.num_attention_heads if part == "attn_q" else cfg.num_key_value_heads
+            q = q.rows(_q_k_row_order(q.shape[0], heads))
+        expected = hf_smollm2.model.layers[int(layer)].get_submodule(parts[part]).weight
+        assert q.group_size == 32 and torch.equal(dequantize_int4(q), expected), t.name
+        checked += 1
+    assert checked == 7 * cfg.num_hidden_layers
