@@ -63,6 +63,7 @@ class ModelSpec:
         heads = config["num_attention_heads"]
         head_dim = config.get("head_dim") or config["hidden_size"] // heads
         window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
+        rope_theta, rope_scaling = _rope_settings(config)
         return cls(
             name=name or config.get("_name_or_path", "") or model_type,
             architecture=arch,
@@ -76,8 +77,8 @@ class ModelSpec:
             vocab_size=config["vocab_size"],
             max_position_embeddings=config.get("max_position_embeddings", 2048),
             rms_norm_eps=config.get("rms_norm_eps", 1e-6),
-            rope_theta=config.get("rope_theta", 10000.0),
-            rope_scaling=config.get("rope_scaling"),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=bool(config.get("attention_bias", model_type == "qwen2")),
             qk_norm=model_type == "qwen3",
@@ -147,3 +148,14 @@ class ModelSpec:
             else:
                 layers[int(match.group(1))][0 if len(t.shape) >= 2 else 1] += numel
         return [tuple(pair) for pair in layers], other
+
+
+def _rope_settings(config: dict) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either config form: transformers 4 keeps `rope_theta` and
+    `rope_scaling` at the top level; configs saved by transformers 5 nest both in `rope_parameters`."""
+    params = config.get("rope_parameters") or {}
+    theta = config.get("rope_theta", params.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    return float(theta), scaling

@@ -165,7 +165,8 @@ async def report_start(engine: EngineThread, server: Server, memory_plan: Memory
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(f"Loading {memory_plan.model} weights and allocating the KV pool "
                                  f"(/health answers 503 meanwhile)", total=None)
-        await asyncio.to_thread(engine.ready.wait)
+        while not engine.ready.is_set():   # polled: a waiting thread would delay a Ctrl+C exit
+            await asyncio.sleep(0.1)
         progress.update(task, total=1, completed=1)
     if engine.load_error is not None:
         console.print(f"[bold red]error:[/] loading the model failed: {engine.load_error}", highlight=False)

@@ -14,6 +14,7 @@ Layout (chosen for the Triton kernels in int4_triton.py):
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -21,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+assert sys.byteorder == "little", "the int4 packing reads four bytes as one little-endian int32"
+
 from .formats import INT4_GROUP_SIZE
 
-_SHIFTS = tuple(4 * j for j in range(8))
 _CHUNK_ELEMS = 1 << 24   # rows quantized at a time: bounds the fp32 scratch (64 MB) on big layers
 
 
@@ -67,52 +69,107 @@ class Int4Weight:
                           self.zeros[index].contiguous(), (len(index), self.shape[1]), self.group_size)
 
 
+def concat_rows(weights: list[Int4Weight]) -> Int4Weight:
+    """Stack weights along the output dim (fused qkv / gate_up from separate GGUF tensors)."""
+    first = weights[0]
+    if any(w.shape[1] != first.shape[1] or w.group_size != first.group_size for w in weights):
+        raise ValueError("int4: concat_rows needs the same in_features and group_size")
+    cat = lambda name: torch.cat([getattr(w, name) for w in weights])  # noqa: E731
+    return Int4Weight(cat("packed"), cat("scales"), cat("zeros"),
+                      (sum(w.shape[0] for w in weights), first.shape[1]), first.group_size)
+
+
 # ---- packing ---------------------------------------------------------------------------------
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """Codes in 0..15, `[rows, cols]` (cols % 8 == 0) -> int32 `[rows, cols // 8]`."""
-    rows, cols = codes.shape
-    c = codes.to(torch.int64).view(rows, cols // 8, 8)
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=codes.device)
-    words = (c << shifts).sum(-1)
-    # Nibble 7 sets bit 31: wrap to two's complement explicitly (int64 -> int32 casts do not promise to).
-    words = torch.where(words >= 1 << 31, words - (1 << 32), words)
-    return words.to(torch.int32)
+    c = codes.to(torch.uint8)
+    # Byte b = codes 2b (low nibble) and 2b + 1 (high); four bytes read as a little-endian int32
+    # put code j in bits 4j..4j+3. uint8 ops only: no int64 scratch, no signed overflow.
+    pairs = c[:, 0::2] | (c[:, 1::2] << 4)
+    return pairs.contiguous().view(torch.int32)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """int32 `[rows, words]` -> uint8 codes `[rows, words * 8]` (the inverse of pack_int4)."""
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=packed.device)
-    codes = (packed.unsqueeze(-1) >> shifts) & 0xF   # arithmetic shift is fine: the mask drops sign bits
-    return codes.to(torch.uint8).flatten(-2)
+    pairs = packed.contiguous().view(torch.uint8)
+    return torch.stack([pairs & 0xF, pairs >> 4], dim=-1).flatten(-2)
 
 
 # ---- quantize / dequantize / reference matmul -----------------------------------------------------
 
 def quantize_int4(w: torch.Tensor, group_size: int = INT4_GROUP_SIZE,
-                  scale_dtype: torch.dtype = torch.float16) -> Int4Weight:
-    """Min-max asymmetric quantization of `w [out, in]` on w's device, a chunk of rows at a time."""
+                  scale_dtype: torch.dtype = torch.float16, search: bool = False) -> Int4Weight:
+    """Asymmetric quantization of `w [out, in]` on w's device, a chunk of rows at a time.
+
+    search=False: min-max. search=True also tries ranges shrunk toward zero, then refits scale and
+    zero by least squares: never a larger squared error per group than min-max (both steps only
+    lower it), ~20% lower on SmolLM2's layers, but ~10x the time, and perplexity there only moved
+    from 34.8 to 33.3 (bf16: 24.8), so it is not the default."""
     out, inp = w.shape
     if inp % group_size or group_size % 8:
         raise ValueError(f"int4: in={inp} must be a multiple of group_size={group_size} (itself of 8)")
     rows = max(1, _CHUNK_ELEMS // inp)
-    parts = [_quantize_rows(w[r:r + rows], group_size, scale_dtype) for r in range(0, out, rows)]
+    parts = [_quantize_rows(w[r:r + rows], group_size, scale_dtype, search) for r in range(0, out, rows)]
     packed, scales, zeros = (torch.cat(p) for p in zip(*parts))
     return Int4Weight(packed, scales, zeros, (out, inp), group_size)
 
 
-def _quantize_rows(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype):
+_SHRINK = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+_REFITS = 4
+
+
+def _quantize_rows(w: torch.Tensor, group_size: int, scale_dtype: torch.dtype, search: bool):
     out, inp = w.shape
     wg = w.float().view(out, inp // group_size, group_size)
-    lo, hi = wg.amin(-1), wg.amax(-1)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale, zero = (hi - lo) / 15, lo
+    if search:
+        scale, zero = _search_range(wg, lo, hi)
+        scale, zero = _refit(wg, scale, zero)
     # Round scale and zero to their stored dtype first, so the codes are chosen against the values
     # the kernel will actually use.
-    scale = ((hi - lo) / 15).to(scale_dtype)
-    zero = lo.to(scale_dtype)
-    s, z = scale.float().unsqueeze(-1), zero.float().unsqueeze(-1)
-    inv = torch.where(s > 0, 1 / s, torch.zeros_like(s))
-    codes = torch.round((wg - z) * inv).clamp_(0, 15).to(torch.uint8)
-    return pack_int4(codes.view(out, inp)), scale, zero
+    scale, zero = scale.to(scale_dtype), zero.to(scale_dtype)
+    codes = _codes(wg, scale.float(), zero.float()).to(torch.uint8)
+    return pack_int4(codes.view(out, inp)), scale.squeeze(-1), zero.squeeze(-1)
+
+
+def _codes(wg, scale, zero):
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return (wg - zero).mul_(inv).round_().clamp_(0, 15)   # in place: one scratch tensor, not four
+
+
+def _sq_err(wg, scale, zero):
+    return _codes(wg, scale, zero).mul_(scale).add_(zero).sub_(wg).square_().sum(-1, keepdim=True)
+
+
+def _search_range(wg, lo, hi):
+    """Per group, the [lo, hi] shrink toward zero with the least squared error (1.0 = min-max)."""
+    best = None
+    for r in _SHRINK:
+        scale, zero = (hi - lo) * r / 15, lo * r
+        err = _sq_err(wg, scale, zero)
+        if best is None:
+            best = [err, scale, zero]
+            continue
+        better = err < best[0]
+        best = [torch.where(better, new, old) for new, old in zip((err, scale, zero), best)]
+    return best[1], best[2]
+
+
+def _refit(wg, scale, zero):
+    """Alternate: codes for (scale, zero), then the least-squares (scale, zero) for those codes."""
+    n = wg.shape[-1]
+    for _ in range(_REFITS):
+        q = _codes(wg, scale, zero)
+        sq, sqq = q.sum(-1, keepdim=True), q.square().sum(-1, keepdim=True)
+        sw, sqw = wg.sum(-1, keepdim=True), (q * wg).sum(-1, keepdim=True)
+        det = n * sqq - sq * sq
+        new_scale = (n * sqw - sq * sw) / det.clamp_min(1e-30)
+        ok = (det > 0) & (new_scale > 0)    # all codes equal: nothing to fit, keep the group
+        zero = torch.where(ok, (sw - new_scale * sq) / n, zero)
+        scale = torch.where(ok, new_scale, scale)
+    return scale, zero
 
 
 def dequantize_int4(w: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -78,18 +78,24 @@ class QuantLinear(nn.Module):
 
 def quantize_linear(linear: nn.Linear, method: str, group_size: int | None = None,
                     dtype: torch.dtype | None = None) -> QuantLinear:
-    """Quantize one nn.Linear on its own device. `dtype`: the compute dtype (default: the weight's).
-    int4 uses group 128, or the fallback of formats.int4_group_size where 128 does not divide in."""
+    """Quantize one nn.Linear on its own device. `dtype`: the compute dtype (default: the weight's)."""
+    bias = None if linear.bias is None else linear.bias.detach()
+    return quantize_weight(linear.weight.detach(), method, bias, group_size, dtype)
+
+
+def quantize_weight(w: torch.Tensor, method: str, bias: torch.Tensor | None = None,
+                    group_size: int | None = None, dtype: torch.dtype | None = None) -> QuantLinear:
+    """A QuantLinear straight from a weight tensor `[out, in]` (e.g. one streamed from a checkpoint
+    shard), quantized on w's device. int4 uses group 128, or the fallback of
+    formats.int4_group_size where 128 does not divide `in`."""
     if method not in METHODS:
         raise ValueError(f"quantization: unknown method {method!r} (use one of {', '.join(METHODS)})")
-    w = linear.weight.detach()
-    bias = None if linear.bias is None else linear.bias.detach().to(dtype or w.dtype)
+    if bias is not None:
+        bias = bias.to(dtype or w.dtype)
     if method == "int4":
-        weight = quantize_int4(w, group_size or int4_group_size(w.shape[1]))
-    else:
-        from .bnb import quantize_bnb
-        weight = quantize_bnb(w, method, dtype=dtype)
-    return QuantLinear(weight, bias)
+        return QuantLinear(quantize_int4(w, group_size or int4_group_size(w.shape[1])), bias)
+    from .bnb import quantize_bnb
+    return QuantLinear(quantize_bnb(w, method, dtype=dtype), bias)
 
 
 def quantize_model_linears(model: nn.Module, method: str, skip: tuple[str, ...] = ("lm_head", "embed"),

@@ -30,6 +30,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor      # int32 [B, max_blocks]
     context_lens: torch.Tensor      # int32 [B]: tokens in the cache after this step's store
     query_start_loc: torch.Tensor   # int32 [B + 1]
+    num_decodes: int = 0            # the first num_decodes sequences have one new token each
+    max_context_len: int = 0        # max of context_lens, known on the host
 
 
 class Linear(nn.Module):
@@ -92,12 +94,14 @@ class Attention(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # Qwen3: per-head RMSNorm before rope
-            q, k = self.q_norm(q)[0], self.k_norm(k)[0]
+        if self.q_norm is not None:  # Qwen3: per-head RMSNorm before rope, rows of head_dim
+            q = self.q_norm(q.reshape(-1, self.head_dim))[0].view(q.shape)
+            k = self.k_norm(k.reshape(-1, self.head_dim))[0].view(k.shape)
         q, k = apply_rotary(q, k, positions, cos_sin_cache)
         store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         o = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
-                            meta.query_start_loc, self.scale, self.sliding_window)
+                            meta.query_start_loc, self.scale, self.sliding_window,
+                            num_decodes=meta.num_decodes, max_context_len=meta.max_context_len)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 

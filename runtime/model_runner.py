@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedeploy.runtime.config import EngineConfig
+from pagedeploy.runtime.cuda_graphs import DecodeGraphs
 from pagedeploy.runtime.loader import load_model, torch_dtype
 from pagedeploy.runtime.model import AttentionMetadata
 
@@ -37,6 +38,21 @@ class ModelRunner:
             spec.num_key_value_heads, spec.head_dim,
             dtype=torch_dtype(config.kv_cache_dtype), device=self.device)
         self.model.bind_kv_cache(list(self.kv_cache[0]), list(self.kv_cache[1]))
+        self.graphs = self._capture_graphs() if self._use_graphs() else None
+
+    def _use_graphs(self) -> bool:
+        return self.device.type == "cuda" and not self.config.enforce_eager
+
+    def _capture_graphs(self) -> DecodeGraphs:
+        c, spec = self.config, self.config.spec
+        graphs = DecodeGraphs(self.model, c.max_num_seqs, min(c.max_seq_len_to_capture, c.max_model_len),
+                              c.block_size, spec.hidden_size, torch_dtype(c.dtype), self.device)
+        graphs.capture()
+        return graphs
+
+    def cuda_graph_bytes(self) -> int:
+        """Measured memory of the captured graphs' pool (0 when eager)."""
+        return self.graphs.pool_bytes if self.graphs else 0
 
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
@@ -44,8 +60,15 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, items) -> torch.Tensor:
         """float32 logits [number of items with need_logits, vocab], in item order."""
+        if not items:
+            return torch.empty(0, self.config.spec.vocab_size, device=self.device)
         batch = self.prepare(items)
-        hidden = self.model(batch.input_ids, batch.positions, batch.meta)
+        meta = batch.meta
+        if self.graphs and self.graphs.can_run(len(items), batch.input_ids.shape[0],
+                                               meta.max_context_len, meta.block_tables.shape[1]):
+            hidden = self.graphs.run(batch.input_ids, batch.positions, meta)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, meta)
         return self.model.compute_logits(hidden.index_select(0, batch.logits_rows)).float()
 
     def prepare(self, items) -> BatchInputs:
@@ -76,7 +99,8 @@ class ModelRunner:
             slot_mapping=slot_mapping.to(dev, non_blocking=True),
             block_tables=block_tables.to(dev, non_blocking=True),
             context_lens=torch.tensor(ends, dtype=torch.int32).to(dev, non_blocking=True),
-            query_start_loc=query_start_loc.to(dev, torch.int32, non_blocking=True))
+            query_start_loc=query_start_loc.to(dev, torch.int32, non_blocking=True),
+            num_decodes=_leading_ones(q_lens), max_context_len=max(ends))
         return BatchInputs(
             input_ids=torch.tensor(token_ids, dtype=torch.int64).to(dev, non_blocking=True),
             positions=positions.to(dev, non_blocking=True), meta=meta,
@@ -94,3 +118,11 @@ class ModelRunner:
                                      f"blocks but its table holds {len(table)}")
             rows.append(table[:n] + [0] * (width - n))
         return torch.tensor(rows, dtype=torch.int32)
+
+
+def _leading_ones(q_lens: list[int]) -> int:
+    """How many items at the front decode one token (the GPU kernel's decode split)."""
+    n = 0
+    while n < len(q_lens) and q_lens[n] == 1:
+        n += 1
+    return n

@@ -23,25 +23,38 @@ def load_tokenizer(config: EngineConfig):
     from transformers import AutoTokenizer
 
     if str(source).endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(str(gguf_tokenizer_folder(source)))
+        folder = gguf_tokenizer_folder(source)
+        return None if folder is None else AutoTokenizer.from_pretrained(str(folder))
     if not (Path(source) / "tokenizer_config.json").exists() and \
             not (Path(source) / "tokenizer.json").exists():
         return None
     return AutoTokenizer.from_pretrained(str(source))
 
 
-def gguf_tokenizer_folder(path: str | Path) -> Path:
-    """A save_pretrained folder of the GGUF's tokenizer, converted on first use."""
+def gguf_tokenizer_folder(path: str | Path) -> Path | None:
+    """A save_pretrained folder of the GGUF's tokenizer, converted on first use; None when the
+    file carries no tokenizer."""
     folder = cache_dir() / "gguf-tokenizer" / file_cache_key(path)
     if not (folder / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
         path = Path(path)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception:
+            if _has_tokenizer(path):
+                raise
+            return None
         tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
         tok.save_pretrained(str(tmp))
         _publish(tmp, folder)
     return folder
+
+
+def _has_tokenizer(path: Path) -> bool:
+    from gguf import GGUFReader
+
+    return "tokenizer.ggml.model" in GGUFReader(str(path)).fields
 
 
 def _publish(tmp: Path, folder: Path) -> None:

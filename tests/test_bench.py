@@ -65,3 +65,28 @@ def test_run_bench_end_to_end_on_a_tiny_folder(tmp_path, capsys):
     assert ours["output_tokens"] == hf["output_tokens"] == expected
     assert doc["ratio_ours_over_hf"] == pytest.approx(ours["output_tok_s"] / hf["output_tok_s"])
     assert "ours / hf" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_dummy_weights_are_shared_with_the_hf_copy():
+    import torch
+
+    from pagedeploy.launcher.bench import load_hf_model
+    from pagedeploy.launcher.model_spec import ModelSpec
+    from pagedeploy.runtime.config import EngineConfig
+    from pagedeploy.runtime.engine import LLMEngine
+    from pagedeploy.runtime.sampling_params import SamplingParams
+
+    spec = ModelSpec.from_config(tiny_config("llama3"), source="catalog")
+    config = EngineConfig(spec=spec, num_blocks=32, block_size=16, load_format="dummy", max_model_len=256)
+    engine = LLMEngine(config)
+    hf = load_hf_model(config, engine)
+    prompt = [5, 17, 42, 8, 99, 3]
+    engine.add_request("r", prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
+    ours = []
+    while engine.has_unfinished():
+        ours += [t for out in engine.step() for t in out.outputs[0].token_ids_delta]
+    with torch.inference_mode():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+    assert ours == theirs

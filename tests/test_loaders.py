@@ -168,3 +168,105 @@ def test_tokenizer_absent_for_dummy_and_eos_from_generation_config(tmp_path):
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
     assert load_tokenizer(folder_config(folder, config)) is None   # no tokenizer files there
     assert eos_token_ids(folder_config(folder, config)) == [7, 9]
+
+
+# ---- a tiny GGUF written here: checks the permutation direction without transformers ----
+
+def _llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """What llama.cpp's convert_hf_to_gguf does to q/k rows (the inverse of ours)."""
+    return (w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+            .swapaxes(1, 2).reshape(w.shape))
+
+
+def write_tiny_gguf(path, config: dict, state: dict, matrix_type=None):
+    from gguf import GGUFWriter
+    from gguf.quants import quantize
+
+    from pagedeploy.runtime.gguf_loader import hf_name as to_hf
+
+    arch = "llama" if config["model_type"] == "llama" else config["model_type"]
+    names = {to_hf(f"blk.{i}.{part}.{kind}"): f"blk.{i}.{part}.{kind}"
+             for i in range(config["num_hidden_layers"]) for kind in ("weight", "bias")
+             for part in ("attn_norm", "ffn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                          "ffn_gate", "ffn_up", "ffn_down")}
+    names.update({"model.embed_tokens.weight": "token_embd.weight",
+                  "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"})
+    w = GGUFWriter(str(path), arch)
+    w.add_block_count(config["num_hidden_layers"])
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_head_count_kv(config["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_freq_base(config["rope_theta"])
+    w.add_vocab_size(config["vocab_size"])
+    for name, tensor in state.items():
+        arr = tensor.numpy()
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
+            arr = _llama_cpp_permute(arr, heads)
+        if matrix_type is not None and arr.ndim == 2:
+            w.add_tensor(names[name], quantize(arr, matrix_type), raw_dtype=matrix_type)
+        else:
+            w.add_tensor(names[name], np.ascontiguousarray(arr))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def tiny_gguf_config(kind: str) -> dict:
+    config = tiny_config(kind)
+    config.pop("head_dim", None)   # GGUF metadata derives it from hidden / heads
+    return dict(config, hidden_size=128, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=128, rope_scaling=None)
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2"])
+def test_tiny_gguf_round_trips_to_hf_weights_and_logits(tmp_path, monkeypatch, kind):
+    from conftest import hf_model_from_config
+
+    from pagedeploy.launcher.gguf_meta import spec_from_gguf
+
+    monkeypatch.setenv("PAGEDEPLOY_CACHE", str(tmp_path / "cache"))
+    config = tiny_gguf_config(kind)
+    state = random_state_dict(config, seed=11)
+    path = write_tiny_gguf(tmp_path / f"{kind}.gguf", config, state)
+    loaded = dict(iter_gguf_tensors(path))
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[n], t) for n, t in state.items())
+    runner = ModelRunner(EngineConfig(spec=spec_from_gguf(path), num_blocks=16, block_size=4,
+                                      max_model_len=64))
+    seq = FakeSeq(list(range(5, 30)))
+    BlockPool(16).grow(seq, len(seq.token_ids), 4)
+    logits = runner.execute([Item(seq, len(seq.token_ids))])
+    with torch.inference_mode():
+        expected = hf_model_from_config(config, state)(torch.tensor([seq.token_ids])).logits[0, -1]
+    torch.testing.assert_close(logits[0], expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0"])
+def test_tiny_gguf_quantized_matrices_dequantize_near_the_originals(tmp_path, monkeypatch, qtype):
+    from gguf import GGMLQuantizationType
+
+    monkeypatch.setenv("PAGEDEPLOY_CACHE", str(tmp_path / "cache"))
+    config = tiny_gguf_config("llama3")
+    state = random_state_dict(config, seed=12)
+    path = write_tiny_gguf(tmp_path / "q.gguf", config, state, GGMLQuantizationType[qtype])
+    loaded = dict(iter_gguf_tensors(path))
+    for name, tensor in state.items():
+        scale = tensor.abs().max().item()
+        # a wrong q/k row order would be off by about the weights' own size
+        tol = scale * (0.01 if qtype == "Q8_0" else 0.15) if tensor.dim() == 2 else 0.0
+        assert (loaded[name] - tensor).abs().max().item() <= tol, name
+
+
+def test_gguf_without_tokenizer_gives_none(tmp_path, monkeypatch):
+    from pagedeploy.launcher.gguf_meta import spec_from_gguf
+
+    monkeypatch.setenv("PAGEDEPLOY_CACHE", str(tmp_path / "cache"))
+    config = tiny_gguf_config("qwen2")
+    path = write_tiny_gguf(tmp_path / "m.gguf", config, random_state_dict(config))
+    assert load_tokenizer(EngineConfig(spec=spec_from_gguf(path), num_blocks=1)) is None

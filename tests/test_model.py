@@ -218,3 +218,23 @@ def test_rope_read_from_transformers5_rope_parameters():
     new_style["rope_parameters"] = dict(old_style["rope_scaling"], rope_theta=100000.0)
     expected = rope_cos_sin_cache(ModelSpec.from_config(old_style), 128)
     assert torch.equal(rope_cos_sin_cache(ModelSpec.from_config(new_style), 128), expected)
+
+
+def test_prepare_flattens_items_into_slots_positions_and_hints():
+    config = tiny_config("qwen3")
+    runner = ModelRunner(EngineConfig(spec=ModelSpec.from_config(config, source="catalog"),
+                                      num_blocks=16, block_size=BS, max_model_len=64))
+    decode = FakeSeq(list(range(10)), num_computed_tokens=9, block_table=[7, 3, 12])
+    chunk = FakeSeq(list(range(20)), num_computed_tokens=6, block_table=[5, 0, 9, 14, 2])
+    fresh = FakeSeq([1, 2, 3], block_table=[11])
+    batch = runner.prepare([Item(decode, 1), Item(chunk, 5, False), Item(fresh, 3)])
+    assert batch.input_ids.tolist() == [9, 6, 7, 8, 9, 10, 1, 2, 3]
+    assert batch.positions.tolist() == [9, 6, 7, 8, 9, 10, 0, 1, 2]
+    # slot = block_table[pos // BS] * BS + pos % BS
+    assert batch.meta.slot_mapping.tolist() == [49, 2, 3, 36, 37, 38, 44, 45, 46]
+    assert batch.meta.block_tables.tolist() == [[7, 3, 12], [5, 0, 9], [11, 0, 0]]
+    assert batch.meta.context_lens.tolist() == [10, 11, 3]
+    assert batch.meta.query_start_loc.tolist() == [0, 1, 6, 9]
+    assert (batch.meta.num_decodes, batch.meta.max_context_len) == (1, 11)
+    assert batch.logits_rows.tolist() == [0, 8]
+    assert runner.execute([]).shape == (0, config["vocab_size"])

@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 import uvicorn
-from paged_fakes import EOS_ID, ByteTokenizer, FakePagedRunner, fake_config, reference_greedy
+from paged_fakes import ByteTokenizer, FakePagedRunner, fake_config, reference_greedy
 
 from pagedeploy.launcher.engine_thread import EngineThread
 from pagedeploy.launcher.metrics import ServerMetrics
@@ -463,3 +463,20 @@ def test_up_refuses_multi_gpu_and_plans_that_do_not_fit(smollm2_gguf_path, capsy
         with pytest.raises(UserError) as e:
             run_up(profile, None, busy.getsockname()[1], [])
     assert "--port" in e.value.one_line()
+
+
+def test_failed_load_is_reported_not_served():
+    from starlette.testclient import TestClient
+
+    def load():
+        raise FileNotFoundError("weights.gguf is gone")
+
+    thread = EngineThread(load)
+    thread.start()
+    assert thread.ready.wait(10)
+    app = build_app(thread, ServerSettings(MODEL, 512, 260), ServerMetrics(MODEL))
+    with TestClient(app) as client:
+        assert client.get("/health").json() == {"status": "failed"}
+        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 503 and "failed" in r.json()["error"]["message"]
+    assert isinstance(thread.load_error, FileNotFoundError)
