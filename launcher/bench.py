@@ -90,6 +90,7 @@ def run_ours(engine, requests: list[BenchRequest], concurrency: int | None, igno
     pending = list(enumerate(requests))[::-1]
     in_flight, output_tokens = 0, 0
     limit = concurrency or len(requests)
+    engine.stream = False                # throughput mode: only finished requests matter
     start = time.perf_counter()
     while pending or engine.has_unfinished():
         while pending and in_flight < limit:
@@ -110,6 +111,7 @@ def batch1_ours(engine, request: BenchRequest) -> BenchResult:
     from pagedeploy.runtime.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=request.output_len, ignore_eos=True)
+    engine.stream = True                 # the first streamed token times TTFT
     start = time.perf_counter()
     engine.add_request("bench-batch-1", request.prompt_token_ids, params)
     first = None

@@ -10,15 +10,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from pagedeploy.quant.formats import bnb_weight_bytes, int4_weight_bytes
+
+from .errors import UserError
 from .gpus import GiB, MiB, GpuSpec
 from .model_spec import ModelSpec
 from .profile import Profile, check_against_model
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-# 4-bit formats: bytes per quantized weight = 0.5 + scale bytes / group.
-QUANT_GROUP = {"nf4": 64, "fp4": 64, "int4": 128}      # bnb: one fp32 absmax per 64 weights;
-QUANT_SCALE_BYTES = {"nf4": 4, "fp4": 4, "int4": 4}    # int4: fp16 scale + fp16 zero per 128
 
 CUDA_CONTEXT_BYTES = 512 * MiB     # CUDA context + cuBLAS workspace + allocator slack (vLLM
                                    # counts 0.22 GiB "non-torch"; the context itself is extra)
@@ -163,12 +162,37 @@ def kv_dtype(profile: Profile, dtype: str) -> str:
 
 # ---------------------------------------------------------------- weights
 
-def linear_bytes(params: int, dtype_bytes: int, quantization: str | None) -> tuple[int, int]:
-    """(bytes, of which scale bytes) of quantizable linear weights."""
+def linear_bytes(spec: ModelSpec, params: int, dtype_bytes: int,
+                 quantization: str | None) -> tuple[int, int]:
+    """(bytes, of which scale bytes) of one decoder layer's `params` linear weights.
+
+    4-bit: exactly what the runtime's QuantLinear layers store (quant/formats.py), tensor by tensor
+    as the runtime fuses them: bnb counts its 64-weight blocks over each flat tensor, and int4's
+    group (128, else 64 or 32) follows each tensor's in_features (SmolLM2's 576 takes 64)."""
     if quantization is None:
         return params * dtype_bytes, 0
-    scales = math.ceil(params / QUANT_GROUP[quantization]) * QUANT_SCALE_BYTES[quantization]
-    return math.ceil(params / 2) + scales, scales
+    shapes = layer_linear_shapes(spec)
+    total = sum(quantized_tensor_bytes(out, inp, quantization) for out, inp in shapes)
+    codes = sum(math.ceil(out * inp / 2) for out, inp in shapes)
+    return total, total - codes
+
+
+def layer_linear_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
+    """(out, in) of one decoder layer's linears as runtime/model.py holds them: q/k/v fused into
+    qkv_proj and gate/up into gate_up_proj, each quantized as one tensor."""
+    q = spec.num_attention_heads * spec.head_dim
+    kv = spec.num_key_value_heads * spec.head_dim
+    hidden, inter = spec.hidden_size, spec.intermediate_size
+    return [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter)]
+
+
+def quantized_tensor_bytes(out: int, inp: int, quantization: str) -> int:
+    if quantization != "int4":
+        return bnb_weight_bytes(out * inp)
+    if inp % 32:
+        raise UserError(f"int4 needs every linear's in_features divisible by 32, this model has {inp}",
+                        "use quantization: nf4", field="quantization")
+    return int4_weight_bytes(out, inp)
 
 
 def plan_weights(profile: Profile, spec: ModelSpec, dtype: str,
@@ -181,7 +205,7 @@ def plan_weights(profile: Profile, spec: ModelSpec, dtype: str,
     layers, other = spec.param_groups()
     layer_bytes, layer_scales = [], []
     for linear, small in layers:
-        lin, scales = linear_bytes(linear, wb, quant)
+        lin, scales = linear_bytes(spec, linear, wb, quant)
         layer_bytes.append(math.ceil(lin / tp) + small * wb)
         layer_scales.append(math.ceil(scales / tp))
     norm_params = spec.hidden_size

@@ -62,6 +62,9 @@ class LLMEngine:
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(tokenizer, set(eos_token_ids(config, tokenizer)), config.max_model_len)
         self.requests: dict[str, Request] = {}
+        # False: step() returns only finished requests. Offline callers want no per-token deltas,
+        # and building them for every running request is most of a large batch's host time.
+        self.stream = True
         self._seq_ids = itertools.count()
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
@@ -120,7 +123,7 @@ class LLMEngine:
             for seq, token_id, logprob in zip(sampled, result.token_ids, result.logprobs):
                 self._append(seq, token_id, logprob)
                 changed[seq.request_id] = self.requests[seq.request_id]
-        return [self._output(req) for req in changed.values()]
+        return [self._output(req) for req in changed.values() if self.stream or req.finished]
 
     def _append(self, seq: Sequence, token_id: int, logprob) -> None:
         seq.append_token(token_id)

@@ -33,6 +33,7 @@ class LLM:
         if isinstance(config, str):
             config = engine_config_from_profile(config)
         self.engine = LLMEngine(config, **engine_kwargs)
+        self.engine.stream = False       # generate() returns final outputs only
         self.tokenizer = self.engine.tokenizer
         self._next_id = 0
 

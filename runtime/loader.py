@@ -12,10 +12,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from pagedeploy.quant.linear import QuantLinear, quantize_weight
 from pagedeploy.runtime.config import EngineConfig
-from pagedeploy.runtime.model import STACKED_PARAMS, LlamaForCausalLM
+from pagedeploy.runtime.model import STACKED_PARAMS, Linear, LlamaForCausalLM
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANT_METHODS = ("nf4", "fp4", "int4")
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -25,7 +27,9 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def load_model(config: EngineConfig) -> LlamaForCausalLM:
-    """The model of config.spec on config.device in config.dtype, weights per config.load_format."""
+    """The model of config.spec on config.device in config.dtype, weights per config.load_format,
+    its decoder linears 4-bit when config.quantization says so."""
+    check_quantization(config.quantization)   # before minutes of loading, not after
     model = create_model(config)
     if config.load_format == "dummy":
         init_dummy_weights(model, config.seed)
@@ -37,7 +41,81 @@ def load_model(config: EngineConfig) -> LlamaForCausalLM:
     else:
         raise ValueError(f"load_format {config.load_format!r} is not supported "
                          "(use gguf, safetensors or dummy)")
+    if config.quantization is not None:
+        quantize_decoder_linears(model, config.quantization, torch_dtype(config.dtype))
+    if model_device(model).type == "cpu":
+        store_weights_input_major(model)   # 2-D parameters only: never the 4-bit buffers
     return model.eval()
+
+
+def check_quantization(method: str | None) -> None:
+    """A user error for an unknown method or, for nf4/fp4, a missing bitsandbytes."""
+    from pagedeploy.launcher.errors import UserError
+
+    if method is None:
+        return
+    if method not in QUANT_METHODS:
+        raise UserError(f"quantization {method!r} is not supported", "use nf4, fp4 or int4",
+                        field="quantization")
+    if method != "int4":
+        from pagedeploy.quant.bnb import import_bnb
+        try:
+            import_bnb(method)
+        except ImportError:
+            raise UserError(f"quantization {method} needs bitsandbytes, which is not installed",
+                            "pip install 'pagedeploy[bnb]', or use quantization: int4",
+                            field="quantization") from None
+
+
+@torch.no_grad()
+def quantize_decoder_linears(model: LlamaForCausalLM, method: str, dtype: torch.dtype) -> int:
+    """Replace each decoder layer's Linear by a 4-bit QuantLinear on the weight's own device; returns
+    how many were replaced. Embeddings, lm_head and norms keep the compute dtype (the plan counts
+    them so).
+
+    The full-precision model is loaded first, so peak memory is that model plus one layer's 4-bit
+    copy; each full-precision weight is dropped as soon as its 4-bit copy exists, so the memory is
+    handed back layer by layer (on CUDA the cache is emptied at the end for the KV pool and the
+    measured-memory report). Quantizing while streaming the checkpoint would lower the peak to one
+    layer, but fused qkv/gate_up are complete only after their last part arrives.
+    """
+    count = 0
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Linear):
+                    setattr(parent, name, quantized_linear(child, method, dtype))
+                    count += 1
+    if model_device(model).type == "cuda":
+        torch.cuda.empty_cache()
+    return count
+
+
+def quantized_linear(linear: Linear, method: str, dtype: torch.dtype) -> QuantLinear:
+    """The 4-bit copy of `linear`, fused q/k/v and gate/up kept as one weight: the forward splits
+    the output by `shard_sizes`, so the replacement carries them."""
+    quantized = quantize_weight(linear.weight.detach(), method, linear.bias, dtype=dtype)
+    quantized.shard_sizes = linear.shard_sizes
+    linear.weight = None   # free the full-precision copy now, not when the layer is done
+    return quantized
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def store_weights_input_major(model: LlamaForCausalLM) -> None:
+    """On the CPU, keep every matrix [out, in] as a view of [in, out] storage.
+
+    F.linear(x, w) then hands the BLAS a row-major [in, out] operand, which its small-batch
+    (decode) path reads about 1.8x faster (measured on SmolLM2: gate_up 760 -> 378 us, lm_head
+    12.5 -> 7.7 ms at one token). Shapes, names and values are unchanged; only strides differ.
+    The tied embedding changes too: one row gather per token does not mind the layout.
+    """
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.data = param.data.t().contiguous().t()
 
 
 @contextmanager

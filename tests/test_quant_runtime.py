@@ -1,0 +1,177 @@
+"""EngineConfig.quantization in the runtime: the decoder linears really are 4-bit, the model computes
+exactly what its dequantized weights compute (quantization is the only approximation), greedy
+generation works, and the stored bytes equal the plan's formula.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import BlockPool, FakeSeq, Item, smollm2_engine_config, tiny_config
+
+from pagedeploy.launcher.errors import UserError
+from pagedeploy.launcher.model_spec import ModelSpec
+from pagedeploy.launcher.plan import plan_weights
+from pagedeploy.launcher.profile import build_profile
+from pagedeploy.quant.bnb import dequantize_bnb
+from pagedeploy.quant.int4 import dequantize_int4
+from pagedeploy.quant.linear import QuantLinear
+from pagedeploy.runtime.config import EngineConfig
+from pagedeploy.runtime.llm import LLM
+from pagedeploy.runtime.loader import load_model
+from pagedeploy.runtime.model import Linear
+from pagedeploy.runtime.model_runner import ModelRunner
+from pagedeploy.runtime.sampling_params import SamplingParams
+
+BS = 4
+# Every in_features (256, 256, 512) is a multiple of 128: int4 takes its default group.
+DIMS = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=64)
+# 192 and 416 are not: int4 falls back to groups of 64 and 32 (as on SmolLM2's 576).
+ODD_DIMS = dict(hidden_size=192, intermediate_size=416, num_attention_heads=3,
+                num_key_value_heads=1, head_dim=64)
+LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+
+
+def engine_config(family: str, quantization: str | None, dims: dict = DIMS) -> EngineConfig:
+    spec = ModelSpec.from_config(dict(tiny_config(family), **dims), name=f"tiny-{family}",
+                                 source="catalog")
+    return EngineConfig(spec=spec, num_blocks=64, block_size=BS, max_model_len=128,
+                        quantization=quantization, seed=3)
+
+
+def dequantized(q: QuantLinear) -> torch.Tensor:
+    if q.method == "int4":
+        return dequantize_int4(q.qweight, torch.float32)
+    return dequantize_bnb(q.qweight).float()
+
+
+def dequantized_twin(config: EngineConfig, quantized: ModelRunner) -> ModelRunner:
+    """The same dummy model unquantized (same seed), its linear weights replaced by the dequantized
+    4-bit ones: it differs from the quantized runner only in how the matmul reads the weights."""
+    twin = ModelRunner(replace(config, quantization=None))
+    with torch.no_grad():
+        for q_layer, layer in zip(quantized.model.model.layers, twin.model.model.layers, strict=True):
+            for name in LINEARS:
+                weight = layer.get_submodule(name).weight
+                new = dequantized(q_layer.get_submodule(name)).to(weight.dtype)
+                error = (new - weight).abs().max() / weight.abs().max()
+                assert 0 < error < 0.25, f"{name}: not a 4-bit copy of the loaded weight ({error})"
+                weight.copy_(new)
+    return twin
+
+
+@pytest.fixture(scope="module", params=[("qwen2", "int4"), ("llama3", "nf4"), ("qwen3", "fp4")],
+                ids=lambda p: "-".join(p))
+def runners(request):
+    """(config, quantized runner, dequantized twin). qwen2 has q/k/v biases, llama3 an untied
+    lm_head, qwen3 q/k norms and a tied embedding."""
+    family, method = request.param
+    config = engine_config(family, method)
+    quantized = ModelRunner(config)
+    return config, quantized, dequantized_twin(config, quantized)
+
+
+def test_decoder_linears_are_4bit_and_the_rest_keeps_the_compute_dtype(runners):
+    config, runner, _ = runners
+    model = runner.model
+    for layer in model.model.layers:
+        for name in LINEARS:
+            linear = layer.get_submodule(name)
+            assert isinstance(linear, QuantLinear) and linear.method == config.quantization
+            assert linear.packed.is_contiguous()          # the CPU stride trick left it alone
+    assert model.model.layers[0].self_attn.qkv_proj.shard_sizes == [256, 128, 128]
+    assert not any(isinstance(m, Linear) for m in model.model.layers.modules())
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert (model.lm_head is None) == config.spec.tie_word_embeddings
+
+
+@torch.inference_mode()
+def test_logits_equal_the_dequantized_model(runners):
+    _, runner, twin = runners
+    vocab = runner.config.spec.vocab_size
+    gen = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (11, 5, 17)]
+    batches = {}
+    for key, r in (("q", runner), ("twin", twin)):
+        pool = BlockPool(r.config.num_blocks, seed=1)
+        seqs = [FakeSeq(list(p)) for p in prompts]
+        for seq in seqs:
+            pool.grow(seq, len(seq.token_ids) + 1, BS)
+        prefill = r.execute([Item(seq, len(seq.token_ids)) for seq in seqs])
+        for seq, row in zip(seqs, prefill):
+            seq.num_computed_tokens = len(seq.token_ids)
+            seq.token_ids.append(int(row.argmax()))
+        decode = r.execute([Item(seq, 1) for seq in seqs])
+        batches[key] = torch.cat([prefill, decode])
+    got, want = batches["q"], batches["twin"]
+    assert want.abs().max() > 0.05                                   # not degenerate
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_greedy_generate_is_deterministic_and_equals_the_dequantized_model(runners):
+    config, runner, twin = runners
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, config.spec.vocab_size, (n,), generator=gen).tolist() for n in (6, 9)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm = LLM(config, runner=runner, tokenizer=None)
+    first = [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+    again = [out.outputs[0].token_ids for out in llm.generate(prompts, params)]
+    reference = LLM(replace(config, quantization=None), runner=twin, tokenizer=None)
+    expected = [out.outputs[0].token_ids for out in reference.generate(prompts, params)]
+    assert first == again == expected
+    assert all(len(ids) == 8 for ids in first)
+
+
+def stored_bytes(model: torch.nn.Module) -> int:
+    """What the runtime holds as weights: QuantLinear storage plus every dense parameter."""
+    quantized = sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantLinear))
+    dense = sum(p.numel() * p.element_size() for p in model.parameters())
+    return quantized + dense
+
+
+def planned_bytes(config: EngineConfig) -> int:
+    profile = build_profile({"model": config.spec.name, "quantization": config.quantization},
+                            {}, "test.yaml", ".")
+    return plan_weights(profile, config.spec, config.dtype).total_bytes
+
+
+@pytest.mark.parametrize("dims", [DIMS, ODD_DIMS], ids=["g128", "g64-g32"])
+@pytest.mark.parametrize("method", ["int4", "nf4"])
+def test_stored_bytes_equal_the_plan(method, dims):
+    config = engine_config("qwen2", method, dims)
+    model = load_model(config)
+    assert stored_bytes(model) == planned_bytes(config)
+    dense = planned_bytes(replace(config, quantization=None))
+    assert stored_bytes(model) < dense / 2                # 4-bit really is stored
+
+
+def test_missing_bitsandbytes_is_one_user_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)   # `import bitsandbytes` now fails
+    with pytest.raises(UserError) as err:
+        load_model(engine_config("qwen3", "nf4"))
+    line = err.value.one_line()
+    assert "\n" not in line and line.startswith("quantization: ")
+    assert "nf4 needs bitsandbytes" in line and "pip install 'pagedeploy[bnb]'" in line
+    assert isinstance(load_model(engine_config("qwen3", "int4")).model.layers[0].mlp.down_proj,
+                      QuantLinear)                           # int4 does not need it
+
+
+def test_unknown_method_is_a_user_error():
+    with pytest.raises(UserError, match="quantization: quantization 'int8' is not supported; "
+                                        "fix: use nf4, fp4 or int4"):
+        load_model(engine_config("qwen3", "int8"))
+
+
+@pytest.mark.slow
+def test_smollm2_nf4_answers_and_stores_the_planned_bytes(smollm2_gguf_path):
+    config = smollm2_engine_config(smollm2_gguf_path, quantization="nf4")
+    llm = LLM(config)
+    assert stored_bytes(llm.engine.runner.model) == planned_bytes(config)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = llm.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    out = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=8))[0].outputs[0]
+    assert len(out.token_ids) >= 3 and len(set(out.token_ids)) >= 3, out.text
+    assert "Paris" in out.text, out.text
