@@ -55,14 +55,14 @@ def check_quantization(method: str | None) -> None:
     if method is None:
         return
     if method not in QUANT_METHODS:
-        raise UserError(f"quantization {method!r} is not supported", "use nf4, fp4 or int4",
+        raise UserError(f"{method!r} is not supported", "use nf4, fp4 or int4",
                         field="quantization")
     if method != "int4":
         from pagedeploy.quant.bnb import import_bnb
         try:
             import_bnb(method)
         except ImportError:
-            raise UserError(f"quantization {method} needs bitsandbytes, which is not installed",
+            raise UserError(f"{method} needs bitsandbytes, which is not installed",
                             "pip install 'pagedeploy[bnb]', or use quantization: int4",
                             field="quantization") from None
 
@@ -73,11 +73,12 @@ def quantize_decoder_linears(model: LlamaForCausalLM, method: str, dtype: torch.
     how many were replaced. Embeddings, lm_head and norms keep the compute dtype (the plan counts
     them so).
 
-    The full-precision model is loaded first, so peak memory is that model plus one layer's 4-bit
-    copy; each full-precision weight is dropped as soon as its 4-bit copy exists, so the memory is
-    handed back layer by layer (on CUDA the cache is emptied at the end for the KV pool and the
-    measured-memory report). Quantizing while streaming the checkpoint would lower the peak to one
-    layer, but fused qkv/gate_up are complete only after their last part arrives.
+    The full-precision model is loaded first, so peak memory is that model plus one linear's 4-bit
+    copy and its scratch; each full-precision weight is dropped as soon as its 4-bit copy exists, so
+    memory comes back linear by linear (on CUDA the cache is emptied at the end, for the KV pool and
+    the measured-memory report). Quantizing while streaming the checkpoint would lower the peak to
+    about one layer, but fused qkv/gate_up are complete only once their last part has arrived, in
+    whatever order the checkpoint stores them: not done yet.
     """
     count = 0
     for layer in model.model.layers:
