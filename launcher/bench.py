@@ -321,7 +321,10 @@ def _measure_hf(hf, requests, ns, mode, eos_ids) -> BenchResult:
 
 
 def _warm_up_ours(engine) -> None:
-    run_ours(engine, [BenchRequest([1, 2, 3, 4], 4)], None, True, "warm-up")
+    """Prompts of several lengths: Triton specializes kernels on lengths (e.g. divisible by 16),
+    so a first 128-token prefill would otherwise time a JIT compile, not the engine."""
+    prompts = [list(range(1, n + 1)) for n in (4, 37, BATCH1_PROMPT)]
+    run_ours(engine, [BenchRequest(p, 4) for p in prompts], None, True, "warm-up")
 
 
 def _warm_up_hf(model) -> None:
