@@ -152,7 +152,7 @@ def _num_sms(device: torch.device) -> int:
 def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device,
                   min_chunk: int = 64, max_splits: int = 64) -> int:
     """Context chunks per (sequence, kv head): enough programs for ~2 per SM, >= min_chunk tokens
-    each, rounded down to a power of two. On the H100 sweep (docs/perf-kernels.md) this picks the
+    each, rounded down to a power of two. On the H100 sweep (docs/PERF.md, "Kernels") this picks the
     fastest or within 0.7 us of it: B=1 ctx 512 -> 8, ctx 4096 -> 32; B=64 (512 programs) -> 1."""
     programs = num_seqs * num_kv_heads
     want = triton.cdiv(2 * _num_sms(device), programs)
@@ -167,7 +167,7 @@ def launch_config(decode: bool, qg: int, tune: dict | None = None) -> dict:
         cfg = dict(block_m=max(16, triton.next_power_of_2(qg)), block_n=64, num_warps=4,
                    num_stages=2)
     else:
-        # H100 sweep (docs/perf-kernels.md): 128x32 tiles, 8 warps beat 64x64, 4 warps by 6-10%
+        # H100 sweep (docs/PERF.md, "Kernels"): 128x32 tiles, 8 warps beat 64x64, 4 warps by 6-10%
         cfg = dict(block_m=max(128, triton.next_power_of_2(qg)), block_n=32, num_warps=8,
                    num_stages=2)
     cfg.update(tune or {})

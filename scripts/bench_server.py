@@ -1,7 +1,7 @@
 """Server overhead: streaming clients against `deploy up` versus the offline engine on the same work.
 
     python scripts/bench_server.py [profiles/cpu-default.yaml] --concurrency 8,32 --requests 32 \
-        --max-tokens 32 [--set key=value ...] [--out docs/perf-server.md]
+        --max-tokens 32 [--set key=value ...] [--out docs/PERF.md, "Server overhead"]
 
 For each concurrency C the same requests (fixed prompts, ignore_eos, fixed max_tokens, seeded
 sampling, so every run generates exactly the same number of tokens) are run twice:

@@ -211,7 +211,7 @@ def tune_runs(device, dtype, quick, ceiling):
         case = attention_case(q_lens, ctx_lens, h, kh, d, bs, dtype, device, seed=2)
         decode = label.startswith("decode")
         default = launch_config(decode, h // kh)
-        # the first run's sweep (docs/perf-kernels.md) narrowed these to the close contenders
+        # the first run's sweep (docs/PERF.md, "Kernels") narrowed these to the close contenders
         variants = [dict(block_n=64, num_warps=4, num_stages=2),
                     dict(block_n=128, num_warps=4, num_stages=3),
                     dict(block_n=32, num_warps=4, num_stages=2)] if decode else \

@@ -21,7 +21,7 @@ from pagedeploy.quant.linear import QuantLinear, quantize_model_linears
 
 TEXT = Path(__file__).parent / "data" / "ppl_text.txt"
 
-# Measured (docs/perf-quant.md): bf16 24.76, nf4 29.93 (+21%), int4 g128/g64 min-max 34.81 (+41%).
+# Measured (docs/PERF.md, "4-bit formats"): bf16 24.76, nf4 29.93 (+21%), int4 g128/g64 min-max 34.81 (+41%).
 # The issue's +10% holds for int4 loaded straight from the GGUF's Q4_1 blocks (exact, +0%), not
 # for re-quantizing this already-4-bit model; these bounds catch regressions of the formats.
 MAX_RATIO = {"nf4": 1.30, "int4": 1.50}
