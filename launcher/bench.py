@@ -91,6 +91,7 @@ def run_ours(engine, requests: list[BenchRequest], concurrency: int | None, igno
     in_flight, output_tokens = 0, 0
     limit = concurrency or len(requests)
     engine.stream = False                # throughput mode: only finished requests matter
+    steps = 0
     start = time.perf_counter()
     while pending or engine.has_unfinished():
         while pending and in_flight < limit:
@@ -98,13 +99,15 @@ def run_ours(engine, requests: list[BenchRequest], concurrency: int | None, igno
             params = SamplingParams(temperature=0.0, max_tokens=req.output_len, ignore_eos=ignore_eos)
             engine.add_request(f"bench-{mode}-{i}", req.prompt_token_ids, params)
             in_flight += 1
+        steps += 1
         for out in engine.step():
             if out.finished:
                 in_flight -= 1
                 output_tokens += len(out.outputs[0].token_ids)
     seconds = time.perf_counter() - start
     return BenchResult("ours", mode, len(requests), sum(len(r.prompt_token_ids) for r in requests),
-                       output_tokens, seconds, extra={"preemptions": engine.stats().preemptions})
+                       output_tokens, seconds, extra={"preemptions": engine.stats().preemptions,
+                                                      "steps": steps})
 
 
 def batch1_ours(engine, request: BenchRequest) -> BenchResult:
@@ -310,8 +313,35 @@ def _check_fits(requests: list[BenchRequest], config) -> None:
 
 def _measure_ours(engine, requests, ns, mode) -> BenchResult:
     if ns.batch_1:
-        return batch1_ours(engine, requests[0])
-    return run_ours(engine, requests, ns.concurrency, ns.ignore_eos, mode)
+        result = batch1_ours(engine, requests[0])
+    else:
+        result = run_ours(engine, requests, ns.concurrency, ns.ignore_eos, mode)
+    if engine.config.device == "cuda":
+        result.roofline_pct = _roofline_pct(engine, requests, result)
+    return result
+
+
+def _roofline_pct(engine, requests: list[BenchRequest], r: BenchResult) -> float | None:
+    """Measured time against the memory floor (launcher/roofline.py). Batch 1 counts its decode
+    steps only (time to first token is reported on its own); the other modes the whole run."""
+    from pagedeploy.launcher.gpus import detect_gpu
+    from pagedeploy.launcher.roofline import decode_kv_read_bytes, roofline_percent
+
+    gpu = detect_gpu()
+    if gpu is None:
+        return None
+    runner = engine.runner
+    cache = runner.kv_cache
+    kv_per_token = cache.numel() // (cache.shape[2] * cache.shape[3]) * cache.element_size()
+    weights = sum(t.numel() * t.element_size() for name, t in
+                  [*runner.model.named_parameters(), *runner.model.named_buffers()] if "cos_sin" not in name)
+    if r.decode_tok_s is not None:            # batch 1: decode of tokens 2..n
+        n = r.output_tokens - 1
+        kv = decode_kv_read_bytes([len(requests[0].prompt_token_ids) + 1], [n], kv_per_token)
+        return roofline_percent(n / r.decode_tok_s, weights, n, kv, gpu.bandwidth_bytes_per_s)
+    kv = decode_kv_read_bytes([len(q.prompt_token_ids) for q in requests], [q.output_len for q in requests],
+                              kv_per_token)
+    return roofline_percent(r.seconds, weights, r.extra["steps"], kv, gpu.bandwidth_bytes_per_s)
 
 
 def _measure_hf(hf, requests, ns, mode, eos_ids) -> BenchResult:
