@@ -14,6 +14,7 @@ from .profile import Profile
 
 def build_engine_config(profile: Profile, spec: ModelSpec, plan: MemoryPlan) -> EngineConfig:
     """The plan must fit (the caller checks plan.fits and shows the fixes otherwise)."""
+    refuse_unbuilt(profile, plan)
     tokenizer = str(profile.resolve_path(profile.tokenizer)) if profile.tokenizer else None
     return EngineConfig(
         spec=spec,
@@ -38,6 +39,16 @@ def build_engine_config(profile: Profile, spec: ModelSpec, plan: MemoryPlan) -> 
         max_logprobs=profile.max_logprobs,
         served_model_name=profile.served_model_name or profile.model,
     )
+
+
+def refuse_unbuilt(profile: Profile, plan: MemoryPlan) -> None:
+    """What the plan can size but the runtime does not do yet: refuse rather than load the weights
+    the plan put on the CPU onto the GPU anyway (an OOM the plan promised away)."""
+    if plan.weights.cpu_bytes > 0:
+        raise profile.error(
+            "cpu_offload_gb", f"{profile.cpu_offload_gb} GiB of weight offload is planned but the "
+            "runtime does not offload layers yet (`deploy plan` still sizes it)",
+            "set cpu_offload_gb: 0 and make the weights fit, e.g. with quantization: int4 or a larger GPU")
 
 
 def load_format(profile: Profile, spec: ModelSpec) -> str:
