@@ -339,7 +339,8 @@ def test_cpu_default_finds_the_packaged_gguf_and_builds_the_engine_config():
 
 
 def test_engine_config_for_a_gpu_plan_resolves_auto_dtype():
-    prof = load_profile(ROOT / "profiles" / "llama-3-70b-7gb.yaml")
+    # Without the offload: `deploy up` refuses cpu_offload_gb until the runtime does it.
+    prof = load_profile(ROOT / "profiles" / "llama-3-70b-7gb.yaml", ["cpu_offload_gb=0", "gpu_memory_utilization=0.9"])
     s = resolve_model(prof)
     p = plan(prof, s, resolve_target(prof))
     cfg = build_engine_config(prof, s, p)
