@@ -23,7 +23,8 @@ class Detokenizer:
             # The stop token stays in token_ids but not in the text (it is usually special).
             if p.include_stop_str_in_output and token_id in p.stop_token_ids:
                 seq.text += self._decode_new(seq, p.skip_special_tokens)
-            self._finish(seq, "stop", token_id)
+            # stop_reason names a user-given stop token, as vLLM's does; EOS leaves it None.
+            self._finish(seq, "stop", token_id if token_id in p.stop_token_ids else None)
             return
         seq.text += self._decode_new(seq, p.skip_special_tokens)
         if p.stop and self._check_stop_strings(seq):

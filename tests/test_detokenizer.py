@@ -60,7 +60,7 @@ def test_earliest_of_several_stop_strings_wins():
 
 def test_stop_token_and_eos_finish_without_text():
     seq, released = feed(list(b"ok") + [EOS_ID] + list(b"more"), SamplingParams(max_tokens=100))
-    assert seq.finish_reason == "stop" and seq.stop_reason == EOS_ID
+    assert seq.finish_reason == "stop" and seq.stop_reason is None      # EOS: None, as in vLLM
     assert seq.output_token_ids == list(b"ok") + [EOS_ID] and "".join(released) == "ok"
     seq, _ = feed(list(b"ok!"), SamplingParams(stop_token_ids=[ord("!")], max_tokens=100))
     assert seq.finish_reason == "stop" and seq.text == "ok" and seq.stop_reason == ord("!")
