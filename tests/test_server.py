@@ -31,7 +31,8 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def server(smollm2_gguf_path, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("up") / "up.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PAGEDEPLOY_TEST_KEY=API_KEY, COLUMNS="200")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PAGEDEPLOY_TEST_KEY=API_KEY, COLUMNS="200",
+               PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "-m", "pagedeploy.launcher.cli", "up", str(ROOT / "profiles/cpu-default.yaml"),
            "--port", str(port), "--set", "max_model_len=2048", "--set", "api_key_env=PAGEDEPLOY_TEST_KEY"]
     with open(log, "w") as out:
@@ -66,7 +67,10 @@ def auth() -> dict:
 
 
 def test_startup_output(server):
-    text = server[2].read_text()
+    # /health turns ready a moment before the start-up lines reach the log: wait for the last one.
+    deadline = time.monotonic() + 30
+    while "Serving " not in (text := server[2].read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert "KV cache: 1,092 blocks × 16 tokens = 17,472 tokens; max concurrency 8.53× at max_model_len 2,048" in text
     assert "Memory: KV cache 0.75 GiB allocated (plan 0.75 GiB)" in text
     assert f"http://127.0.0.1:{server[1].rsplit(':', 1)[1]}/v1" in text
