@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from pagedeploy.quant.formats import bnb_weight_bytes, int4_weight_bytes
+from pagedeploy.runtime.config import cuda_graph_batch_sizes
 
 from .errors import UserError
 from .gpus import GiB, MiB, GpuSpec
@@ -25,7 +26,6 @@ GPU_RESERVE_BYTES = 256 * MiB      # allocator fragmentation, sampler scratch, r
 CPU_RESERVE_BYTES = 1 * GiB        # interpreter, torch libraries, tokenizer, HTTP server
 GRAPH_BYTES_PER_LAYER = 218_000    # CUDA-graph pool per captured graph per layer:
 GRAPH_BYTES_PER_HIDDEN = 67        #   218,000 + 67 × hidden bytes (fit, see cuda_graph_bytes)
-MAX_CAPTURE_BATCH = 512
 
 
 @dataclass
@@ -251,12 +251,6 @@ def activation_peak_bytes(spec: ModelSpec, profile: Profile, act_bytes: int) -> 
     return max(forward, logits)
 
 
-def capture_sizes(max_num_seqs: int) -> list[int]:
-    """Decode batch sizes captured as CUDA graphs (vLLM's: 1, 2, 4, then every 8 up to 512)."""
-    top = min(max_num_seqs, MAX_CAPTURE_BATCH)
-    return [b for b in (1, 2, 4) if b <= top] + list(range(8, top + 1, 8))
-
-
 def cuda_graph_bytes(spec: ModelSpec, profile: Profile) -> int:
     """0 with enforce_eager. Otherwise graphs × layers × (218,000 + 67 × hidden) bytes: a line
     through vLLM's measured pools (67 graphs): Llama-3-8B 0.98 GiB (this gives 0.983) and
@@ -265,7 +259,7 @@ def cuda_graph_bytes(spec: ModelSpec, profile: Profile) -> int:
         return 0
     per_graph = spec.num_hidden_layers * (GRAPH_BYTES_PER_LAYER
                                           + GRAPH_BYTES_PER_HIDDEN * spec.hidden_size)
-    return len(capture_sizes(profile.max_num_seqs)) * per_graph
+    return len(cuda_graph_batch_sizes(profile.max_num_seqs)) * per_graph
 
 
 # ---------------------------------------------------------------- KV cache

@@ -10,6 +10,16 @@ from dataclasses import dataclass
 from pagedeploy.launcher.model_spec import ModelSpec
 
 
+MAX_CAPTURE_BATCH = 512
+
+
+def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """Decode batch sizes captured as CUDA graphs (vLLM's ladder: 1, 2, 4, then every 8 up to
+    512). The runner captures exactly these and the plan sizes the graph pool by their count."""
+    top = min(max_num_seqs, MAX_CAPTURE_BATCH)
+    return [b for b in (1, 2, 4) if b <= top] + list(range(8, top + 1, 8))
+
+
 @dataclass
 class EngineConfig:
     spec: ModelSpec

@@ -13,22 +13,15 @@ import math
 
 import torch
 
+from pagedeploy.runtime.config import cuda_graph_batch_sizes
 from pagedeploy.runtime.model import AttentionMetadata
-
-
-def batch_size_ladder(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every 8 up to 256 (the batch sizes decode actually runs at), then every 32."""
-    top = min(max_num_seqs, 512)
-    sizes = [s for s in (1, 2, 4) if s < top]
-    sizes += list(range(8, min(top, 256) + 1, 8)) + list(range(288, top + 1, 32))
-    return sorted(set(sizes + [top]))
 
 
 class DecodeGraphs:
     def __init__(self, model, max_num_seqs: int, max_context: int, block_size: int,
                  hidden_size: int, dtype: torch.dtype, device: torch.device):
         self.model = model
-        self.sizes = batch_size_ladder(max_num_seqs)
+        self.sizes = cuda_graph_batch_sizes(max_num_seqs)   # batches above the top run eagerly
         self.width = math.ceil(max_context / block_size)     # block-table columns
         self.max_context = self.width * block_size
         n = self.sizes[-1]

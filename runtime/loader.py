@@ -173,7 +173,7 @@ def expected_checkpoint_names(model: LlamaForCausalLM) -> list[str]:
 def init_dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
     """Seeded random weights at a realistic scale: N(0, 0.02) matrices and biases, norms ≈ 1,
     so dummy models give non-degenerate logits (as vLLM's dummy loader)."""
-    device = next(model.parameters()).device
+    device = model_device(model)
     gen = torch.Generator(device=device).manual_seed(seed)
     for name, param in model.named_parameters():
         param.normal_(0.0, 0.02, generator=gen)
