@@ -66,7 +66,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            if _reached_max_tokens(seq):
+                i += 1           # its last token is still on the device; it finishes once read
+                continue
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             assert num_new > 0, "a running sequence must have a token to compute"
             if not self._make_room(seq, num_new, scheduled, batch):
                 break                # seq itself was preempted: it was the newest left
@@ -122,7 +125,7 @@ class Scheduler:
         else:
             cached = bm.find_cached_prefix(seq)
             reuse = cached
-        num_new = min(len(seq.token_ids) - len(reuse) * bm.block_size, budget)
+        num_new = min(seq.num_tokens - len(reuse) * bm.block_size, budget)
         if not bm.can_admit(seq, reuse, num_new):
             return 0
         if reuse is cached:
@@ -137,7 +140,7 @@ class Scheduler:
 
     @staticmethod
     def _item(seq: Sequence, num_new: int) -> BatchItem:
-        return BatchItem(seq, num_new, seq.num_computed_tokens + num_new == len(seq.token_ids))
+        return BatchItem(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens)
 
     # ---- state changes from the engine --------------------------------------------------------
     def preempt(self, seq: Sequence) -> None:
@@ -157,3 +160,7 @@ class Scheduler:
             self.waiting.remove(seq)
         self.block_manager.free_seq(seq)
         seq.status = SequenceStatus.FINISHED
+
+
+def _reached_max_tokens(seq: Sequence) -> bool:
+    return seq.num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens

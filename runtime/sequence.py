@@ -26,6 +26,9 @@ class Sequence:
     index: int = 0                       # position among the request's n sequences
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0         # tokens whose K/V are in the cache
+    # Tokens sampled on the device whose ids the host has not read yet (async scheduling): they
+    # count as part of the sequence for scheduling, but token_ids holds only the known ones.
+    num_pending: int = 0
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)   # chained hashes of the computed full blocks
     num_cached_tokens: int = 0           # prompt tokens that came from the prefix cache on first admission
@@ -52,6 +55,11 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def num_tokens(self) -> int:
+        """Known plus pending tokens: what the scheduler plans with."""
+        return len(self.token_ids) + self.num_pending
+
+    @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
@@ -66,11 +74,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
-
-    @property
-    def is_prefilling(self) -> bool:
-        """True while the cache lacks some token before the last one (prompt or recompute)."""
-        return self.num_computed_tokens < len(self.token_ids) - 1
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
