@@ -39,7 +39,9 @@ def _find_seq(query_start_loc, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# num_seqs varies every step: left unspecialized, or a batch of one sequence would compile its own
+# variant (Triton specializes integer arguments equal to 1) at the first batch-1 request.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _attention_kernel(
     q_ptr, k_cache, v_cache, block_tables, context_lens, query_start_loc, out_ptr,
     part_out, part_lse, num_seqs, qk_scale, window,

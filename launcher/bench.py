@@ -355,6 +355,7 @@ def _warm_up_ours(engine) -> None:
     so a first 128-token prefill would otherwise time a JIT compile, not the engine."""
     prompts = [list(range(1, n + 1)) for n in (4, 37, BATCH1_PROMPT)]
     run_ours(engine, [BenchRequest(p, 4) for p in prompts], None, True, "warm-up")
+    run_ours(engine, [BenchRequest(prompts[-1][::-1], 4)], None, True, "warm-up")   # a batch of one
 
 
 def _warm_up_hf(model) -> None:

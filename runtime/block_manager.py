@@ -4,6 +4,10 @@ A full block whose K/V are computed gets a chained hash, hash((parent hash, its 
 hit means the whole prefix up to and including that block matches (the tokens are checked too, a
 hash collision must never serve wrong K/V). Freed blocks with a hash stay in the cache and are reused
 on a hit until the LRU free list hands them out for new data.
+
+With a swap pool (num_swap_blocks > 0) a preempted sequence's computed blocks can wait in CPU
+blocks instead: `swap_out` trades its device blocks for CPU blocks, `swap_in` the reverse; the
+runner does the copies (runtime/swap.py).
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .sequence import Sequence
+from .swap import SwapAllocator
 
 
 @dataclass(eq=False)
@@ -26,7 +31,8 @@ def chained_hash(parent_hash: int | None, token_ids: tuple[int, ...]) -> int:
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_swap_blocks: int = 0):
         assert num_blocks > 0 and block_size > 0
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -36,6 +42,8 @@ class BlockManager:
         self.cached: dict[int, int] = {}       # hash -> block_id
         self.prefix_queries = 0                # tokens looked up
         self.prefix_hits = 0                   # tokens found
+        self.swap = SwapAllocator(num_swap_blocks)
+        self.swapped: dict[Sequence, list[int]] = {}   # swapped-out sequence -> its CPU blocks, in order
 
     # ---- pool state -------------------------------------------------------------------------
     @property
@@ -131,8 +139,54 @@ class BlockManager:
             self._register(seq.block_table[i], h, tokens)
 
     def free_seq(self, seq: Sequence) -> None:
-        """Release a sequence's blocks (finish, abort or preemption). Reversed, so the tail of a
-        prefix is evicted before its head."""
+        """Release a sequence's blocks, device and swapped (finish, abort or preemption by recompute)."""
+        cpu_blocks = self.swapped.pop(seq, None)
+        if cpu_blocks is not None:
+            self.swap.release(cpu_blocks)
+        self._release(seq)
+        seq.num_computed_tokens = 0
+
+    # ---- swap to the CPU pool ---------------------------------------------------------------
+    # Shared blocks (prefix-cache hits, n > 1 siblings) are copied out like private ones and only
+    # seq's reference is dropped; swap-in gives seq fresh private blocks for all of them. Costlier
+    # than re-sharing, but it never has to ask whether a shared block survived meanwhile.
+    def is_swapped(self, seq: Sequence) -> bool:
+        return seq in self.swapped
+
+    @property
+    def num_swapped_blocks(self) -> int:
+        return self.swap.num_blocks - self.swap.num_free_blocks
+
+    def can_swap_out(self, seq: Sequence) -> bool:
+        return 0 < self.blocks_for(seq.num_computed_tokens) <= self.swap.num_free_blocks
+
+    def swap_out(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Trade seq's computed blocks for CPU blocks; seq keeps num_computed_tokens. Returns the
+        (device block, CPU block) copies, to be done before the freed device blocks are written."""
+        assert not self.is_swapped(seq)
+        device_blocks = seq.block_table[:self.blocks_for(seq.num_computed_tokens)]
+        cpu_blocks = self.swap.allocate(len(device_blocks))
+        self.swapped[seq] = cpu_blocks
+        self._release(seq)       # the next commit re-hashes the swapped-in copies
+        return list(zip(device_blocks, cpu_blocks))
+
+    def can_swap_in(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Room for all of seq's swapped blocks plus the blocks of its next tokens."""
+        return self.blocks_for(seq.num_computed_tokens + num_new_tokens) <= self.num_free_blocks
+
+    def swap_in(self, seq: Sequence) -> list[tuple[int, int]]:
+        """Give seq fresh device blocks for its swapped ones; returns the (CPU block, device block)
+        copies, to be done before seq's next tokens are computed."""
+        assert not seq.block_table
+        cpu_blocks = self.swapped.pop(seq)
+        seq.block_table = [self._allocate_fresh() for _ in cpu_blocks]
+        self.swap.release(cpu_blocks)
+        return list(zip(cpu_blocks, seq.block_table))
+
+    # ---- internals --------------------------------------------------------------------------
+    def _release(self, seq: Sequence) -> None:
+        """Drop seq's references to its device blocks. Reversed, so the tail of a prefix is evicted
+        before its head."""
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             assert block.ref_count > 0, f"block {block_id} freed twice"
@@ -143,9 +197,7 @@ class BlockManager:
                     self.free.move_to_end(block_id, last=False)
         seq.block_table = []
         seq.block_hashes = []
-        seq.num_computed_tokens = 0
 
-    # ---- internals --------------------------------------------------------------------------
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
@@ -179,3 +231,5 @@ class BlockManager:
         held = [b.block_id for b in self.blocks if b.ref_count != 0]
         assert not held, f"blocks still held after all requests finished: {held[:10]}"
         assert len(self.free) == self.num_blocks, "free list lost blocks"
+        assert not self.swapped, f"{len(self.swapped)} sequences still swapped out"
+        self.swap.check_all_free()

@@ -43,6 +43,7 @@ class EngineConfig:
     seed: int = 0
     max_logprobs: int = 20
     served_model_name: str = ""
+    async_scheduling: bool | None = None   # None: on when the device is CUDA
 
     def __post_init__(self):
         if self.load_format == "auto":
@@ -53,6 +54,8 @@ class EngineConfig:
             self.model_path = self.spec.path
         if self.tokenizer is None:
             self.tokenizer = self.model_path
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device == "cuda"
         if not self.served_model_name:
             self.served_model_name = self.spec.name
         assert self.num_blocks > 0, "the plan must leave room for at least one KV block"

@@ -16,7 +16,7 @@ from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import Detokenizer, releasable_text_end
 from .outputs import CompletionOutput, EngineStats, RequestOutput
-from .sampler import Sampler
+from .sampler import SampledTokens, Sampler
 from .sampling_params import SamplingParamError, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
@@ -57,7 +57,8 @@ class LLMEngine:
             from .model_runner import ModelRunner
             runner = ModelRunner(config)
         self.runner = runner
-        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(config.num_blocks, config.block_size, config.enable_prefix_caching,
+                                          config.num_swap_blocks)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler()
         self.detokenizer = Detokenizer(tokenizer, set(eos_token_ids(config, tokenizer)), config.max_model_len)
@@ -66,6 +67,10 @@ class LLMEngine:
         # and building them for every running request is most of a large batch's host time.
         self.stream = True
         self._seq_ids = itertools.count()
+        # Read a step's sampled tokens one step late, so the host's work overlaps the device's.
+        # Only worth it where the model runs asynchronously to the host (CUDA).
+        self.async_scheduling = config.async_scheduling
+        self._in_flight: SampledTokens | None = None
         self.prompt_tokens_total = 0
         self.generation_tokens_total = 0
 
@@ -102,28 +107,61 @@ class LLMEngine:
                 self.scheduler.finish(seq)
         return self._output(req)
 
-    def has_unfinished(self) -> bool:
-        return bool(self.requests)
-
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one scheduled batch. With async scheduling the batch's sampled tokens are read on
+        the next call, after that call has queued its own batch: the GPU computes step N while
+        the host turns step N-1's tokens into outputs and schedules step N+1."""
         batch = self.scheduler.schedule()
-        if not batch:
+        if batch.swap_out or batch.swap_in:    # KV blocks to/from the CPU swap pool, before the model runs
+            self.runner.swap(batch.swap_out, batch.swap_in)
+        logits = self.runner.execute(batch.items, self._in_flight) if batch else None
+        changed = self._read_in_flight()
+        if batch:
+            self._advance(batch)
+            sampled = self._sample(batch, logits)
+            if self.async_scheduling:
+                self._in_flight = sampled
+            else:
+                self._append_sampled(sampled, changed)
+        elif not changed:
             assert not self.scheduler.has_unfinished(), "scheduler stalled with requests left"
-            return []
-        logits = self.runner.execute(batch.items)
+        return [self._output(req) for req in changed.values() if self.stream or req.finished]
+
+    def _advance(self, batch) -> None:
+        """The batch's tokens are in the cache now: count them and hash the blocks they filled."""
         for item in batch.items:
+            if item.seq.is_finished:     # finished by the tokens just read; its blocks are gone
+                continue
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit(item.seq)
-        sampled = [item.seq for item in batch.items if item.need_logits]
-        assert logits.shape[0] == len(sampled), "the runner must return one logits row per need_logits item"
+
+    def _sample(self, batch, logits: torch.Tensor) -> SampledTokens | None:
+        seqs = [item.seq for item in batch.items if item.need_logits]
+        assert logits.shape[0] == len(seqs), "the runner must return one logits row per need_logits item"
+        if not seqs:
+            return None
+        for seq in seqs:
+            seq.num_pending += 1
+        return self.sampler.sample(logits, seqs)
+
+    def _read_in_flight(self) -> dict[str, Request]:
         changed: dict[str, Request] = {}
-        if sampled:
-            result = self.sampler(logits, sampled)
-            for seq, token_id, logprob in zip(sampled, result.token_ids, result.logprobs):
-                self._append(seq, token_id, logprob)
-                changed[seq.request_id] = self.requests[seq.request_id]
-        return [self._output(req) for req in changed.values() if self.stream or req.finished]
+        if self._in_flight is not None:
+            self._append_sampled(self._in_flight, changed)
+            self._in_flight = None
+        return changed
+
+    def _append_sampled(self, sampled: SampledTokens | None, changed: dict[str, Request]) -> None:
+        if sampled is None:
+            return
+        result = sampled.resolve()
+        for seq, token_id, logprob in zip(sampled.seqs, result.token_ids, result.logprobs):
+            seq.num_pending -= 1
+            if seq.is_finished:          # aborted, or stopped while this token was computed
+                continue
+            self._append(seq, token_id, logprob)
+            changed[seq.request_id] = self.requests[seq.request_id]
 
     def _append(self, seq: Sequence, token_id: int, logprob) -> None:
         seq.append_token(token_id)
@@ -134,6 +172,9 @@ class LLMEngine:
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
 
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
     def stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
@@ -141,7 +182,10 @@ class LLMEngine:
             kv_usage=bm.usage(), num_free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
             preemptions=self.scheduler.preemptions, prefix_queries=bm.prefix_queries,
             prefix_hits=bm.prefix_hits, prompt_tokens_total=self.prompt_tokens_total,
-            generation_tokens_total=self.generation_tokens_total)
+            generation_tokens_total=self.generation_tokens_total,
+            swap_outs=self.scheduler.swap_outs, swap_ins=self.scheduler.swap_ins,
+            num_swapped=self.scheduler.num_swapped, num_swapped_blocks=bm.num_swapped_blocks,
+            num_swap_blocks=bm.swap.num_blocks)
 
     # ---- outputs ----------------------------------------------------------------------------
     def _output(self, req: Request) -> RequestOutput:

@@ -15,6 +15,8 @@ from pagedeploy.runtime.config import EngineConfig
 from pagedeploy.runtime.cuda_graphs import DecodeGraphs
 from pagedeploy.runtime.loader import load_model, torch_dtype
 from pagedeploy.runtime.model import AttentionMetadata
+from pagedeploy.runtime.sampler import SampledTokens
+from pagedeploy.runtime.swap import allocate_swap_pool, copy_blocks
 
 
 @dataclass
@@ -39,6 +41,8 @@ class ModelRunner:
             spec.num_key_value_heads, spec.head_dim,
             dtype=torch_dtype(config.kv_cache_dtype), device=self.device)
         self.model.bind_kv_cache(list(self.kv_cache[0]), list(self.kv_cache[1]))
+        # The planned CPU pool that preempted sequences' blocks are swapped to (runtime/swap.py).
+        self.swap_cache = allocate_swap_pool(self.kv_cache, config.num_swap_blocks) if config.num_swap_blocks else None
         self.graphs = self._capture_graphs() if self._use_graphs() else None
 
     def _use_graphs(self) -> bool:
@@ -58,12 +62,19 @@ class ModelRunner:
     def kv_cache_bytes(self) -> int:
         return self.kv_cache.numel() * self.kv_cache.element_size()
 
+    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """A step's block copies, queued before its model run: out first, since a device block a
+        swap-out freed may be a swap-in's destination in the same step."""
+        copy_blocks(self.kv_cache, self.swap_cache, swap_out)
+        copy_blocks(self.swap_cache, self.kv_cache, swap_in)
+
     @torch.inference_mode()
-    def execute(self, items) -> torch.Tensor:
-        """float32 logits [number of items with need_logits, vocab], in item order."""
+    def execute(self, items, pending: SampledTokens | None = None) -> torch.Tensor:
+        """float32 logits [number of items with need_logits, vocab], in item order. `pending`: the
+        previous step's sampled tokens, still on the device, which are some items' input tokens."""
         if not items:
             return torch.empty(0, self.config.spec.vocab_size, device=self.device)
-        batch = self.prepare(items)
+        batch = self.prepare(items, pending)
         meta = batch.meta
         if self.graphs and self.graphs.can_run(len(items), batch.input_ids.shape[0],
                                                meta.max_context_len, meta.block_tables.shape[1]):
@@ -72,59 +83,97 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, meta)
         return self.model.compute_logits(hidden.index_select(0, batch.logits_rows)).float()
 
-    def prepare(self, items) -> BatchInputs:
+    def prepare(self, items, pending: SampledTokens | None = None) -> BatchInputs:
         """Flatten the items' new tokens; positions and slots come from vectorized index math
-        (numpy on the host: a step of hundreds of sequences must cost well under a millisecond)."""
+        (numpy on the host: a step of hundreds of sequences must cost well under a millisecond).
+        All index arrays travel to the device in two copies (one int64, one int32 buffer)."""
         n = len(items)
         starts = np.fromiter((item.seq.num_computed_tokens for item in items), np.int64, n)
         q_lens = np.fromiter((item.num_new_tokens for item in items), np.int64, n)
         assert (q_lens > 0).all(), "every scheduled item computes at least one token"
         ends = starts + q_lens
-        token_ids = np.fromiter(_new_tokens(items), np.int64, int(q_lens.sum()))
+        num_tokens = int(q_lens.sum())
+        token_ids = np.array(_new_tokens(items), dtype=np.int64)
         block_tables = self._block_tables(items, ends)
 
         query_start_loc = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(q_lens, out=query_start_loc[1:])
         seq_of_token = np.repeat(np.arange(n), q_lens)
-        positions = np.arange(len(token_ids)) + (starts - query_start_loc[:-1])[seq_of_token]
+        positions = np.arange(num_tokens) + (starts - query_start_loc[:-1])[seq_of_token]
         blocks = block_tables[seq_of_token, positions // self.block_size].astype(np.int64)
         slot_mapping = blocks * self.block_size + positions % self.block_size
         need = np.fromiter((item.need_logits for item in items), np.bool_, n)
         logits_rows = (query_start_loc[1:] - 1)[need]
+        fill_to, fill_from = _pending_rows(items, query_start_loc, pending)
 
+        longs = self._to_device(token_ids, positions, slot_mapping, logits_rows, fill_to, fill_from)
+        ints = self._to_device(block_tables, ends, query_start_loc, dtype=np.int32)
+        input_ids, positions_d, slots_d, logits_rows_d, fill_to_d, fill_from_d = longs
+        if len(fill_to):     # inputs that are the previous step's samples: copied on the device
+            input_ids.index_copy_(0, fill_to_d, pending.token_ids.index_select(0, fill_from_d))
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(slot_mapping),
-            block_tables=self._to_device(block_tables),
-            context_lens=self._to_device(ends.astype(np.int32)),
-            query_start_loc=self._to_device(query_start_loc.astype(np.int32)),
+            slot_mapping=slots_d, block_tables=ints[0], context_lens=ints[1], query_start_loc=ints[2],
             num_decodes=_leading_ones(q_lens), max_context_len=int(ends.max()))
-        return BatchInputs(input_ids=self._to_device(token_ids),
-                           positions=self._to_device(positions), meta=meta,
-                           logits_rows=self._to_device(logits_rows))
+        return BatchInputs(input_ids=input_ids, positions=positions_d, meta=meta, logits_rows=logits_rows_d)
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-        if self.device.type == "cpu":
-            return tensor
-        return tensor.to(self.device, non_blocking=True)
+    def _to_device(self, *arrays: np.ndarray, dtype=np.int64) -> list[torch.Tensor]:
+        """Views of one device tensor holding all `arrays`, cast to `dtype`: one copy, not one per
+        array (each copy is a launch and, from pageable memory, a host stall)."""
+        sizes = [a.size for a in arrays]
+        flat = torch.empty(sum(sizes), dtype=torch.from_numpy(np.empty(0, dtype)).dtype,
+                           pin_memory=self.device.type == "cuda")
+        np.concatenate([a.ravel() for a in arrays], out=flat.numpy(), casting="unsafe")
+        if self.device.type == "cuda":
+            flat = flat.to(self.device, non_blocking=True)
+        views, offset = [], 0
+        for a, size in zip(arrays, sizes):
+            views.append(flat[offset:offset + size].view(a.shape))
+            offset += size
+        return views
 
     def _block_tables(self, items, ends: np.ndarray) -> np.ndarray:
         """int32 [B, max blocks]: each row the blocks covering the sequence up to this step's end,
-        padded with 0 (kernels never read past context_lens)."""
+        padded with 0 (kernels never read past context_lens). Filled by one scatter of all the
+        rows' entries: per-row numpy assignments cost more than the data at hundreds of rows."""
         needed = (ends + self.block_size - 1) // self.block_size
-        tables = np.zeros((len(items), int(needed.max())), dtype=np.int32)
-        for row, (item, n) in enumerate(zip(items, needed.tolist())):
+        flat = []
+        for item, n in zip(items, needed.tolist()):
             table = item.seq.block_table
             assert len(table) >= n, (f"sequence {getattr(item.seq, 'seq_id', '?')} needs {n} "
                                      f"blocks but its table holds {len(table)}")
-            tables[row, :n] = table[:n]
+            flat += table[:n]
+        tables = np.zeros((len(items), int(needed.max())), dtype=np.int32)
+        rows = np.repeat(np.arange(len(items)), needed)
+        row_starts = np.cumsum(needed) - needed
+        tables[rows, np.arange(len(flat)) - row_starts[rows]] = flat
         return tables
 
 
-def _new_tokens(items):
+def _new_tokens(items) -> list[int]:
+    """The items' input ids; a token still pending on the device is a 0 here (filled on the device)."""
+    tokens: list[int] = []
     for item in items:
         start = item.seq.num_computed_tokens
-        yield from item.seq.token_ids[start:start + item.num_new_tokens]
+        end = start + item.num_new_tokens
+        tokens += item.seq.token_ids[start:end]
+        missing = end - len(item.seq.token_ids)
+        if missing > 0:
+            tokens += [0] * missing
+    return tokens
+
+
+def _pending_rows(items, query_start_loc: np.ndarray, pending: SampledTokens | None):
+    """(flat input rows, rows of `pending.token_ids`) of the inputs the host does not know yet:
+    a sequence's newest token, sampled by the previous step and still on the device."""
+    to, frm = [], []
+    for i, item in enumerate(items if pending is not None else ()):
+        seq = item.seq
+        if seq.num_pending:
+            assert pending is not None and seq.seq_id in pending.row_of, "pending token without its step"
+            assert seq.num_pending == 1 and seq.num_computed_tokens + item.num_new_tokens == seq.num_tokens
+            to.append(query_start_loc[i + 1] - 1)
+            frm.append(pending.row_of[seq.seq_id])
+    return np.array(to, dtype=np.int64), np.array(frm, dtype=np.int64)
 
 
 def _leading_ones(q_lens: np.ndarray) -> int:

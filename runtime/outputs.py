@@ -59,3 +59,8 @@ class EngineStats:
     prefix_hits: int                 # of which were found cached
     prompt_tokens_total: int
     generation_tokens_total: int
+    swap_outs: int = 0               # preemptions that swapped the KV to the CPU pool (the rest recomputed)
+    swap_ins: int = 0
+    num_swapped: int = 0             # sequences waiting in the CPU pool now
+    num_swapped_blocks: int = 0      # CPU blocks they hold
+    num_swap_blocks: int = 0         # the CPU pool's size

@@ -5,6 +5,9 @@ then greedy rows take the exact argmax; the others apply temperature, top_k, top
 with the exponential-race trick (argmax(p / q), q ~ Exp(1)), which lets a seeded row draw its noise
 from its own torch.Generator while the rest of the batch shares one draw. Logprobs are those of the
 raw model distribution (log_softmax of the unprocessed logits), as vLLM returns by default.
+
+`sample` only queues device work and starts the copy of the results to the host; `resolve` waits
+for them. In between the host is free to prepare the next step (async scheduling).
 """
 from __future__ import annotations
 
@@ -22,15 +25,58 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None]
 
 
+@dataclass
+class SampledTokens:
+    """One step's sampled tokens while they may still be on the device.
+
+    `token_ids` stays on the device so the next step can read its input ids from it without a
+    host round trip; `row_of` maps a sequence id to its row. The host copies arrive on their own.
+    """
+    seqs: list[Sequence]
+    token_ids: torch.Tensor                    # int64 [N], on the logits' device
+    row_of: dict[int, int]
+    _host: list[torch.Tensor]                  # token ids, then chosen/top logprobs if asked
+    _ready: torch.cuda.Event | None
+
+    def resolve(self) -> SamplerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        chosen = self._host[0].tolist()
+        if len(self._host) == 1:
+            return SamplerOutput(chosen, [None] * len(chosen))
+        chosen_lp, top_vals, top_ids = (t.tolist() for t in self._host[1:])
+        logprobs: list[TokenLogprob | None] = []
+        for i, seq in enumerate(self.seqs):
+            k = seq.params.logprobs
+            top = list(zip(top_ids[i][:k], top_vals[i][:k])) if k else []
+            logprobs.append(None if k is None else TokenLogprob(chosen[i], chosen_lp[i], top))
+        return SamplerOutput(chosen, logprobs)
+
+
 class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        return self.sample(logits, seqs).resolve()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), "one logits row per sequence"
         logits = logits.float()
-        logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
+        want_logprobs = any(s.params.logprobs is not None for s in seqs)
+        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         logits = _apply_penalties(logits, seqs)
         token_ids = _sample(logits, seqs)
-        chosen = token_ids.tolist()
-        return SamplerOutput(chosen, _gather_logprobs(logprobs, seqs, chosen))
+        results = [token_ids] + (_logprob_tensors(logprobs, token_ids, seqs) if want_logprobs else [])
+        host, ready = _copy_to_host(results)
+        return SampledTokens(seqs, token_ids, {s.seq_id: i for i, s in enumerate(seqs)}, host, ready)
+
+
+def _copy_to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+    """Start non-blocking copies into pinned memory; the event marks their arrival."""
+    if not tensors[0].is_cuda:
+        return tensors, None
+    host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
 
 
 def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -40,19 +86,20 @@ def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         return out
     rows = (~greedy).nonzero().flatten()
     random_seqs = [seqs[i] for i in rows.tolist()]
+    rows = rows.to(logits.device)
     probs = _processed_probs(logits[rows], random_seqs)
     out[rows] = _race(probs, random_seqs)
     return out
 
 
 def _processed_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    temps = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32)
+    temps = torch.tensor([s.params.temperature for s in seqs], dtype=torch.float32, device=logits.device)
     logits = logits / temps.unsqueeze(1)
     if any(s.params.top_k_enabled or s.params.top_p < 1.0 for s in seqs):
         logits = _top_k_top_p(logits, seqs)
     probs = logits.softmax(dim=-1)
-    min_p = torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32)
-    if bool((min_p > 0).any()):
+    if any(s.params.min_p > 0 for s in seqs):
+        min_p = torch.tensor([s.params.min_p for s in seqs], dtype=torch.float32, device=logits.device)
         threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
         probs = probs.masked_fill(probs < threshold, 0.0)
     return probs
@@ -60,10 +107,11 @@ def _processed_probs(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
 
 def _top_k_top_p(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     vocab = logits.shape[1]
-    top_k = torch.tensor([s.params.top_k if s.params.top_k_enabled else vocab for s in seqs])
-    top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32)
+    device = logits.device
+    top_k = torch.tensor([s.params.top_k if s.params.top_k_enabled else vocab for s in seqs], device=device)
+    top_p = torch.tensor([s.params.top_p for s in seqs], dtype=torch.float32, device=device)
     sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab).unsqueeze(0)
+    ranks = torch.arange(vocab, device=device).unsqueeze(0)
     drop = ranks >= top_k.clamp(max=vocab).unsqueeze(1)
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
@@ -76,11 +124,13 @@ def _top_k_top_p(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
 
 
 def _race(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    """argmax(p / q) with q ~ Exp(1) draws from p; seeded rows use their own generator."""
+    """argmax(p / q) with q ~ Exp(1) draws from p; seeded rows use their own generator. Their
+    noise is drawn on the host (the generators are CPU ones), so a seed gives the same draw on
+    every device."""
     q = torch.empty_like(probs).exponential_()
     for i, seq in enumerate(seqs):
         if seq.generator is not None:
-            q[i].exponential_(generator=seq.generator)
+            q[i] = torch.empty(probs.shape[1]).exponential_(generator=seq.generator)
     return (probs / q).argmax(dim=-1)
 
 
@@ -97,11 +147,13 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
 
 def _penalize_row(row: torch.Tensor, seq: Sequence, vocab: int) -> torch.Tensor:
     p = seq.params
-    output = torch.tensor(seq.output_token_ids, dtype=torch.long)
-    counts = torch.bincount(output, minlength=vocab)[:vocab].float() if len(output) else torch.zeros(vocab)
+    device = row.device
+    output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=device)
+    counts = (torch.bincount(output, minlength=vocab)[:vocab].float() if len(output)
+              else torch.zeros(vocab, device=device))
     if p.repetition_penalty != 1.0:
         seen = counts > 0
-        prompt = torch.tensor(seq.prompt_token_ids, dtype=torch.long)
+        prompt = torch.tensor(seq.prompt_token_ids, dtype=torch.long, device=device)
         seen[prompt[prompt < vocab]] = True
         penalized = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
         row = torch.where(seen, penalized, row)
@@ -110,18 +162,10 @@ def _penalize_row(row: torch.Tensor, seq: Sequence, vocab: int) -> torch.Tensor:
     return row
 
 
-def _gather_logprobs(logprobs: torch.Tensor | None, seqs: list[Sequence],
-                     chosen: list[int]) -> list[TokenLogprob | None]:
-    if logprobs is None:
-        return [None] * len(seqs)
+def _logprob_tensors(logprobs: torch.Tensor, token_ids: torch.Tensor,
+                     seqs: list[Sequence]) -> list[torch.Tensor]:
+    """[chosen token's logprob [N], top-k values [N, k], top-k ids [N, k]] for k = the largest asked."""
     k_max = max(s.params.logprobs or 0 for s in seqs)
-    top_vals, top_ids = logprobs.topk(k_max, dim=-1) if k_max else (None, None)
-    out: list[TokenLogprob | None] = []
-    for i, seq in enumerate(seqs):
-        k = seq.params.logprobs
-        if k is None:
-            out.append(None)
-            continue
-        top = list(zip(top_ids[i, :k].tolist(), top_vals[i, :k].tolist())) if k else []
-        out.append(TokenLogprob(chosen[i], float(logprobs[i, chosen[i]]), top))
-    return out
+    chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
+    top_vals, top_ids = logprobs.topk(k_max, dim=-1)
+    return [chosen, top_vals, top_ids]

@@ -1,11 +1,14 @@
-"""Scheduler: continuous batching with chunked prefill, prefix-cache hits and preemption by recompute.
+"""Scheduler: continuous batching with chunked prefill, prefix-cache hits, preemption by swap or recompute.
 
 Every step first gives each running sequence its next tokens (one for a decode, a chunk for a
 prefill in progress), oldest first, then admits waiting sequences while the token budget
 (max_num_batched_tokens), max_num_seqs and the free blocks allow. When a running sequence needs a
 block and none is free, the newest running sequence is preempted: its blocks are freed and it goes
-back to the front of the waiting queue, to recompute prompt + generated tokens later (its full
-blocks usually are still in the prefix cache then, so the recompute is cheap).
+back to the front of the waiting queue. When the CPU swap pool has room for its computed blocks it
+is swapped out: the blocks are copied to the CPU, and when the front of the queue can have device
+blocks for all of them plus its next tokens, they are copied back and it goes on where it stopped.
+Otherwise it recomputes prompt + generated tokens later (its full blocks usually are still in the
+prefix cache then, so the recompute is cheap).
 """
 from __future__ import annotations
 
@@ -27,6 +30,11 @@ class BatchItem:
 class ScheduledBatch:
     items: list[BatchItem] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    # Block copies the runner does before this step's model run, as (source, destination) pairs:
+    # swap_out (device block, CPU block), then swap_in (CPU block, device block). A step that
+    # preempts admits nothing, so it never has both.
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -44,7 +52,9 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []      # in admission order: the newest is preempted first
-        self.preemptions = 0
+        self.preemptions = 0                   # swap-outs included
+        self.swap_outs = 0
+        self.swap_ins = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -85,8 +95,7 @@ class Scheduler:
         while not self.block_manager.can_append(seq, num_new):
             victim = self.running[-1]
             assert victim.seq_id not in scheduled, "preempting a sequence already in this batch"
-            self.preempt(victim)
-            batch.preempted.append(victim)
+            self.preempt(victim, batch)
             if victim is seq:
                 return False
         return True
@@ -96,7 +105,10 @@ class Scheduler:
             seq = self.waiting[0]
             if not self._ready_to_admit(seq):
                 break                # keep arrival order: a held-back sibling blocks the queue
-            num_new = self._admit(seq, budget)
+            if self.block_manager.is_swapped(seq):
+                num_new = self._swap_in(seq, budget, batch)
+            else:
+                num_new = self._admit(seq, budget)
             if num_new == 0:
                 break
             self.waiting.popleft()
@@ -106,7 +118,11 @@ class Scheduler:
             budget -= num_new
 
     def _ready_to_admit(self, seq: Sequence) -> bool:
-        """n > 1 siblings wait until the first sibling's full prompt blocks are computed, to share them."""
+        """n > 1 siblings wait until the first sibling's full prompt blocks are computed, to share them.
+        A swapped-out sequence waits until its last sampled token is known: the async engine feeds
+        a token still on the device only to a sequence of the step that sampled it."""
+        if self.block_manager.is_swapped(seq):
+            return seq.num_pending == 0
         parent = seq.fork_parent
         if parent is None or parent.status != SequenceStatus.RUNNING:
             return True          # finished or preempted: seq goes alone (the prefix cache may still help)
@@ -138,19 +154,40 @@ class Scheduler:
         bm.append_slots(seq, num_new)
         return num_new
 
+    def _swap_in(self, seq: Sequence, budget: int, batch: ScheduledBatch) -> int:
+        """Bring a swapped-out seq back with blocks for its next chunk; 0 if they do not all fit."""
+        bm = self.block_manager
+        num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+        assert num_new > 0, "a swapped-out sequence must have a token to compute"
+        if not bm.can_swap_in(seq, num_new):
+            return 0
+        batch.swap_in += bm.swap_in(seq)
+        bm.append_slots(seq, num_new)
+        self.swap_ins += 1
+        return num_new
+
     @staticmethod
     def _item(seq: Sequence, num_new: int) -> BatchItem:
         return BatchItem(seq, num_new, seq.num_computed_tokens + num_new == seq.num_tokens)
 
     # ---- state changes from the engine --------------------------------------------------------
-    def preempt(self, seq: Sequence) -> None:
-        """Recompute-style preemption. (A swap-to-CPU variant would copy seq's blocks to the
-        num_swap_blocks pool here and keep num_computed_tokens; nothing else needs to change.)"""
+    def preempt(self, seq: Sequence, batch: ScheduledBatch) -> None:
+        """Free seq's device blocks and put it in front of the waiting queue: swapped out (it keeps
+        num_computed_tokens, even with a token pending) when the swap pool has room, else to recompute."""
         self.running.remove(seq)
-        self.block_manager.free_seq(seq)
+        if self.block_manager.can_swap_out(seq):
+            batch.swap_out += self.block_manager.swap_out(seq)
+            self.swap_outs += 1
+        else:
+            self.block_manager.free_seq(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.preemptions += 1
+        batch.preempted.append(seq)
+
+    @property
+    def num_swapped(self) -> int:
+        return len(self.block_manager.swapped)
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence, wherever it is."""

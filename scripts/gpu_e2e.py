@@ -1,7 +1,7 @@
 """GPU end-to-end check, one call on the device machine (see docs/PERF.md for how it is run).
 
 1. Correctness, random weights, float32: greedy tokens of our engine on CUDA (CUDA graphs on, and
-   eager) equal our engine on the CPU reference path and HF transformers `generate` on CUDA, for
+   eager; tokens read one step late, the CUDA default, and at once) equal our engine on the CPU reference path and HF transformers `generate` on CUDA, for
    tiny Qwen3 / Llama-3 (llama3 rope) / Qwen2 (bias) / Mistral (window) configs and a Qwen3 with
    real head sizes. Also bf16 on CUDA vs HF bf16 (reported as the share of matching tokens).
 2. The plan's CUDA-graph term against the measured pool of a Qwen3-0.6B runner.
@@ -43,17 +43,24 @@ def prompts_for(vocab: int, seed: int = 1) -> list[list[int]]:
     return [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
-def ours(folder: Path, config: dict, device: str, dtype: str, eager: bool, prompts) -> list[list[int]]:
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+# Every sampling feature at once, seeded: two runs must give the same tokens (on CUDA too).
+SAMPLED = SamplingParams(n=2, temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, presence_penalty=0.5,
+                         repetition_penalty=1.1, seed=7, logprobs=2, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+
+def ours(folder: Path, config: dict, device: str, dtype: str, eager: bool, prompts,
+         params: SamplingParams = GREEDY, async_scheduling: bool | None = None) -> list[list[int]]:
     spec = ModelSpec.from_config(config, source="folder", path=str(folder))
     cfg = EngineConfig(spec=spec, num_blocks=256, block_size=16, load_format="safetensors",
                        model_path=str(folder), device=device, dtype=dtype, enforce_eager=eager,
-                       max_model_len=512, max_num_seqs=8, max_num_batched_tokens=256)
+                       max_model_len=512, max_num_seqs=8, max_num_batched_tokens=256,
+                       async_scheduling=async_scheduling)
     llm = LLM(cfg)
-    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outs = llm.generate(prompts, params)
     del llm
     torch.cuda.empty_cache()
-    return [o.outputs[0].token_ids for o in outs]
+    return [c.token_ids for o in outs for c in o.outputs]
 
 
 def hf(config: dict, state: dict, dtype: torch.dtype, prompts) -> list[list[int]]:
@@ -87,11 +94,14 @@ def check_model(name: str, config: dict) -> dict:
         cpu = ours(folder, config, "cpu", "float32", True, prompts)
         gpu_graph = ours(folder, config, "cuda", "float32", False, prompts)
         gpu_eager = ours(folder, config, "cuda", "float32", True, prompts)
+        gpu_sync = ours(folder, config, "cuda", "float32", False, prompts, async_scheduling=False)
+        sampled = [ours(folder, config, "cuda", "float32", False, prompts, SAMPLED) for _ in range(2)]
         gpu_bf16 = ours(folder, config, "cuda", "bfloat16", False, prompts)
     ref = hf(config, state, torch.float32, prompts)
     ref_bf16 = hf(config, state, torch.bfloat16, prompts)
     return {"model": name,
             "cuda graphs == cpu": gpu_graph == cpu, "cuda eager == cpu": gpu_eager == cpu,
+            "cuda sync == cpu": gpu_sync == cpu, "seeded sampling repeats": sampled[0] == sampled[1],
             "cuda fp32 == hf cuda": gpu_graph == ref, "cpu == hf": cpu == ref,
             "bf16 share == hf bf16": round(match_share(gpu_bf16, ref_bf16), 3)}
 
@@ -131,7 +141,8 @@ def main() -> int:
     for r in rows:
         print(r["model"] + " | " + " | ".join(str(v) for k, v in r.items() if k != "model"))
     print(memory)
-    ok = all(r["cuda graphs == cpu"] and r["cuda eager == cpu"] and r["cuda fp32 == hf cuda"] for r in rows)
+    ok = all(r["cuda graphs == cpu"] and r["cuda eager == cpu"] and r["cuda sync == cpu"]
+             and r["seeded sampling repeats"] and r["cuda fp32 == hf cuda"] for r in rows)
     print("E2E", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 

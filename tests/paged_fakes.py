@@ -64,7 +64,9 @@ class FakePagedRunner:
     def _slot(self, block_table: list[int], pos: int) -> int:
         return block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def execute(self, items) -> torch.Tensor:
+    def execute(self, items, pending=None) -> torch.Tensor:
+        """`pending`: the previous step's SampledTokens (async scheduling), whose device tensor
+        holds the input tokens the host does not know yet, as the real runner reads them."""
         self.num_calls += 1
         rows = []
         for item in items:
@@ -72,7 +74,12 @@ class FakePagedRunner:
             self.num_tokens += item.num_new_tokens
             for pos in range(start, start + item.num_new_tokens):
                 slot = self._slot(seq.block_table, pos)
-                self.cache_tokens[slot] = seq.token_ids[pos]
+                if pos < len(seq.token_ids):
+                    token = seq.token_ids[pos]
+                else:
+                    assert pos == len(seq.token_ids) and seq.num_pending == 1, "input token unknown"
+                    token = int(pending.token_ids[pending.row_of[seq.seq_id]])
+                self.cache_tokens[slot] = token
                 self.cache_pos[slot] = pos
             if item.need_logits:
                 end = start + item.num_new_tokens
@@ -93,9 +100,14 @@ def fake_spec() -> ModelSpec:
         "eos_token_id": EOS_ID}, name="fake")
 
 
+# test_engine.py runs every case both ways: sampled tokens read at once (as on the CPU) and one
+# step late (async scheduling, as on CUDA).
+ASYNC_SCHEDULING = False
+
+
 def fake_config(**overrides) -> EngineConfig:
     values = dict(num_blocks=64, block_size=4, max_model_len=512, max_num_seqs=16,
-                  max_num_batched_tokens=64, load_format="dummy")
+                  max_num_batched_tokens=64, load_format="dummy", async_scheduling=ASYNC_SCHEDULING)
     values.update(overrides)
     return EngineConfig(spec=fake_spec(), **values)
 

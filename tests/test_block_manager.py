@@ -154,3 +154,89 @@ def test_leak_is_reported():
     compute(bm, make_seq(range(3)))
     with pytest.raises(AssertionError, match="still held"):
         bm.check_all_free()
+
+
+# ---- swap to the CPU pool ----
+
+def test_swap_out_copies_shared_blocks_too_and_drops_only_its_references():
+    bm = BlockManager(num_blocks=16, block_size=BS, num_swap_blocks=8)
+    a = make_seq(range(10))
+    compute(bm, a)
+    b = make_seq(list(range(8)) + [60, 61, 62], 1)
+    assert admit(bm, b) == a.block_table[:2]                # 2 blocks shared with a (ref 2)
+    compute(bm, b)
+    b_table = list(b.block_table)
+    pairs = bm.swap_out(b)
+    assert pairs == list(zip(b_table, [0, 1, 2]))            # every computed block, shared ones too
+    assert bm.is_swapped(b) and b.block_table == [] and b.num_computed_tokens == 11
+    assert [bm.blocks[i].ref_count for i in b_table] == [1, 1, 0]
+    assert bm.swap.num_free_blocks == 5 and bm.num_swapped_blocks == 3
+    back = bm.swap_in(b)
+    assert [cpu for cpu, _ in back] == [0, 1, 2] and [dev for _, dev in back] == b.block_table
+    assert not set(b.block_table) & set(a.block_table)       # fresh private blocks
+    assert all(bm.blocks[i].ref_count == 1 for i in b.block_table)
+    assert not bm.is_swapped(b) and bm.swap.num_free_blocks == 8
+    bm.free_seq(a)
+    bm.free_seq(b)
+    bm.check_all_free()
+
+
+def test_swap_out_copies_only_computed_blocks():
+    bm = BlockManager(num_blocks=8, block_size=BS, num_swap_blocks=8)
+    seq = make_seq(range(6))
+    compute(bm, seq, 4)
+    bm.append_slots(seq, 2)                # scheduled but not computed: its block is not copied
+    assert len(seq.block_table) == 2
+    assert len(bm.swap_out(seq)) == 1 and bm.num_free_blocks == 8
+
+
+def test_can_swap_out_needs_room_for_all_computed_blocks():
+    bm = BlockManager(num_blocks=8, block_size=BS, num_swap_blocks=2)
+    seq = make_seq(range(12))
+    assert not bm.can_swap_out(seq)        # nothing computed: nothing to keep
+    compute(bm, seq, 8)
+    assert bm.can_swap_out(seq)
+    compute(bm, seq, 1)                    # a 3rd block
+    assert not bm.can_swap_out(seq)
+    assert not BlockManager(num_blocks=8, block_size=BS).can_swap_out(seq)   # no swap pool
+
+
+def test_can_swap_in_counts_the_swapped_blocks_and_the_next_tokens():
+    bm = BlockManager(num_blocks=4, block_size=BS, num_swap_blocks=4)
+    seq = make_seq(range(8))
+    compute(bm, seq)
+    seq.append_token(8)
+    bm.swap_out(seq)
+    other = make_seq([50] * 8, 1)
+    compute(bm, other)                     # 2 of the 4 device blocks left
+    assert bm.can_swap_in(seq, 0) and not bm.can_swap_in(seq, 1)
+    bm.free_seq(other)
+    assert bm.can_swap_in(seq, 1)
+
+
+def test_swapped_in_blocks_are_hashed_again_by_the_next_commit():
+    bm = BlockManager(num_blocks=3, block_size=BS, num_swap_blocks=4)
+    seq = make_seq(range(9))
+    compute(bm, seq)
+    bm.swap_out(seq)
+    filler = make_seq([70] * 12, 1)
+    compute(bm, filler)                    # evicts seq's cached blocks from the device pool
+    probe = make_seq(list(range(8)) + [5], 2)
+    assert bm.find_cached_prefix(probe) == []
+    bm.free_seq(filler)
+    bm.swap_in(seq)
+    seq.append_token(9)
+    compute(bm, seq, 1)
+    assert bm.find_cached_prefix(probe) == seq.block_table[:2]
+
+
+def test_freeing_a_swapped_sequence_releases_its_cpu_blocks():
+    bm = BlockManager(num_blocks=4, block_size=BS, num_swap_blocks=4)
+    seq = make_seq(range(6))
+    compute(bm, seq)
+    bm.swap_out(seq)
+    with pytest.raises(AssertionError, match="swapped out"):
+        bm.check_all_free()
+    bm.free_seq(seq)                       # abort while swapped out
+    assert not bm.is_swapped(seq) and seq.num_computed_tokens == 0
+    bm.check_all_free()

@@ -4,11 +4,19 @@ The end-to-end comparisons with HF transformers on real weights are in test_engi
 """
 import random
 
+import paged_fakes
 import pytest
 from paged_fakes import EOS_ID, fake_engine, reference_greedy, run_to_completion
 
 from pagedeploy.runtime.engine import RequestError
 from pagedeploy.runtime.sampling_params import SamplingParams
+
+
+@pytest.fixture(autouse=True, params=["sync", "async"])
+def scheduling(request, monkeypatch):
+    """Every test twice: tokens read in the step that sampled them, and one step late."""
+    monkeypatch.setattr(paged_fakes, "ASYNC_SCHEDULING", request.param == "async")
+    return request.param
 
 
 def prompts(n: int, seed: int = 0, lo: int = 1, hi: int = 40) -> list[list[int]]:
@@ -212,3 +220,17 @@ def test_preempted_seeded_requests_resume_with_identical_samples():
     roomy, none = run(num_blocks=128)
     tight, preemptions = run(num_blocks=16, max_num_batched_tokens=16)
     assert none == 0 and preemptions > 0 and tight == roomy
+
+
+def test_async_scheduling_reads_tokens_one_step_late(scheduling):
+    engine = fake_engine()
+    engine.add_request("r", [5, 6, 7], greedy(max_tokens=3))
+    counts = []
+    while engine.has_unfinished():
+        outs = engine.step()
+        counts.append(sum(len(o.outputs[0].token_ids_delta) for o in outs))
+    # sync: a token per step over 3 steps; async: nothing after the prefill, the last one read by
+    # a step that has nothing left to run.
+    assert counts == ([1, 1, 1] if scheduling == "sync" else [0, 1, 1, 1])
+    assert engine.runner.num_calls == 3
+    engine.block_manager.check_all_free()

@@ -166,3 +166,15 @@ def test_preemption_matches_hf(case):
     engine = make_engine(case, num_blocks=pool_for(case, 0.5))
     assert_same_tokens(case, generate(engine, case.prompts))
     assert engine.stats().preemptions > 0
+
+
+@pytest.mark.slow
+def test_async_scheduling_matches_hf(case):
+    """Tokens read one step late (the CUDA default): the runner copies the pending input ids on
+    the device. Chunked prefill, preemption and logprobs together."""
+    engine = make_engine(case, async_scheduling=True, max_num_batched_tokens=32,
+                         num_blocks=pool_for(case, 0.5))
+    outputs = generate(engine, case.prompts, logprobs=3)
+    assert_same_tokens(case, outputs)
+    assert_logprobs_match(case, outputs)
+    assert engine.stats().preemptions > 0

@@ -1,4 +1,5 @@
-"""Scheduler: token budget, chunked prefill batched with decodes, prefix hits, preemption order."""
+"""Scheduler: token budget, chunked prefill batched with decodes, prefix hits, preemption order,
+swap-out and swap-in."""
 from pagedeploy.runtime.block_manager import BlockManager
 from pagedeploy.runtime.sampling_params import SamplingParams
 from pagedeploy.runtime.scheduler import Scheduler
@@ -7,8 +8,8 @@ from pagedeploy.runtime.sequence import Sequence, SequenceStatus
 BS = 4
 
 
-def make(num_blocks=64, max_num_seqs=8, budget=32, prefix=True) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, BS, prefix), max_num_seqs, budget)
+def make(num_blocks=64, max_num_seqs=8, budget=32, prefix=True, swap=0) -> Scheduler:
+    return Scheduler(BlockManager(num_blocks, BS, prefix, swap), max_num_seqs, budget)
 
 
 def seq(seq_id: int, prompt_len: int, start: int = 0) -> Sequence:
@@ -119,3 +120,88 @@ def test_sibling_waits_for_the_first_prompt_then_shares_its_blocks():
     assert shape(run_step(sched)) == [(0, 2, True), (1, 2, True)]
     assert second.block_table[:2] == first.block_table[:2]
     assert second.block_table[2] != first.block_table[2]
+
+
+# ---- preemption by swap ----
+
+def three_in_a_pool_of_six(swap: int, prompt_c: int = 4):
+    """a and b (2 blocks each) and c, all admitted and sampled once; then a and b need a 3rd block."""
+    sched = make(num_blocks=6, budget=64, swap=swap)
+    a, b, c = seq(0, 8), seq(1, 8, 100), seq(2, prompt_c, 200)
+    for s in (a, b, c):
+        sched.add(s)
+    run_step(sched)
+    return sched, a, b, c
+
+
+def test_preemption_swaps_out_when_the_swap_pool_has_room():
+    sched, a, b, c = three_in_a_pool_of_six(swap=8)
+    c_blocks = list(c.block_table)
+    batch = run_step(sched)
+    assert batch.preempted == [c] and batch.swap_out == [(c_blocks[0], 0)] and batch.swap_in == []
+    assert sched.block_manager.is_swapped(c) and c.block_table == [] and c.num_computed_tokens == 4
+    assert c.status == SequenceStatus.WAITING and sched.waiting[0] is c
+    assert (sched.preemptions, sched.swap_outs, sched.num_swapped) == (1, 1, 1)
+    assert shape(batch) == [(0, 1, True), (1, 1, True)]
+    a.finish_reason = "length"
+    sched.finish(a)
+    batch = run_step(sched)                # swapped back in: decodes its 5th token, no recompute
+    assert shape(batch) == [(1, 1, True), (2, 1, True)]
+    assert batch.swap_in == [(0, c.block_table[0])] and batch.swap_out == []
+    assert sched.swap_ins == 1 and sched.num_swapped == 0 and sched.block_manager.swap.num_free_blocks == 8
+
+
+def test_full_swap_pool_falls_back_to_recompute():
+    sched, a, b, c = three_in_a_pool_of_six(swap=1, prompt_c=6)   # c holds 2 blocks, the pool 1
+    batch = run_step(sched)
+    assert batch.preempted == [c] and batch.swap_out == []
+    assert not sched.block_manager.is_swapped(c) and c.num_computed_tokens == 0
+    assert (sched.preemptions, sched.swap_outs) == (1, 0)
+
+
+def test_swap_in_waits_for_room_for_all_blocks_and_the_next_token_and_keeps_queue_order():
+    sched = make(num_blocks=7, budget=64, swap=8)
+    a, b, c = seq(0, 8), seq(1, 4, 100), seq(2, 12, 200)   # 2 + 1 + 3 blocks
+    for s in (a, b, c):
+        sched.add(s)
+    run_step(sched)
+    batch = run_step(sched)                # a takes the free block, b's 2nd block needs c to go
+    assert batch.preempted == [c] and len(batch.swap_out) == 3
+    assert sched.block_manager.num_free_blocks == 2
+    d = seq(3, 2, 300)
+    sched.add(d)
+    batch = run_step(sched)                # c needs 4 blocks (12 computed + 1 new); d must not jump it
+    assert batch.swap_in == [] and shape(batch) == [(0, 1, True), (1, 1, True)]
+    assert list(sched.waiting) == [c, d]
+    a.finish_reason = "length"
+    sched.finish(a)
+    batch = run_step(sched)
+    assert [cpu for cpu, _ in batch.swap_in] == [0, 1, 2]
+    assert shape(batch) == [(1, 1, True), (2, 1, True), (3, 2, True)]
+    assert c.block_table[:3] == [dev for _, dev in batch.swap_in] and len(c.block_table) == 4
+
+
+def test_a_swapped_sequence_with_a_pending_token_stays_out():
+    sched, a, b, c = three_in_a_pool_of_six(swap=8)
+    run_step(sched)
+    a.finish_reason = b.finish_reason = "length"
+    sched.finish(a)
+    sched.finish(b)
+    d = seq(3, 2, 300)
+    sched.add(d)
+    c.num_pending = 1                      # async engine: its last token is still on the device
+    batch = run_step(sched)
+    assert batch.items == [] and sched.waiting[0] is c and sched.waiting[1] is d
+    c.num_pending = 0
+    assert shape(run_step(sched)) == [(2, 1, True), (3, 2, True)]
+
+
+def test_finishing_a_swapped_sequence_frees_its_cpu_blocks():
+    sched, a, b, c = three_in_a_pool_of_six(swap=8)
+    run_step(sched)
+    assert sched.block_manager.is_swapped(c)
+    for s in (a, b, c):                    # c is aborted while swapped out
+        s.finish_reason = "abort"
+        sched.finish(s)
+    assert not sched.has_unfinished() and sched.num_swapped == 0
+    sched.block_manager.check_all_free()
