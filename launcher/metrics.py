@@ -55,6 +55,8 @@ class ServerMetrics:
         self.num_requests_running = gauge("num_requests_running", "Requests in the running batch.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Requests waiting to be scheduled.")
         self.kv_cache_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).")
+        self.num_requests_swapped = gauge("num_requests_swapped", "Requests whose KV blocks are in the CPU swap pool.")
+        self.cpu_cache_usage = gauge("cpu_cache_usage_perc", "Fraction of CPU swap-pool blocks in use (0..1).")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens processed.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.preemptions = counter("num_preemptions", "Sequences preempted for lack of KV blocks.")
@@ -74,6 +76,8 @@ class ServerMetrics:
         self.num_requests_running.set(stats.num_running)
         self.num_requests_waiting.set(stats.num_waiting)
         self.kv_cache_usage.set(stats.kv_usage)
+        self.num_requests_swapped.set(stats.num_swapped)
+        self.cpu_cache_usage.set(stats.num_swapped_blocks / stats.num_swap_blocks if stats.num_swap_blocks else 0.0)
         # Counters only move forward: advance each by what the engine added since the last snapshot.
         for field_name, counter, now in (
                 ("prompt_tokens", self.prompt_tokens, stats.prompt_tokens_total),

@@ -48,7 +48,9 @@ def hf_reference(hf, prompts: list[list[int]]) -> tuple[list[list[int]], list[to
     """Greedy, one prompt at a time (no padding), never stopping early."""
     tokens, logprobs = [], []
     for p in prompts:
-        out = hf.generate(torch.tensor([p]), max_new_tokens=NEW_TOKENS,
+        ids = torch.tensor([p])
+        # An explicit mask: without one HF treats prompt tokens equal to pad_token_id as padding.
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
                           do_sample=False, eos_token_id=None, pad_token_id=0,
                           output_logits=True, return_dict_in_generate=True)
         tokens.append(out.sequences[0, len(p):].tolist())

@@ -426,7 +426,8 @@ def test_metrics_counters_follow_engine_totals():
     def stats(prompt, gen, preempt, queries, hits):
         return EngineStats(num_running=2, num_waiting=1, kv_usage=0.25, num_free_blocks=3, num_blocks=4,
                            preemptions=preempt, prefix_queries=queries, prefix_hits=hits,
-                           prompt_tokens_total=prompt, generation_tokens_total=gen)
+                           prompt_tokens_total=prompt, generation_tokens_total=gen,
+                           num_swapped=1, num_swapped_blocks=6, num_swap_blocks=8)
 
     m.update_engine(stats(10, 5, 1, 32, 16))
     m.update_engine(stats(10, 9, 3, 48, 16))
@@ -438,6 +439,8 @@ def test_metrics_counters_follow_engine_totals():
     assert metric(text, "pagedeploy:prefix_cache_hits_total") == 16
     assert metric(text, "pagedeploy:kv_cache_usage_perc") == 0.25
     assert metric(text, "pagedeploy:num_requests_waiting") == 1
+    assert metric(text, "pagedeploy:num_requests_swapped") == 1
+    assert metric(text, "pagedeploy:cpu_cache_usage_perc") == 0.75
 
 
 # ---- deploy up refusals (no weights loaded) -----------------------------------------------------
