@@ -48,6 +48,13 @@ def paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start
     return paged_attention_ref(*args)
 
 
+def warm_up_attention(num_heads, num_kv_heads, head_dim, block_size, dtype, device, sliding_window=None):
+    """Compile the Triton attention variants a model can launch (CUDA only; nothing elsewhere)."""
+    if device.type == "cuda" and _triton("paged_attention", None) is not None:
+        importlib.import_module(f"{__name__}.triton_attention").warm_up(
+            num_heads, num_kv_heads, head_dim, block_size, dtype, device, sliding_window)
+
+
 def rms_norm(x, weight, eps, residual=None):
     fn = _triton("rms_norm", rms_norm_ref) if x.is_cuda else rms_norm_ref
     return fn(x, weight, eps, residual)
@@ -58,5 +65,5 @@ def apply_rotary(q, k, positions, cos_sin_cache):
     return fn(q, k, positions, cos_sin_cache)
 
 
-__all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary",
+__all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary", "warm_up_attention",
            "store_kv_ref", "paged_attention_ref", "rms_norm_ref", "apply_rotary_ref"]

@@ -39,9 +39,12 @@ def _find_seq(query_start_loc, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-# num_seqs varies every step: left unspecialized, or a batch of one sequence would compile its own
-# variant (Triton specializes integer arguments equal to 1) at the first batch-1 request.
-@triton.jit(do_not_specialize=["num_seqs"])
+# What varies from step to step is left unspecialized, so that one compiled variant serves every
+# batch: num_seqs and the block-table width (Triton specializes integers equal to 1 or divisible by
+# 16: a batch of one would compile anew), and the alignment of the per-sequence tables, which are
+# sliced at the decode/prefill split.
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt"],
+            do_not_specialize_on_alignment=["block_tables", "context_lens", "query_start_loc"])
 def _attention_kernel(
     q_ptr, k_cache, v_cache, block_tables, context_lens, query_start_loc, out_ptr,
     part_out, part_lse, num_seqs, qk_scale, window,
@@ -247,3 +250,25 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, ou
         _merge_kernel[(rows, num_heads)](
             part_out, part_lse, out, out.stride(0), out.stride(1),
             NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits)
+
+
+def warm_up(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,
+            device: torch.device, sliding_window: int | None = None) -> None:
+    """Compile every variant a model's steps can launch (decode at each split count, prefill), on a
+    scratch cache with the real one's per-block layout: a first compile in the middle of serving
+    costs 0.2-1 s per variant, and a workload meets them one by one."""
+    k_cache = torch.randn(2, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    v_cache = torch.randn_like(k_cache)
+    block_tables = torch.zeros(2, 2, dtype=torch.int32, device=device)
+    context_lens = torch.full((2,), block_size, dtype=torch.int32, device=device)
+    decode_q = torch.randn(2, num_heads, head_dim, dtype=dtype, device=device)
+    decode_loc = torch.arange(3, dtype=torch.int32, device=device)
+    splits = 1
+    while splits <= 64:
+        paged_attention(decode_q, k_cache, v_cache, block_tables, context_lens, decode_loc, 1.0,
+                        sliding_window, num_decodes=2, num_splits=splits)
+        splits *= 2
+    prefill_q = torch.randn(2 * block_size, num_heads, head_dim, dtype=dtype, device=device)
+    prefill_loc = torch.tensor([0, block_size, 2 * block_size], dtype=torch.int32, device=device)
+    paged_attention(prefill_q, k_cache, v_cache, block_tables, context_lens, prefill_loc, 1.0,
+                    sliding_window, num_decodes=0)

@@ -115,7 +115,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.swap_out or batch.swap_in:    # KV blocks to/from the CPU swap pool, before the model runs
             self.runner.swap(batch.swap_out, batch.swap_in)
-        logits = self.runner.execute(batch.items, self._in_flight) if batch else None
+        logits = self._execute(batch) if batch else None
         changed = self._read_in_flight()
         if batch:
             self._advance(batch)
@@ -127,6 +127,11 @@ class LLMEngine:
         elif not changed:
             assert not self.scheduler.has_unfinished(), "scheduler stalled with requests left"
         return [self._output(req) for req in changed.values() if self.stream or req.finished]
+
+    def _execute(self, batch) -> torch.Tensor:
+        sampled = [item.seq for item in batch.items if item.need_logits]
+        return self.runner.execute(batch.items, self._in_flight,
+                                   float32=not self.sampler.argmax_only(sampled))
 
     def _advance(self, batch) -> None:
         """The batch's tokens are in the cache now: count them and hash the blocks they filled."""

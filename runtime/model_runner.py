@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pagedeploy.kernels import warm_up_attention
 from pagedeploy.runtime.config import EngineConfig
 from pagedeploy.runtime.cuda_graphs import DecodeGraphs
 from pagedeploy.runtime.loader import load_model, torch_dtype
@@ -43,6 +44,9 @@ class ModelRunner:
         self.model.bind_kv_cache(list(self.kv_cache[0]), list(self.kv_cache[1]))
         # The planned CPU pool that preempted sequences' blocks are swapped to (runtime/swap.py).
         self.swap_cache = allocate_swap_pool(self.kv_cache, config.num_swap_blocks) if config.num_swap_blocks else None
+        if self.device.type == "cuda":
+            warm_up_attention(spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim,
+                              config.block_size, self.kv_cache.dtype, self.device, spec.sliding_window)
         self.graphs = self._capture_graphs() if self._use_graphs() else None
 
     def _use_graphs(self) -> bool:
@@ -69,9 +73,10 @@ class ModelRunner:
         copy_blocks(self.swap_cache, self.kv_cache, swap_in)
 
     @torch.inference_mode()
-    def execute(self, items, pending: SampledTokens | None = None) -> torch.Tensor:
-        """float32 logits [number of items with need_logits, vocab], in item order. `pending`: the
-        previous step's sampled tokens, still on the device, which are some items' input tokens."""
+    def execute(self, items, pending: SampledTokens | None = None, float32: bool = True) -> torch.Tensor:
+        """float32 logits [number of items with need_logits, vocab], in item order (in the model's
+        dtype when float32 is False). `pending`: the previous step's sampled tokens, still on the
+        device, which are some items' input tokens."""
         if not items:
             return torch.empty(0, self.config.spec.vocab_size, device=self.device)
         batch = self.prepare(items, pending)
@@ -81,7 +86,8 @@ class ModelRunner:
             hidden = self.graphs.run(batch.input_ids, batch.positions, meta)
         else:
             hidden = self.model(batch.input_ids, batch.positions, meta)
-        return self.model.compute_logits(hidden.index_select(0, batch.logits_rows)).float()
+        logits = self.model.compute_logits(hidden.index_select(0, batch.logits_rows))
+        return logits.float() if float32 else logits
 
     def prepare(self, items, pending: SampledTokens | None = None) -> BatchInputs:
         """Flatten the items' new tokens; positions and slots come from vectorized index math

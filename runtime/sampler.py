@@ -57,13 +57,22 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         return self.sample(logits, seqs).resolve()
 
+    @staticmethod
+    def argmax_only(seqs: list[Sequence]) -> bool:
+        """Greedy rows without penalties or logprobs need nothing but the argmax, which is the same
+        in the model's dtype as in float32 (the runner may then skip the float32 copy of the logits)."""
+        return all(s.params.greedy and not s.params.has_penalties and s.params.logprobs is None
+                   for s in seqs)
+
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), "one logits row per sequence"
-        logits = logits.float()
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
-        logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        logits = _apply_penalties(logits, seqs)
-        token_ids = _sample(logits, seqs)
+        if self.argmax_only(seqs):
+            token_ids = logits.argmax(dim=-1)
+        else:
+            logits = logits.float()
+            logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+            token_ids = _sample(_apply_penalties(logits, seqs), seqs)
         results = [token_ids] + (_logprob_tensors(logprobs, token_ids, seqs) if want_logprobs else [])
         host, ready = _copy_to_host(results)
         return SampledTokens(seqs, token_ids, {s.seq_id: i for i, s in enumerate(seqs)}, host, ready)

@@ -64,7 +64,7 @@ class FakePagedRunner:
     def _slot(self, block_table: list[int], pos: int) -> int:
         return block_table[pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def execute(self, items, pending=None) -> torch.Tensor:
+    def execute(self, items, pending=None, float32=True) -> torch.Tensor:
         """`pending`: the previous step's SampledTokens (async scheduling), whose device tensor
         holds the input tokens the host does not know yet, as the real runner reads them."""
         self.num_calls += 1

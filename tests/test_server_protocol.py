@@ -47,9 +47,9 @@ class SlowRunner(FakePagedRunner):
     """A step takes a little while, as a real model's does, so a client can leave mid-stream."""
     delay_s = 0.004
 
-    def execute(self, items, pending=None):
+    def execute(self, items, pending=None, float32=True):
         time.sleep(self.delay_s)
-        return super().execute(items, pending)
+        return super().execute(items, pending, float32)
 
 
 def free_port() -> int:
