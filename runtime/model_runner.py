@@ -6,7 +6,7 @@ It never changes the sequences (docs/CONTRACTS.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -90,29 +90,26 @@ class ModelRunner:
         return logits.float() if float32 else logits
 
     def prepare(self, items, pending: SampledTokens | None = None) -> BatchInputs:
-        """Flatten the items' new tokens; positions and slots come from vectorized index math
-        (numpy on the host: a step of hundreds of sequences must cost well under a millisecond).
-        All index arrays travel to the device in two copies (one int64, one int32 buffer)."""
+        """Flatten the items' new tokens; positions and slots come from vectorized index math on
+        what one pass over the items gathered (a step of hundreds of sequences must cost well under
+        a millisecond of host time). All index arrays reach the device in two copies."""
+        g = _gather(items, self.block_size, pending)
         n = len(items)
-        starts = np.fromiter((item.seq.num_computed_tokens for item in items), np.int64, n)
-        q_lens = np.fromiter((item.num_new_tokens for item in items), np.int64, n)
+        starts, q_lens = np.array(g.starts, dtype=np.int64), np.array(g.q_lens, dtype=np.int64)
         assert (q_lens > 0).all(), "every scheduled item computes at least one token"
         ends = starts + q_lens
-        num_tokens = int(q_lens.sum())
-        token_ids = np.array(_new_tokens(items), dtype=np.int64)
-        block_tables = self._block_tables(items, ends)
-
         query_start_loc = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(q_lens, out=query_start_loc[1:])
         seq_of_token = np.repeat(np.arange(n), q_lens)
-        positions = np.arange(num_tokens) + (starts - query_start_loc[:-1])[seq_of_token]
+        positions = np.arange(len(g.tokens)) + (starts - query_start_loc[:-1])[seq_of_token]
+        block_tables = _block_table_array(g.tables, g.num_blocks)
         blocks = block_tables[seq_of_token, positions // self.block_size].astype(np.int64)
         slot_mapping = blocks * self.block_size + positions % self.block_size
-        need = np.fromiter((item.need_logits for item in items), np.bool_, n)
-        logits_rows = (query_start_loc[1:] - 1)[need]
-        fill_to, fill_from = _pending_rows(items, query_start_loc, pending)
+        logits_rows = (query_start_loc[1:] - 1)[np.array(g.need, dtype=np.bool_)]
 
-        longs = self._to_device(token_ids, positions, slot_mapping, logits_rows, fill_to, fill_from)
+        fill_to, fill_from = np.array(g.fill_to, dtype=np.int64), np.array(g.fill_from, dtype=np.int64)
+        longs = self._to_device(np.array(g.tokens, dtype=np.int64), positions, slot_mapping, logits_rows,
+                                fill_to, fill_from)
         ints = self._to_device(block_tables, ends, query_start_loc, dtype=np.int32)
         input_ids, positions_d, slots_d, logits_rows_d, fill_to_d, fill_from_d = longs
         if len(fill_to):     # inputs that are the previous step's samples: copied on the device
@@ -137,49 +134,57 @@ class ModelRunner:
             offset += size
         return views
 
-    def _block_tables(self, items, ends: np.ndarray) -> np.ndarray:
-        """int32 [B, max blocks]: each row the blocks covering the sequence up to this step's end,
-        padded with 0 (kernels never read past context_lens). Filled by one scatter of all the
-        rows' entries: per-row numpy assignments cost more than the data at hundreds of rows."""
-        needed = (ends + self.block_size - 1) // self.block_size
-        flat = []
-        for item, n in zip(items, needed.tolist()):
-            table = item.seq.block_table
-            assert len(table) >= n, (f"sequence {getattr(item.seq, 'seq_id', '?')} needs {n} "
-                                     f"blocks but its table holds {len(table)}")
-            flat += table[:n]
-        tables = np.zeros((len(items), int(needed.max())), dtype=np.int32)
-        rows = np.repeat(np.arange(len(items)), needed)
-        row_starts = np.cumsum(needed) - needed
-        tables[rows, np.arange(len(flat)) - row_starts[rows]] = flat
-        return tables
+@dataclass
+class _Gathered:
+    """Per-item facts of a batch, as plain lists (one Python pass; numpy takes it from there)."""
+    starts: list[int] = field(default_factory=list)      # num_computed_tokens
+    q_lens: list[int] = field(default_factory=list)      # new tokens
+    need: list[bool] = field(default_factory=list)       # need_logits
+    num_blocks: list[int] = field(default_factory=list)  # block-table entries covering this step
+    tokens: list[int] = field(default_factory=list)      # all new input ids, flat (0 where pending)
+    tables: list[int] = field(default_factory=list)      # the block-table entries, flat
+    fill_to: list[int] = field(default_factory=list)     # flat input rows of pending tokens ...
+    fill_from: list[int] = field(default_factory=list)   # ... and their rows in pending.token_ids
 
 
-def _new_tokens(items) -> list[int]:
-    """The items' input ids; a token still pending on the device is a 0 here (filled on the device)."""
-    tokens: list[int] = []
+def _gather(items, block_size: int, pending: SampledTokens | None) -> _Gathered:
+    g = _Gathered()
+    starts, q_lens, need, num_blocks, tokens, tables = g.starts, g.q_lens, g.need, g.num_blocks, g.tokens, g.tables
+    row = 0
     for item in items:
-        start = item.seq.num_computed_tokens
-        end = start + item.num_new_tokens
-        tokens += item.seq.token_ids[start:end]
-        missing = end - len(item.seq.token_ids)
-        if missing > 0:
-            tokens += [0] * missing
-    return tokens
+        seq, n = item.seq, item.num_new_tokens
+        start = seq.num_computed_tokens
+        end = start + n
+        starts.append(start)
+        q_lens.append(n)
+        need.append(item.need_logits)
+        known = seq.token_ids[start:end]
+        tokens += known
+        if len(known) < n:       # the newest token is still on the device (async scheduling)
+            assert len(known) == n - 1 and pending is not None and seq.seq_id in pending.row_of, \
+                f"sequence {seq.seq_id}: an input token is neither known nor pending"
+            tokens.append(0)
+            g.fill_to.append(row + n - 1)
+            g.fill_from.append(pending.row_of[seq.seq_id])
+        covered = (end + block_size - 1) // block_size
+        table = seq.block_table
+        assert len(table) >= covered, (f"sequence {getattr(seq, 'seq_id', '?')} needs {covered} "
+                                       f"blocks but its table holds {len(table)}")
+        tables += table[:covered]
+        num_blocks.append(covered)
+        row += n
+    return g
 
 
-def _pending_rows(items, query_start_loc: np.ndarray, pending: SampledTokens | None):
-    """(flat input rows, rows of `pending.token_ids`) of the inputs the host does not know yet:
-    a sequence's newest token, sampled by the previous step and still on the device."""
-    to, frm = [], []
-    for i, item in enumerate(items if pending is not None else ()):
-        seq = item.seq
-        if seq.num_pending:
-            assert pending is not None and seq.seq_id in pending.row_of, "pending token without its step"
-            assert seq.num_pending == 1 and seq.num_computed_tokens + item.num_new_tokens == seq.num_tokens
-            to.append(query_start_loc[i + 1] - 1)
-            frm.append(pending.row_of[seq.seq_id])
-    return np.array(to, dtype=np.int64), np.array(frm, dtype=np.int64)
+def _block_table_array(flat: list[int], num_blocks: list[int]) -> np.ndarray:
+    """int32 [B, max blocks]: row b holds its num_blocks[b] entries, padded with 0 (kernels never
+    read past context_lens). One scatter: per-row assignments cost more than the data."""
+    counts = np.array(num_blocks, dtype=np.int64)
+    tables = np.zeros((len(num_blocks), int(counts.max())), dtype=np.int32)
+    rows = np.repeat(np.arange(len(num_blocks)), counts)
+    row_starts = np.cumsum(counts) - counts
+    tables[rows, np.arange(len(flat)) - row_starts[rows]] = flat
+    return tables
 
 
 def _leading_ones(q_lens: np.ndarray) -> int:
