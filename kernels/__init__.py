@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import importlib
 
-from .reference import apply_rotary_ref, paged_attention_ref, rms_norm_ref, store_kv_ref
+from .reference import (apply_rotary_ref, paged_attention_ref, qk_norm_rope_store_ref,
+                        rms_norm_ref, silu_and_mul_ref, store_kv_ref)
 
 _TRITON = {  # function name -> module of the same-signature Triton implementation
     "store_kv": "triton_cache",
     "paged_attention": "triton_attention",
     "rms_norm": "triton_norm",
     "apply_rotary": "triton_rotary",
+    "qk_norm_rope_store": "triton_fused",
+    "silu_and_mul": "triton_fused",
 }
 _resolved: dict = {}
 
@@ -65,5 +68,20 @@ def apply_rotary(q, k, positions, cos_sin_cache):
     return fn(q, k, positions, cos_sin_cache)
 
 
-__all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary", "warm_up_attention",
-           "store_kv_ref", "paged_attention_ref", "rms_norm_ref", "apply_rotary_ref"]
+def qk_norm_rope_store(qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache,
+                       k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
+    """q [T, H, D] from the qkv projection's output: optional q/k RMSNorm, rotary, k/v stored."""
+    ref = qk_norm_rope_store_ref
+    fn = _triton("qk_norm_rope_store", ref) if qkv.is_cuda else ref
+    return fn(qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache, v_cache,
+              slot_mapping, num_heads, num_kv_heads, head_dim)
+
+
+def silu_and_mul(x):
+    fn = _triton("silu_and_mul", silu_and_mul_ref) if x.is_cuda else silu_and_mul_ref
+    return fn(x)
+
+
+__all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary", "qk_norm_rope_store",
+           "silu_and_mul", "warm_up_attention", "store_kv_ref", "paged_attention_ref",
+           "rms_norm_ref", "apply_rotary_ref", "qk_norm_rope_store_ref", "silu_and_mul_ref"]

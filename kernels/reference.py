@@ -1,4 +1,4 @@
-"""Plain-torch references of the four kernels (docs/CONTRACTS.md).
+"""Plain-torch references of the kernels (docs/CONTRACTS.md).
 
 They are the CPU path of the runtime and the oracle the Triton kernels are tested against, so they
 must be exact for every case the contract covers and still reasonably fast on a CPU: attention
@@ -50,6 +50,36 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     # so fp32 results are bit-identical to HF's.
     out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
+
+
+def qk_norm_rope_store_ref(qkv: torch.Tensor, q_norm_weight: torch.Tensor | None,
+                           k_norm_weight: torch.Tensor | None, eps: float,
+                           positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                           k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
+                           head_dim: int) -> torch.Tensor:
+    """q [T, H, D] from qkv [T, (H + 2 KH) D]: optional per-head RMSNorm of q and k (Qwen3),
+    rotary, and k, v stored at slot_mapping. The unfused ops in the model's order, so the CPU
+    path stays bit-identical to it; qkv is not modified."""
+    t = qkv.shape[0]
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim,
+                         num_kv_heads * head_dim], dim=-1)
+    q = q.reshape(t, num_heads, head_dim)
+    k = k.reshape(t, num_kv_heads, head_dim)
+    v = v.reshape(t, num_kv_heads, head_dim)
+    if q_norm_weight is not None:   # rows of head_dim
+        q = rms_norm_ref(q.reshape(-1, head_dim), q_norm_weight, eps)[0].view(q.shape)
+    if k_norm_weight is not None:
+        k = rms_norm_ref(k.reshape(-1, head_dim), k_norm_weight, eps)[0].view(k.shape)
+    q, k = apply_rotary_ref(q, k, positions, cos_sin_cache)
+    store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
+    return q
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of x [..., 2 I] = cat(gate, up) -> [..., I], as HF's MLP computes it."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

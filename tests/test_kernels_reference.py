@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedeploy.kernels import apply_rotary, paged_attention, rms_norm, store_kv
+from pagedeploy.kernels import (apply_rotary, paged_attention, qk_norm_rope_store, rms_norm,
+                                silu_and_mul, store_kv)
 
 H = 8
 # (tokens in the cache after the step, new tokens this step): full prefills, a chunk / prefix hit,
@@ -156,3 +157,104 @@ def test_apply_rotary_matches_hf(head_dim):
     bf_q, bf_k = apply_rotary(q.bfloat16(), k.bfloat16(), positions, cache)
     assert bf_q.dtype == torch.bfloat16
     torch.testing.assert_close(bf_q.float(), hf_q, atol=3e-2, rtol=3e-2)
+
+
+# ---- fused functions: the references compose the ones above, so the CPU path is unchanged ----
+
+def rope_inputs(head_dim: int, num_tokens: int, g: torch.Generator, max_pos: int = 300):
+    """(cos_sin_cache, positions, HF's cos and sin at those positions)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    freqs = torch.arange(max_pos).float()[:, None] * inv_freq
+    positions = torch.randint(0, max_pos, (num_tokens,), generator=g)
+    emb = torch.cat((freqs, freqs), dim=-1)[positions]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1), positions, emb.cos(), emb.sin()
+
+
+def fused_case(kv_heads: int, head_dim: int, with_norm: bool, dtype, seed: int = 0):
+    """Arguments of qk_norm_rope_store: qkv as rows of a wider buffer, a third of the tokens
+    padding (slot -1), random caches and norm weights; plus HF's cos and sin."""
+    g = torch.Generator().manual_seed(seed)
+    t, width = 12, (H + 2 * kv_heads) * head_dim
+    qkv = (2 * torch.randn(t, width + head_dim, generator=g)).to(dtype)[:, :width]
+    cache, positions, cos, sin = rope_inputs(head_dim, t, g)
+    slots = torch.randperm(6 * 16, generator=g)[:t]
+    slots[::3] = -1
+    norms = [(1 + 0.1 * torch.randn(head_dim, generator=g)).to(dtype) if with_norm else None
+             for _ in range(2)]
+    args = dict(qkv=qkv, q_norm_weight=norms[0], k_norm_weight=norms[1], eps=1e-6,
+                positions=positions, cos_sin_cache=cache,
+                k_cache=torch.randn(6, 16, kv_heads, head_dim, generator=g).to(dtype),
+                v_cache=torch.randn(6, 16, kv_heads, head_dim, generator=g).to(dtype),
+                slot_mapping=slots, num_heads=H, num_kv_heads=kv_heads, head_dim=head_dim)
+    return args, cos, sin
+
+
+@pytest.mark.parametrize("with_norm", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+def test_qk_norm_rope_store_matches_hf(groups, head_dim, with_norm):
+    """float32 against HF's Qwen3 q/k RMSNorm and rotary, and the cache rows written by hand."""
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm, apply_rotary_pos_emb
+
+    kv = H // groups
+    args, cos, sin = fused_case(kv, head_dim, with_norm, torch.float32, seed=groups)
+    qkv_before, k_before, v_before = (args[n].clone() for n in ("qkv", "k_cache", "v_cache"))
+    q = qk_norm_rope_store(**args)
+
+    t = qkv_before.shape[0]
+    hf_q, hf_k, hf_v = qkv_before.split([H * head_dim, kv * head_dim, kv * head_dim], dim=-1)
+    hf_q, hf_k, hf_v = (x.reshape(t, -1, head_dim).clone() for x in (hf_q, hf_k, hf_v))
+    if with_norm:
+        for name, x in (("q_norm_weight", hf_q), ("k_norm_weight", hf_k)):
+            norm = Qwen3RMSNorm(head_dim, eps=1e-6)
+            norm.weight.data.copy_(args[name])
+            x.copy_(norm(x).detach())
+    hf_q, hf_k = apply_rotary_pos_emb(hf_q, hf_k, cos, sin, unsqueeze_dim=1)
+    assert q.shape == (t, H, head_dim) and q.is_contiguous()
+    torch.testing.assert_close(q, hf_q, atol=1e-6, rtol=0)
+    assert torch.equal(args["qkv"], qkv_before)
+
+    slots, written = args["slot_mapping"], args["slot_mapping"] >= 0
+    flat_k = args["k_cache"].view(-1, kv, head_dim)
+    flat_v = args["v_cache"].view(-1, kv, head_dim)
+    torch.testing.assert_close(flat_k[slots[written]], hf_k[written], atol=1e-6, rtol=0)
+    assert torch.equal(flat_v[slots[written]], hf_v[written])
+    untouched = torch.ones(flat_k.shape[0], dtype=torch.bool)
+    untouched[slots[written]] = False
+    assert torch.equal(flat_k[untouched], k_before.view(flat_k.shape)[untouched])
+    assert torch.equal(flat_v[untouched], v_before.view(flat_v.shape)[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_qk_norm_rope_store_is_the_unfused_path(with_norm, dtype):
+    """Bit for bit what the decoder did before the fusion: split, (norm,) rotary, store_kv."""
+    args, _, _ = fused_case(2, 64, with_norm, dtype, seed=5)
+    k_cache, v_cache = args["k_cache"].clone(), args["v_cache"].clone()
+    t, d = args["qkv"].shape[0], 64
+    q, k, v = args["qkv"].split([H * d, 2 * d, 2 * d], dim=-1)
+    q, k, v = q.view(t, H, d), k.view(t, 2, d), v.view(t, 2, d)
+    if with_norm:
+        q = rms_norm(q.reshape(-1, d), args["q_norm_weight"], 1e-6)[0].view(q.shape)
+        k = rms_norm(k.reshape(-1, d), args["k_norm_weight"], 1e-6)[0].view(k.shape)
+    q, k = apply_rotary(q, k, args["positions"], args["cos_sin_cache"])
+    store_kv(k, v, k_cache, v_cache, args["slot_mapping"])
+
+    out = qk_norm_rope_store(**args)
+    assert out.dtype == dtype and torch.equal(out, q)
+    assert torch.equal(args["k_cache"], k_cache) and torch.equal(args["v_cache"], v_cache)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul_matches_hf(dtype):
+    from transformers.activations import ACT2FN
+
+    g = torch.Generator().manual_seed(3)
+    x = (4 * torch.randn(2, 5, 2 * 96 + 8, generator=g)).to(dtype)[..., :2 * 96]
+    out = silu_and_mul(x)
+    gate, up = x[..., :96], x[..., 96:]
+    assert out.shape == (2, 5, 96) and out.dtype == dtype
+    assert torch.equal(out, ACT2FN["silu"](gate) * up)   # HF's MLP: act_fn(gate) * up
+    naive = gate.double() / (1 + torch.exp(-gate.double())) * up.double()
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), naive, atol=tol, rtol=tol)

@@ -101,14 +101,19 @@ def test_rms_norm_gpu(dtype, hidden, with_residual):
 
 # --------------------------------------------------------------------------- apply_rotary
 
+def rope_cache(d: int, device, max_pos: int = 4096) -> torch.Tensor:
+    """fp32 [max_pos, d] = cat(cos, sin), as the model builds it."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).double() / d))
+    angles = torch.arange(max_pos).double()[:, None] * inv_freq[None, :]
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).float().to(device)
+
+
 def check_rotary(t, h, kh, d, dtype, device, seed=0):
     from pagedeploy.kernels.triton_rotary import apply_rotary
     gen = torch.Generator().manual_seed(seed)
     qkv, q, k, v = qkv_views(t, h, kh, d, dtype, device, gen)
     v_before = v.clone()
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).double() / d))
-    angles = torch.arange(4096).double()[:, None] * inv_freq[None, :]
-    cache = torch.cat((angles.cos(), angles.sin()), dim=-1).float().to(device)
+    cache = rope_cache(d, device)
     positions = torch.randint(0, 4096, (t,), generator=gen).to(device)
     q_ref, k_ref = ref.apply_rotary_ref(q.clone(), k.clone(), positions, cache)
     q_out, k_out = apply_rotary(q, k, positions, cache)
@@ -247,6 +252,160 @@ def test_decode_cuda_graph_gpu():
         assert rel_err(out, ref.paged_attention_ref(**up)) < REL_TOL[torch.bfloat16]
 
 
+# --------------------------------------------------------------------------- fused kernels
+# The fused kernels round where the unfused ones do, so they differ from the references only in
+# fp32 details (sum order, rsqrt/exp, fused multiply-adds on the GPU): bit-exact where none of those
+# is involved, elsewhere within a few fp32-ulps-turned-dtype-ulps (`assert_matches`).
+
+def assert_matches(out: torch.Tensor, expect: torch.Tensor, exact: bool, ulps: float = 4):
+    """Bit-exact, or: every element within `ulps` rounding steps of the dtype relative to its
+    row's largest value, and (16-bit dtypes) under 1 % of elements off at all, which a rounding
+    step missed or added would exceed many times over."""
+    assert out.shape == expect.shape and out.dtype == expect.dtype, (out.shape, out.dtype)
+    if exact:
+        assert torch.equal(out, expect), (out.double() - expect.double()).abs().max()
+        return
+    if out.dtype == torch.float32:
+        ulps *= 2   # fp32 outputs keep the rstd's few-ulp difference (sum order) unrounded
+    scale = expect.double().abs().amax(dim=-1, keepdim=True)
+    err = (out.double() - expect.double()).abs() / (torch.finfo(out.dtype).eps * scale)
+    assert err.max() <= ulps, err.max()
+    if out.dtype != torch.float32:
+        assert (out != expect).double().mean() < 0.01, (out != expect).double().mean()
+
+
+def guarded_cache(nb, bs, kh, d, dtype, device, gen):
+    """A random cache with one guard block on each side: a store to a negative slot lands there."""
+    full = randn(nb + 2, bs, kh, d, gen=gen, device=device, dtype=dtype)
+    return full, full[1:-1]
+
+
+def qk_case(t, h, kh, d, bs, with_norm, dtype, device, seed, strided, cache_dtype):
+    gen = torch.Generator().manual_seed(seed)
+    width = (h + 2 * kh) * d
+    # strided: rows of a wider buffer (row stride > width), which the kernel must read in place
+    qkv = 2 * randn(t, width + (3 * d if strided else 0), gen=gen, device=device, dtype=dtype)
+    nb = t // bs + 3
+    k_full, k_cache = guarded_cache(nb, bs, kh, d, cache_dtype or dtype, device, gen)
+    v_full, v_cache = guarded_cache(nb, bs, kh, d, cache_dtype or dtype, device, gen)
+    slots = torch.randperm(nb * bs, generator=gen)[:t]
+    slots[torch.rand(t, generator=gen) < 0.2] = -1   # padding tokens: no store, q still written
+    norm = [(1 + 0.1 * torch.randn(d, generator=gen)).to(device, dtype) if with_norm else None
+            for _ in range(2)]
+    return dict(qkv=qkv[:, :width], q_norm_weight=norm[0], k_norm_weight=norm[1], eps=1e-6,
+                positions=torch.randint(0, 4096, (t,), generator=gen).to(device),
+                cos_sin_cache=rope_cache(d, device), k_cache=k_cache, v_cache=v_cache,
+                slot_mapping=slots.to(device), num_heads=h, num_kv_heads=kh,
+                head_dim=d), k_full, v_full
+
+
+def check_qk_norm_rope_store(t, h, kh, d, bs, with_norm, dtype, device, seed=0, strided=True,
+                             unfused=None, cache_dtype=None):
+    """The fused kernel against `unfused(**case)` (default: the torch reference) on copies;
+    `cache_dtype`: a KV cache in another dtype than the model's (kv_cache_dtype)."""
+    from pagedeploy.kernels.triton_fused import qk_norm_rope_store
+    case, k_full, v_full = qk_case(t, h, kh, d, bs, with_norm, dtype, device, seed, strided,
+                                   cache_dtype)
+    qkv_before, k_exp, v_exp = case["qkv"].clone(), k_full.clone(), v_full.clone()
+    q_exp = (unfused or ref.qk_norm_rope_store_ref)(
+        **dict(case, qkv=case["qkv"].clone(), k_cache=k_exp[1:-1], v_cache=v_exp[1:-1]))
+    if device == "cuda":  # unwritten outputs would read these NaNs back from the allocator
+        torch.full((2 * q_exp.numel(),), float("nan"), device=device, dtype=dtype)
+    q = qk_norm_rope_store(**case)
+    assert q.is_contiguous() and torch.isfinite(q).all()
+    assert torch.equal(case["qkv"], qkv_before)        # read only
+    assert torch.equal(v_full, v_exp)                   # v is copied: bit-exact, guards untouched
+    assert torch.equal(k_full[0], k_exp[0]) and torch.equal(k_full[-1], k_exp[-1])
+    # Without the norm, the interpreter does the reference's exact fp32 ops; the GPU may fuse
+    # multiply-adds in the rotation.
+    exact = device == "cpu" and not with_norm
+    assert_matches(q, q_exp, exact)
+    # k is rounded to the model dtype, then to the cache's: compare in the coarser of the two.
+    coarse = max(dtype, k_full.dtype, key=lambda dt: torch.finfo(dt).eps)
+    assert_matches(k_full.to(coarse), k_exp.to(coarse), exact)
+
+
+QK_GPU = [  # h, kh, d, bs
+    (16, 8, 128, 16),    # Qwen3-0.6B, group 2
+    (32, 8, 128, 16),    # Qwen3-8B / Llama-3-8B, group 4
+    (64, 8, 128, 16),    # Llama-3-70B, group 8
+    (28, 4, 128, 256),   # Qwen2.5-7B, group 7
+    (8, 8, 64, 32),      # group 1
+    (9, 3, 64, 16),      # SmolLM2-135M: head counts not powers of two, group 3
+    (14, 2, 64, 128),    # Qwen2.5-0.5B, group 7
+    (12, 2, 64, 32),     # group 6
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_norm", [False, True])
+@pytest.mark.parametrize("h,kh,d,bs", QK_GPU)
+@on_gpu
+def test_qk_norm_rope_store_gpu(dtype, with_norm, h, kh, d, bs):
+    check_qk_norm_rope_store(777, h, kh, d, bs, with_norm, dtype, "cuda")
+
+
+@pytest.mark.parametrize("t", [1, 256, 5000])
+@on_gpu
+def test_qk_norm_rope_store_sizes_gpu(t):
+    """Decode-sized and prefill-sized batches; a contiguous qkv too."""
+    check_qk_norm_rope_store(t, 16, 8, 128, 16, True, torch.bfloat16, "cuda", strided=t != 256)
+
+
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.bfloat16, torch.float16),
+                                               (torch.float16, torch.float32)])
+@on_gpu
+def test_qk_norm_rope_store_cache_dtype_gpu(dtype, cache_dtype):
+    check_qk_norm_rope_store(300, 32, 8, 128, 16, True, dtype, "cuda", cache_dtype=cache_dtype)
+
+
+def unfused_triton(qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache,
+                   v_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
+    """The GPU path the fused kernel replaces: model.py's old Attention.forward sequence."""
+    from pagedeploy.kernels.triton_cache import store_kv
+    from pagedeploy.kernels.triton_norm import rms_norm
+    from pagedeploy.kernels.triton_rotary import apply_rotary
+    t, kv = qkv.shape[0], num_kv_heads * head_dim
+    q, k, v = qkv.split([num_heads * head_dim, kv, kv], dim=-1)
+    q, k = q.view(t, num_heads, head_dim), k.view(t, num_kv_heads, head_dim)
+    if q_norm_weight is not None:
+        q = rms_norm(q.reshape(-1, head_dim), q_norm_weight, eps)[0].view(q.shape)
+        k = rms_norm(k.reshape(-1, head_dim), k_norm_weight, eps)[0].view(k.shape)
+    q, k = apply_rotary(q, k, positions, cos_sin_cache)
+    store_kv(k, v.view(k.shape), k_cache, v_cache, slot_mapping)
+    return q.contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_norm", [False, True])
+@pytest.mark.parametrize("h,kh,d,bs", QK_GPU[:4])
+@on_gpu
+def test_qk_norm_rope_store_vs_unfused_triton_gpu(dtype, with_norm, h, kh, d, bs):
+    check_qk_norm_rope_store(777, h, kh, d, bs, with_norm, dtype, "cuda", unfused=unfused_triton)
+
+
+def check_silu_and_mul(t, inter, dtype, device, seed=0, strided=True):
+    from pagedeploy.kernels.triton_fused import silu_and_mul
+    gen = torch.Generator().manual_seed(seed)
+    # Spread wide enough that silu's negative side and its saturation both occur.
+    x = 3 * randn(t, 2 * inter + (64 if strided else 0), gen=gen, device=device, dtype=dtype)
+    x = x[:, :2 * inter]
+    before = x.clone()
+    expect = ref.silu_and_mul_ref(x)
+    if device == "cuda":
+        torch.full((2 * expect.numel(),), float("nan"), device=device, dtype=dtype)
+    out = silu_and_mul(x)
+    assert out.is_contiguous() and torch.isfinite(out).all() and torch.equal(x, before)
+    assert_matches(out, expect, exact=False)   # exp differs in the last fp32 bits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("inter", [3072, 1536, 4864, 11008, 14336, 100])
+@on_gpu
+def test_silu_and_mul_gpu(dtype, inter):
+    check_silu_and_mul(300, inter, dtype, "cuda", strided=inter != 3072)
+
+
 # --------------------------------------------------------------------------- CPU interpreter
 
 CPU_GROUPS = {  # small sizes for the interpreter (~1e4x slower than the GPU)
@@ -257,6 +416,16 @@ CPU_GROUPS = {  # small sizes for the interpreter (~1e4x slower than the GPU)
                          for dt in (torch.float32, torch.float16)],
     "apply_rotary": lambda: [check_rotary(9, h, kh, d, torch.float32, "cpu")
                              for h, kh, d in [(4, 2, 32), (6, 6, 16), (8, 1, 64)]],
+    # groups 1-8, head_dim 64 / 128 (96: a half that is no power of two), bs 8-32
+    "qk_norm_rope_store": lambda: [
+        check_qk_norm_rope_store(9, h, kh, d, bs, norm, dt, "cpu", seed=s, strided=s % 3 > 0)
+        for s, (h, kh, d, bs) in enumerate([(4, 4, 64, 16), (8, 1, 64, 32), (6, 2, 128, 16),
+                                            (4, 1, 128, 8), (7, 1, 64, 16), (10, 5, 96, 16)])
+        for norm in (False, True) for dt in (torch.float32, torch.float16)]
+    + [check_qk_norm_rope_store(9, 6, 2, 64, 16, norm, torch.float32, "cpu", seed=7,
+                                cache_dtype=torch.float16) for norm in (False, True)],
+    "silu_and_mul": lambda: [check_silu_and_mul(5, inter, dt, "cpu", strided=inter != 48)
+                             for inter in (48, 96, 1536) for dt in (torch.float32, torch.float16)],
     "decode": lambda: [
         check_attention("decode", 5, 90, 4, 4, 16, 16, torch.float32, "cpu", seed=1),
         check_attention("decode", 3, 150, 8, 2, 32, 32, torch.float32, "cpu", seed=2),
