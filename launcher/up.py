@@ -186,6 +186,8 @@ def startup_lines(engine, p: MemoryPlan, host: str, port: int, keyed: bool) -> l
         f"KV cache: {kv.num_blocks:,} blocks × {kv.block_size} tokens = {kv.tokens:,} tokens; "
         f"max concurrency {p.max_concurrency:.2f}× at max_model_len {p.max_model_len:,}",
         f"Memory: KV cache {gib(allocated)} allocated (plan {gib(kv.bytes)}); {measured_memory(p)}",
+        *device_memory_lines(runner, p),
+        *offload_lines(getattr(getattr(runner, "model", None), "offloader", None), p),
         f"Serving {engine.config.served_model_name} at http://{shown_host}:{port}/v1 "
         f"(OpenAI API{'; Bearer key required' if keyed else ''}; /health, /metrics). Ctrl+C stops.",
     ]
@@ -201,6 +203,33 @@ def measured_memory(p: MemoryPlan) -> str:
     return (f"process RSS {gib(rss_bytes())} (plan: weights {gib(p.weights.gpu_bytes)} + "
             f"activations {gib(p.activation_peak_bytes)} + KV {gib(p.kv_cache.bytes)}, "
             f"reserve {gib(p.runtime_reserve_bytes)} not counted)")
+
+
+def device_memory_lines(runner, p: MemoryPlan) -> list[str]:
+    """What the driver sees against the plan's total, and the two terms the plan can only
+    estimate: memory outside torch (context, libraries) and the CUDA-graph pool."""
+    if p.device != "cuda":
+        return []
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    outside = (total - free) - torch.cuda.memory_reserved()
+    graphs = runner.cuda_graph_bytes() if hasattr(runner, "cuda_graph_bytes") else 0
+    return [f"GPU in use {gib(total - free)} (plan {gib(p.used_bytes)}): outside torch {gib(outside)} "
+            f"(plan's CUDA context {gib(p.cuda_context_bytes)}), CUDA graphs {gib(graphs)} "
+            f"(plan {gib(p.cuda_graph_bytes)})"]
+
+
+def offload_lines(offloader, p: MemoryPlan) -> list[str]:
+    """Measured against planned: the bytes in CPU memory (equal by construction, so a difference
+    is a bug worth seeing) and the GPU staging buffers they are copied through."""
+    w = p.weights
+    if offloader is None:
+        return []
+    return [f"CPU offload: {offloader.num_layers} layers, {offloader.offloaded_bytes:,} bytes "
+            f"({gib(offloader.offloaded_bytes)}) in pinned CPU memory (plan {w.layers_offloaded} "
+            f"layers, {w.cpu_bytes:,} bytes); host buffer {gib(offloader.host_bytes)}; "
+            f"GPU staging {gib(offloader.staging_bytes)} (plan {gib(w.staging_bytes)})"]
 
 
 def rss_bytes() -> int:

@@ -72,29 +72,30 @@ class Scheduler:
         return batch
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
-        scheduled: set[int] = set()
+        bm, items = self.block_manager, batch.items
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if _reached_max_tokens(seq):
+            num_tokens = seq.num_tokens
+            if num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens:
                 i += 1           # its last token is still on the device; it finishes once read
                 continue
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(num_tokens - seq.num_computed_tokens, budget)
             assert num_new > 0, "a running sequence must have a token to compute"
-            if not self._make_room(seq, num_new, scheduled, batch):
+            if not bm.can_append(seq, num_new) and not self._make_room(seq, num_new, i, batch):
                 break                # seq itself was preempted: it was the newest left
-            self.block_manager.append_slots(seq, num_new)
-            batch.items.append(self._item(seq, num_new))
-            scheduled.add(seq.seq_id)
+            bm.append_slots(seq, num_new)
+            items.append(BatchItem(seq, num_new, seq.num_computed_tokens + num_new == num_tokens))
             budget -= num_new
             i += 1
         return budget
 
-    def _make_room(self, seq: Sequence, num_new: int, scheduled: set[int], batch: ScheduledBatch) -> bool:
-        """Preempt the newest running sequences until seq's new tokens fit; False if seq went too."""
+    def _make_room(self, seq: Sequence, num_new: int, index: int, batch: ScheduledBatch) -> bool:
+        """Preempt the newest running sequences until seq (at `index`) fits; False if seq went too.
+        Victims come from the end, after seq: none of them is in this batch yet."""
         while not self.block_manager.can_append(seq, num_new):
+            assert len(self.running) - 1 >= index, "preempting a sequence already in this batch"
             victim = self.running[-1]
-            assert victim.seq_id not in scheduled, "preempting a sequence already in this batch"
             self.preempt(victim, batch)
             if victim is seq:
                 return False
@@ -198,6 +199,3 @@ class Scheduler:
         self.block_manager.free_seq(seq)
         seq.status = SequenceStatus.FINISHED
 
-
-def _reached_max_tokens(seq: Sequence) -> bool:
-    return seq.num_tokens - seq.num_prompt_tokens >= seq.params.max_tokens
