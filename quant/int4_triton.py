@@ -1,20 +1,29 @@
-"""Triton kernels for y = x @ dequant(W)^T (+ bias) on the int4 format of int4.py.
+"""y = x @ dequant(W)^T (+ bias) on the int4 format of int4.py: which kernel (int4_kernels.py) runs how.
 
-Both kernels dequantize W^T tiles in registers right before `tl.dot`, so the weight crosses memory
-once, at 4 bits:
+Three paths, picked by M (rows of x) in `default_config`:
 
-- `_int4_gemv_kernel`, for M <= 16 (decode): the M rows ride in one 16-row dot tile and the grid is
-  output-column tiles × K splits, so that even a narrow layer (k/v projections) puts enough programs
-  on the GPU to stream the weight at full bandwidth. Each packed word is loaded once; its 8 nibble
-  planes make 8 dots of K = BLOCK_K / 8 against strided columns of x. Split partials are summed in
-  fp32 by torch (deterministic, unlike atomics).
-- `_int4_gemm_kernel`, for larger M (prefill, big batches): a classic tiled GEMM with grouped tile
-  ordering so that neighbouring programs share weight tiles in L2; its `[BLOCK_K, BLOCK_N]` tile
-  gathers word k // 8 for each k (the re-reads hit L1 and are amortized over BLOCK_M rows).
+- "fma" (decode, M <= FMA_MAX_M): CUDA cores. A program owns BLOCK_N output rows and a K split; it
+  loads [BLOCK_N, BLOCK_K/8] tiles of packed words (contiguous along K: 16-byte cp.async loads) and
+  walks the 8 nibble planes. Codes become floats by the magic-number trick: one LOP3 ORs the nibble
+  into the mantissa of 2^23 (no int->float conversion, which runs at 1/8 of the FMA rate on sm_90),
+  one fma with the scale takes 2^23 s off exactly, one fma accumulates; nibble j stays in place and x
+  is pre-scaled by 16^-j instead of shifting each weight. The zero term is z * sum_j x_j, once a word.
+- "dot" (small and medium M): tensor cores. Each nibble plane j of a [BLOCK_K/8, BLOCK_N] word tile is
+  one `tl.dot` against the matching x columns 8c + j (contiguous: a small first launch permutes x to
+  plane order and sums it per group). With `fold`, the dot takes exact codes (magic-number bf16/fp16
+  values MAGIC + code) and the group's scale and zero are applied once to the tile's fp32 result:
+  s * dot(x, MAGIC + c) + (z - MAGIC s) * sum(x) = dot(x, c s + z).
+- "dense" (prefill, M >= DENSE_MIN_M): dequantize to x.dtype in chunks of rows (a Triton kernel
+  into a scratch buffer) and let cuBLAS multiply; at large M the matmul dominates and cuBLAS wins.
 
-Math: codes * scale + zero in fp32, rounded to x.dtype for the dot (bf16/fp16 tensor cores), fp32
-accumulation; exactly what `int4_matmul_reference` computes. On the CPU this runs only under
-TRITON_INTERPRET=1 (tests do, at small sizes, with fp32 x).
+Split-K partials (fma and dot) are reduced inside the same launch: each program stores its fp32
+partial, the last one to arrive at the tile (an atomic counter) sums them in a fixed order, adds the
+bias, writes y and re-arms the counter. One launch, deterministic, no host sync, nothing to zero
+per call: safe inside CUDA graphs on one stream (two streams must not run split launches at once).
+
+Results equal `int4_matmul_reference` up to fp32 rounding: the reference rounds each weight to
+x.dtype, the fma path and folded dots never round the weight at all. On the CPU this runs only under
+TRITON_INTERPRET=1 (tests do, at small sizes, with fp32 or fp16 x: the interpreter cannot dot bf16).
 """
 from __future__ import annotations
 
@@ -23,114 +32,29 @@ from functools import lru_cache
 
 import torch
 import triton
-import triton.language as tl
 
 from .int4 import Int4Weight
+from .int4_kernels import _int4_dequant_kernel, _int4_dot_kernel, _int4_fma_kernel, _x_prep_kernel
 
-GEMV_MAX_M = 16
+FMA_MAX_M = 2          # rows of x up to which CUDA cores beat tensor cores (GPU sweeps, PERF.md)
+DENSE_MIN_M = 192      # rows of x from which dequantize + cuBLAS beats the fused GEMM
+DENSE_CHUNK_BYTES = 64 << 20   # dense path: scratch for the dequantized weight, a chunk of rows at a time
+_LOCKS = 1 << 16       # split-K arrival counters per device (one per output tile of a launch)
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1          # GEMV only
+    kind: str                 # "fma", "dot" or "dense"
+    block_m: int = 16         # fma: 1 or 2 (>= M); dot: >= 16
+    block_n: int = 64
+    block_k: int = 128        # dot: >= 128 (each plane's dot needs K >= 16)
+    split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
-
-
-@triton.jit
-def _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_k, offs_n, mask_n, K, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W^T tile [BLOCK_K, BLOCK_N] in fp32. Word k // 8 of row n holds column k in nibble k % 8."""
-    words = tl.load(w_ptr + offs_n[None, :] * (K // 8) + offs_k[:, None] // 8, mask=mask_n[None, :], other=0)
-    codes = ((words >> ((offs_k[:, None] % 8) * 4)) & 0xF).to(tl.float32)
-    groups = K // GROUP
-    if GROUP % BLOCK_K == 0:   # the tile lies in one group: one scale and zero per column
-        g = k0 // GROUP
-        s = tl.load(s_ptr + offs_n * groups + g, mask=mask_n, other=0).to(tl.float32)
-        z = tl.load(z_ptr + offs_n * groups + g, mask=mask_n, other=0).to(tl.float32)
-        return codes * s[None, :] + z[None, :]
-    g_ptrs = offs_n[None, :] * groups + offs_k[:, None] // GROUP
-    s = tl.load(s_ptr + g_ptrs, mask=mask_n[None, :], other=0).to(tl.float32)
-    z = tl.load(z_ptr + g_ptrs, mask=mask_n[None, :], other=0).to(tl.float32)
-    return codes * s + z
-
-
-@triton.jit
-def _int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, k_per_split,
-                      stride_xm, stride_ym, stride_ys,
-                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      PRECISION: tl.constexpr):
-    """Loads each int32 word once, as a [BLOCK_K / 8, BLOCK_N] tile (contiguous along K, so the loads
-    vectorize), and multiplies it nibble plane by nibble plane: plane j holds columns 8c + j, which
-    meet the matching strided columns of x. No reshape, no repeated weight loads; K may be ragged."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = tl.arange(0, BLOCK_K // 8)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    groups = K // GROUP
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
-        c = k0 // 8 + offs_c
-        mask_c = c < K // 8
-        words = tl.load(w_ptr + offs_n[None, :] * (K // 8) + c[:, None],
-                        mask=mask_c[:, None] & mask_n[None, :], other=0)
-        if GROUP % BLOCK_K == 0:   # one group per tile: a scale and a zero per column
-            s = tl.load(s_ptr + offs_n * groups + k0 // GROUP, mask=mask_n, other=0).to(tl.float32)[None, :]
-            z = tl.load(z_ptr + offs_n * groups + k0 // GROUP, mask=mask_n, other=0).to(tl.float32)[None, :]
-        for j in tl.static_range(8):
-            k = c * 8 + j
-            if GROUP % BLOCK_K != 0:
-                g = offs_n[None, :] * groups + k[:, None] // GROUP
-                gmask = mask_c[:, None] & mask_n[None, :]
-                s = tl.load(s_ptr + g, mask=gmask, other=0).to(tl.float32)
-                z = tl.load(z_ptr + g, mask=gmask, other=0).to(tl.float32)
-            w = ((words >> (4 * j)) & 0xF).to(tl.float32) * s + z
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                        mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-            acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:   # fp32 partials [SPLIT_K, M, N]; the wrapper sums them
-        y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
-        tl.store(y, acc, mask=mask)
-
-
-@triton.jit
-def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
-                      GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row tiles walk the column tiles together, reusing W tiles from L2.
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_in_group
-    pid_n = (pid % per_group) // rows_in_group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = offs_m < M, offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_k, offs_n, mask_n, K, GROUP, BLOCK_K)
-        acc = tl.dot(x, w.to(x.dtype), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    swap_ab: bool = False     # dot: W tile as the MMA's A operand, the M rows as its N
+    fold: bool = True         # dot: scale/zero after each group's dot (needs group % block_k == 0)
+    unroll: int = 1           # fma: sub-tiles of block_k per loop step
+    group_m: int = 8          # dot: row tiles that walk the column tiles together (L2 reuse)
 
 
 # ---- launch -------------------------------------------------------------------------------------
@@ -140,27 +64,45 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _block_k(K: int, want: int) -> int:
-    """Largest power of two <= want that divides K (tiles never run past the row)."""
-    bk = want
-    while K % bk:
-        bk //= 2
-    return bk
+_locks_by_device: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device) -> torch.Tensor:
+    """Arrival counters, zero between launches (each launch's last program re-arms its tile's)."""
+    if device not in _locks_by_device:
+        _locks_by_device[device] = torch.zeros(_LOCKS, dtype=torch.int32, device=device)
+    return _locks_by_device[device]
+
+
+def _split(tiles: int, steps: int, sms: int, waves: float) -> int:
+    """K splits (a power of two, each >= one K step) until there are `waves` programs per SM."""
+    split = 1
+    while tiles * split < waves * sms and 2 * split <= steps:
+        split *= 2
+    return split
 
 
 def default_config(M: int, N: int, K: int, group: int, device: torch.device) -> KernelConfig:
-    """Heuristic launch shapes (untuned here: the GPU pass tunes these numbers)."""
-    if M <= GEMV_MAX_M:
-        bk = 256 if K >= 2048 else 128     # the dot's K is bk / 8: at least 16 on tensor cores
-        tiles = triton.cdiv(N, 32)
-        sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
-        split = 1
-        # More K splits until there are ~2 programs per SM, keeping >= 4 K tiles per split.
-        while tiles * split < 2 * sms and triton.cdiv(K, bk) >= 8 * split:
-            split *= 2
-        return KernelConfig(16, 32, bk, split, num_warps=4, num_stages=3)
-    bm = 64 if M <= 64 else 128
-    return KernelConfig(bm, 128, _block_k(K, 64), 1, num_warps=4 if bm == 64 else 8, num_stages=3)
+    """Launch shapes by (M, N, K) class, fixed ahead of time from the GPU sweeps of PERF.md (issue 6, P3)
+    rather than autotuned at run time. Per M: fma for 1-2 rows, the dot GEMV (16-row tile, W as the
+    MMA's A operand) up to 16, the dot GEMM (32-row tiles) below DENSE_MIN_M, then dequantize + cuBLAS."""
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    steps = triton.cdiv(K, 128)
+    if M >= DENSE_MIN_M:
+        return KernelConfig("dense")
+    if M <= FMA_MAX_M:
+        if N >= 16384:   # gate_up class: enough row tiles; narrow 2-warp programs (M=1), wide ones (M=2)
+            if M == 1:
+                return KernelConfig("fma", 1, 64, 128, _split(N // 64, steps, sms, 4), num_warps=2, num_stages=2,
+                                    unroll=2)
+            return KernelConfig("fma", 2, 256, 128, _split(N // 256, steps, sms, 1), num_warps=4, num_stages=3)
+        split = _split(triton.cdiv(N, 128), steps, sms, 2 if M == 1 else 1.5)
+        return KernelConfig("fma", M, 128, 128, split, num_warps=4, num_stages=2)
+    if M <= 16:
+        split = _split(triton.cdiv(N, 128), steps, sms, 1.5)
+        return KernelConfig("dot", 16, 128, 128, split, num_warps=4, num_stages=3, swap_ab=True)
+    split = _split(triton.cdiv(M, 32) * triton.cdiv(N, 128), steps, sms, 1.5)
+    return KernelConfig("dot", 32, 128, 128, split, num_warps=4, num_stages=3)
 
 
 def int4_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None,
@@ -172,51 +114,96 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    M = x2.shape[0]
-    cfg = config or default_config(M, N, K, w.group_size, x.device)
-    if M > GEMV_MAX_M and K % cfg.block_k:
-        raise ValueError(f"int4_matmul: GEMM block_k={cfg.block_k} must divide K={K}")
-    y = _launch_gemv(x2, w, bias, cfg) if M <= GEMV_MAX_M else _launch_gemm(x2, w, bias, cfg)
-    return y.reshape(*x.shape[:-1], N)
+    cfg = config or default_config(x2.shape[0], N, K, w.group_size, x.device)
+    launch = {"fma": _launch_fma, "dot": _launch_dot, "dense": _dense_matmul}[cfg.kind]
+    return launch(x2, w, bias, cfg).reshape(*x.shape[:-1], N)
 
 
-def _precision(x: torch.Tensor) -> str:
-    return "ieee" if x.dtype == torch.float32 else "tf32"   # tf32 is ignored for bf16/fp16 dots
+def _split_args(x, N: int, cfg: KernelConfig, tiles: int, step_words: int):
+    """(words per split, workspace, locks) for a launch of `tiles` output tiles."""
+    M, K = x.shape
+    steps = triton.cdiv(K // 8, step_words)
+    words_per_split = triton.cdiv(steps, cfg.split_k) * step_words
+    if cfg.split_k == 1:
+        return words_per_split, x, x
+    if tiles > _LOCKS:
+        raise ValueError(f"int4_matmul: {tiles} split-K tiles exceed the {_LOCKS} counters")
+    ws = torch.empty((cfg.split_k, M, N), device=x.device, dtype=torch.float32)
+    return words_per_split, ws, _locks(x.device)
 
 
-def _launch_gemv(x, w: Int4Weight, bias, cfg: KernelConfig) -> torch.Tensor:
+def _launch_fma(x, w: Int4Weight, bias, cfg: KernelConfig) -> torch.Tensor:
     M, K = x.shape
     N = w.shape[0]
-    if cfg.block_m < M:
-        raise ValueError(f"int4_matmul: GEMV block_m={cfg.block_m} < M={M}")
-    split = cfg.split_k
-    out = torch.empty((M, N) if split == 1 else (split, M, N), device=x.device,
-                      dtype=x.dtype if split == 1 else torch.float32)
-    grid = (triton.cdiv(N, cfg.block_n), split)
-    k_per_split = triton.cdiv(triton.cdiv(K, cfg.block_k), split) * cfg.block_k
-    _int4_gemv_kernel[grid](
-        x, w.packed, w.scales, w.zeros, bias if bias is not None else x, out, M, N, K, k_per_split,
-        x.stride(0), out.stride(-2), out.stride(0) if split > 1 else 0,
-        GROUP=w.group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        SPLIT_K=split, HAS_BIAS=bias is not None, PRECISION=_precision(x),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if split == 1:
-        return out
-    y = out.sum(0)
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype)
+    if M > cfg.block_m or cfg.block_m not in (1, 2):
+        raise ValueError(f"int4_matmul: fma block_m={cfg.block_m} must be 1 or 2 and >= M={M}")
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    per_split, ws, locks = _split_args(x, N, cfg, grid[0], cfg.block_k // 8 * cfg.unroll)
+    _int4_fma_kernel[grid](
+        x, w.packed, w.scales, w.zeros, x if bias is None else bias, y, ws, locks, M, N, K // 8,
+        K // w.group_size, per_split, cfg.split_k, x.stride(0), y.stride(0), 0x4B000000, GROUP=w.group_size,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UNROLL=cfg.unroll,
+        NUM_STAGES=cfg.num_stages, USE_SPLIT=cfg.split_k > 1, HAS_BIAS=bias is not None,
+        EVEN=N % cfg.block_n == 0 and per_split * cfg.split_k == K // 8,
+        num_warps=cfg.num_warps)
+    return y
 
 
-def _launch_gemm(x, w: Int4Weight, bias, cfg: KernelConfig) -> torch.Tensor:
+def _launch_dot(x, w: Int4Weight, bias, cfg: KernelConfig) -> torch.Tensor:
     M, K = x.shape
     N = w.shape[0]
-    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
-    _int4_gemm_kernel[grid](
-        x, w.packed, w.scales, w.zeros, bias if bias is not None else x, out, M, N, K,
-        x.stride(0), out.stride(0),
-        GROUP=w.group_size, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        GROUP_M=8, HAS_BIAS=bias is not None, PRECISION=_precision(x),
+    if cfg.block_k < 128 or cfg.block_m < 16:
+        raise ValueError("int4_matmul: dot needs block_k >= 128 and block_m >= 16")
+    fold = cfg.fold and w.group_size % cfg.block_k == 0
+    # One small launch first: x in plane order (contiguous x tiles) and its per-group sums (fold's zero term).
+    xp = torch.empty_like(x)
+    xs = torch.empty((M, K // w.group_size), device=x.device, dtype=torch.float32)
+    _x_prep_kernel[(M, K // w.group_size)](x, xp, xs, K // 8, K // w.group_size, x.stride(0), GROUP=w.group_size,
+                                           num_warps=1)
+    x = xp
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    per_split, ws, locks = _split_args(x, N, cfg, tiles, cfg.block_k // 8)
+    _int4_dot_kernel[(tiles, cfg.split_k)](
+        x, xs, w.packed, w.scales, w.zeros, x if bias is None else bias, y, ws, locks, M, N, K // 8,
+        K // w.group_size, per_split, cfg.split_k, x.stride(0), y.stride(0), GROUP=w.group_size,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SWAP_AB=cfg.swap_ab, FOLD=fold,
+        USE_SPLIT=cfg.split_k > 1, HAS_BIAS=bias is not None,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",   # tf32 is ignored for bf16/fp16
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
+def dequantize_rows(w: Int4Weight, start: int, stop: int, dtype: torch.dtype,
+                    out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows [start, stop) of the dense weight in `dtype`, on w's device (Triton)."""
+    N, K = stop - start, w.shape[1]
+    groups = K // w.group_size
+    out = torch.empty((N, K), device=w.device, dtype=dtype) if out is None else out
+    per_program = 4
+    grid = (triton.cdiv(N, 64), triton.cdiv(groups, per_program))
+    _int4_dequant_kernel[grid](w.packed[start:stop], w.scales[start:stop], w.zeros[start:stop], out, N, K // 8,
+                               groups, GROUP=w.group_size, BLOCK_N=64, GROUPS_PER_PROGRAM=per_program, num_warps=4)
     return out
+
+
+def _dense_matmul(x, w: Int4Weight, bias, cfg: KernelConfig) -> torch.Tensor:
+    """Dequantize a chunk of rows at a time into scratch and multiply with cuBLAS, straight into y."""
+    M, K = x.shape
+    N = w.shape[0]
+    rows = max(64, DENSE_CHUNK_BYTES // (K * x.element_size()) // 64 * 64)
+    if rows >= N:
+        wd = dequantize_rows(w, 0, N, x.dtype)
+        return torch.nn.functional.linear(x, wd, None if bias is None else bias.to(x.dtype))
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    scratch = torch.empty((rows, K), device=x.device, dtype=x.dtype)
+    for n0 in range(0, N, rows):
+        n1 = min(n0 + rows, N)
+        wd = dequantize_rows(w, n0, n1, x.dtype, scratch[: n1 - n0])
+        if bias is None:
+            torch.mm(x, wd.t(), out=y[:, n0:n1])
+        else:
+            torch.addmm(bias[n0:n1].to(x.dtype), x, wd.t(), out=y[:, n0:n1])
+    return y
