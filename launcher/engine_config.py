@@ -14,7 +14,6 @@ from .profile import Profile
 
 def build_engine_config(profile: Profile, spec: ModelSpec, plan: MemoryPlan) -> EngineConfig:
     """The plan must fit (the caller checks plan.fits and shows the fixes otherwise)."""
-    refuse_unbuilt(profile, plan)
     tokenizer = str(profile.resolve_path(profile.tokenizer)) if profile.tokenizer else None
     return EngineConfig(
         spec=spec,
@@ -31,7 +30,9 @@ def build_engine_config(profile: Profile, spec: ModelSpec, plan: MemoryPlan) -> 
         max_num_seqs=profile.max_num_seqs,
         max_num_batched_tokens=profile.max_num_batched_tokens,
         enable_prefix_caching=profile.enable_prefix_caching,
-        enforce_eager=profile.enforce_eager or plan.device == "cpu",
+        # CPU offload copies layers from hooks that run on the host each forward, which a CUDA
+        # graph replay would skip; the plan counts no graph pool then.
+        enforce_eager=profile.enforce_eager or plan.device == "cpu" or plan.weights.cpu_bytes > 0,
         max_seq_len_to_capture=profile.max_seq_len_to_capture,
         quantization=profile.quantization,
         cpu_offload_bytes=plan.weights.cpu_bytes,
@@ -39,16 +40,6 @@ def build_engine_config(profile: Profile, spec: ModelSpec, plan: MemoryPlan) -> 
         max_logprobs=profile.max_logprobs,
         served_model_name=profile.served_model_name or profile.model,
     )
-
-
-def refuse_unbuilt(profile: Profile, plan: MemoryPlan) -> None:
-    """What the plan can size but the runtime does not do yet: refuse rather than load the weights
-    the plan put on the CPU onto the GPU anyway (an OOM the plan promised away)."""
-    if plan.weights.cpu_bytes > 0:
-        raise profile.error(
-            "cpu_offload_gb", f"{profile.cpu_offload_gb} GiB of weight offload is planned but the "
-            "runtime does not offload layers yet (`deploy plan` still sizes it)",
-            "set cpu_offload_gb: 0 and make the weights fit, e.g. with quantization: int4 or a larger GPU")
 
 
 def load_format(profile: Profile, spec: ModelSpec) -> str:

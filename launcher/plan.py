@@ -8,7 +8,7 @@ Every term is separate (README "Memory plan" documents each formula):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from pagedeploy.quant.formats import bnb_weight_bytes, int4_weight_bytes
 from pagedeploy.runtime.config import cuda_graph_batch_sizes
@@ -37,6 +37,8 @@ class WeightsPlan:
     cpu_bytes: int                # offloaded whole layers, exact
     layers_offloaded: int
     quant_scale_bytes: int        # part of gpu_bytes: 4-bit absmax / scales of on-device layers
+    staging_bytes: int = 0        # GPU buffers the offloaded layers are copied into each forward
+    packed_bytes: int = 0         # CPU float32: oneDNN-packed copies of the GEMM weights
     layer_bytes: list[int] = field(repr=False, default_factory=list)
 
 
@@ -91,8 +93,9 @@ class MemoryPlan:
 
     @property
     def non_kv_bytes(self) -> int:
-        return (self.weights.gpu_bytes + self.activation_peak_bytes + self.cuda_context_bytes
-                + self.cuda_graph_bytes + self.runtime_reserve_bytes)
+        return (self.weights.gpu_bytes + self.weights.staging_bytes + self.weights.packed_bytes
+                + self.activation_peak_bytes
+                + self.cuda_context_bytes + self.cuda_graph_bytes + self.runtime_reserve_bytes)
 
     @property
     def used_bytes(self) -> int:
@@ -111,6 +114,8 @@ class MemoryPlan:
 
 def plan(profile: Profile, spec: ModelSpec, gpu: GpuSpec) -> MemoryPlan:
     """The memory plan, its verdict and (when it does not fit) fixes with numbers."""
+    from .plan_fixes import find_fixes   # the fixes re-plan through plan_terms: a cycle at import
+
     result = plan_terms(profile, spec, gpu)
     if not result.fits:
         result.fixes = find_fixes(profile, spec, gpu, result)
@@ -127,13 +132,16 @@ def plan_terms(profile: Profile, spec: ModelSpec, gpu: GpuSpec) -> MemoryPlan:
     budget = gpu.total_bytes if fixed_kv else int(gpu.total_bytes * profile.gpu_memory_utilization)
     on_gpu = device == "cuda"
     weights = plan_weights(profile, spec, dtype, offload=on_gpu)
+    if device == "cpu" and dtype == "float32" and not profile.quantization:
+        weights.packed_bytes = cpu_packed_bytes(spec)
     result = MemoryPlan(
         model=spec.name, gpu=gpu, device=device, dtype=dtype, total_bytes=gpu.total_bytes,
         gpu_memory_utilization=profile.gpu_memory_utilization, budget_bytes=budget,
         weights=weights,
         activation_peak_bytes=activation_peak_bytes(spec, profile, DTYPE_BYTES[dtype]),
         cuda_context_bytes=CUDA_CONTEXT_BYTES if on_gpu else 0,
-        cuda_graph_bytes=cuda_graph_bytes(spec, profile) if on_gpu else 0,
+        # CPU offload runs eager (launcher/engine_config.py): no graph pool then
+        cuda_graph_bytes=cuda_graph_bytes(spec, profile) if on_gpu and not weights.cpu_bytes else 0,
         runtime_reserve_bytes=GPU_RESERVE_BYTES if on_gpu else CPU_RESERVE_BYTES,
         kv_cache=None,  # filled below: it is what the other terms leave
         max_model_len=max_model_len, max_num_seqs=profile.max_num_seqs,
@@ -214,17 +222,40 @@ def plan_weights(profile: Profile, spec: ModelSpec, dtype: str,
     total = sum(layer_bytes) + other_bytes
     return WeightsPlan(dtype=dtype, quantization=quant, total_bytes=total,
                        gpu_bytes=total - moved, cpu_bytes=moved, layers_offloaded=offloaded,
-                       quant_scale_bytes=sum(layer_scales[offloaded:]), layer_bytes=layer_bytes)
+                       quant_scale_bytes=sum(layer_scales[offloaded:]),
+                       staging_bytes=offload_staging_bytes(layer_bytes[:offloaded]),
+                       layer_bytes=layer_bytes)
+
+
+def cpu_packed_bytes(spec: ModelSpec) -> int:
+    """A float32 model on the CPU keeps a oneDNN-packed copy of every GEMM weight beside the dense
+    one (runtime/cpu_weights.py): the decoder linears and the lm_head (the embedding when tied)."""
+    layers, _ = spec.param_groups()
+    return 4 * (sum(linear for linear, _ in layers) + spec.vocab_size * spec.hidden_size)
 
 
 def offload_layers(layer_bytes: list[int], cpu_offload_gb: float) -> tuple[int, int]:
     """vLLM's rule: offload whole layers from layer 0 on while fewer than cpu_offload_gb GiB have
     moved (so the last layer may overshoot). Returns (layers moved, bytes moved)."""
-    target, moved, count = cpu_offload_gb * GiB, 0, 0
-    while count < len(layer_bytes) and moved < target:
+    return layers_to_offload(layer_bytes, cpu_offload_gb * GiB)
+
+
+def layers_to_offload(layer_bytes: list[int], target_bytes: float) -> tuple[int, int]:
+    """The one rule shared with the runtime (runtime/offload.py), which passes the plan's exact
+    cpu_bytes as the target and so moves exactly the planned layers."""
+    moved, count = 0, 0
+    while count < len(layer_bytes) and moved < target_bytes:
         moved += layer_bytes[count]
         count += 1
     return count, moved
+
+
+def offload_staging_bytes(offloaded_layer_bytes: list[int]) -> int:
+    """The runtime copies each offloaded layer into one of two GPU buffers (the next layer's copy
+    fills the other while this one computes), each the size of the largest offloaded layer."""
+    if not offloaded_layer_bytes:
+        return 0
+    return min(2, len(offloaded_layer_bytes)) * max(offloaded_layer_bytes)
 
 
 # ---------------------------------------------------------------- activations and graphs
@@ -315,107 +346,5 @@ def judge(p: MemoryPlan, fixed_kv: bool) -> None:
                      f"{p.max_model_len:,} tokens at once.")
 
 
-# ---------------------------------------------------------------- fixes
-
-def find_fixes(profile: Profile, spec: ModelSpec, gpu: GpuSpec, p: MemoryPlan) -> list[Fix]:
-    """Each change alone, re-planned, with its number and whether it makes the plan fit."""
-    fixes = []
-    if p.reason == "request":
-        fixes.append(Fix("max_model_len", p.kv_cache.tokens, f"max_model_len: {p.kv_cache.tokens}"
-                         " (the longest request the KV pool holds)", True))
-    fixes += memory_fix(profile, spec, gpu, p)
-    if profile.quantization is None:
-        for quant in ("nf4", "int4"):
-            fixes.append(change_fix(profile, spec, gpu, p, "quantization", quant,
-                                    f"quantization: {quant}", "of weights"))
-    fixes += offload_fix(profile, spec, gpu, p)
-    if p.cuda_graph_bytes:
-        fixes.append(change_fix(profile, spec, gpu, p, "enforce_eager", True,
-                                "enforce_eager: true", "of CUDA graphs"))
-    for key in ("max_num_batched_tokens", "max_num_seqs"):
-        fixes += smaller_fix(profile, spec, gpu, p, key)
-    return [f for f in fixes if f.fits or f.frees_bytes > 0]
-
-
-def change_fix(profile, spec, gpu, p, key: str, value, text: str, what: str) -> Fix:
-    alt = plan_terms(replace(profile, **{key: value}), spec, gpu)
-    frees = p.non_kv_bytes - alt.non_kv_bytes
-    tail = "and fits" if alt.fits else "(not enough alone)"
-    return Fix(key, value, f"{text} frees {gib(frees)} {what} {tail}", alt.fits, frees)
-
-
-def memory_fix(profile, spec, gpu, p) -> list[Fix]:
-    """The gpu_memory_utilization (or kv_cache_memory_bytes) one max_model_len request needs."""
-    need_kv = p.blocks_per_request * p.kv_cache.block_bytes
-    if profile.kv_cache_memory_bytes is not None:
-        room = (p.budget_bytes - p.non_kv_bytes) // p.kv_cache.block_bytes * p.kv_cache.block_bytes
-        if room < need_kv:
-            return []
-        value = need_kv if p.reason == "request" else room
-        return [Fix("kv_cache_memory_bytes", value, f"kv_cache_memory_bytes: {value} "
-                    f"({gib(value)})", True)]
-    needed = math.ceil((p.non_kv_bytes + need_kv) / p.total_bytes * 100) / 100
-    while needed <= 1.0:
-        if plan_terms(replace(profile, gpu_memory_utilization=needed), spec, gpu).fits:
-            return [Fix("gpu_memory_utilization", needed,
-                        f"gpu_memory_utilization: {needed:.2f}", True)]
-        needed = round(needed + 0.01, 2)
-    return []
-
-
-def offload_gb_for(layer_bytes: list[int], count: int) -> float:
-    """A cpu_offload_gb that moves exactly `count` layers (short and readable when possible)."""
-    exact = sum(layer_bytes[:count]) / GiB
-    for value in (math.floor(exact * 10) / 10, math.floor(exact * 100) / 100, exact):
-        if offload_layers(layer_bytes, value)[0] == count:
-            return value
-    raise AssertionError("offload_layers must move `count` layers for their exact size")
-
-
-def offload_fix(profile, spec, gpu, p) -> list[Fix]:
-    """The smallest cpu_offload_gb that fits; and with nf4 too when 4-bit alone is short."""
-    if p.device != "cuda":
-        return []
-    quants = [profile.quantization]
-    if profile.quantization is None and not plan_terms(
-            replace(profile, quantization="nf4"), spec, gpu).fits:
-        quants.append("nf4")
-    out = []
-    for quant in quants:
-        base = replace(profile, quantization=quant)
-        layers = plan_weights(base, spec, p.dtype).layer_bytes
-        values = (offload_gb_for(layers, n) for n in range(1, len(layers) + 1))
-        for value in (v for v in values if v > profile.cpu_offload_gb):
-            alt = plan_terms(replace(base, cpu_offload_gb=value), spec, gpu)
-            if alt.fits:
-                text = (f"cpu_offload_gb: {value:g} (moves {alt.weights.layers_offloaded} of "
-                        f"{len(layers)} layers, {gib(alt.weights.cpu_bytes)}, to CPU memory)")
-                key = "cpu_offload_gb" if quant == profile.quantization else \
-                    "quantization+cpu_offload_gb"
-                out.append(Fix(key, value, text if key == "cpu_offload_gb" else
-                               f"quantization: {quant} with {text}", True,
-                               p.weights.gpu_bytes - alt.weights.gpu_bytes))
-                break
-    return out
-
-
-def smaller_fix(profile, spec, gpu, p, key: str) -> list[Fix]:
-    """The largest halving of `key` that fits; else what one halving saves."""
-    floor = profile.max_num_seqs if key == "max_num_batched_tokens" else 1
-    candidates = []
-    value = getattr(profile, key) // 2
-    while value >= floor:
-        candidates.append(value)
-        value //= 2
-    if not candidates:
-        return []
-    alts = [(v, plan_terms(replace(profile, **{key: v}), spec, gpu)) for v in candidates]
-    value, alt = next(((v, a) for v, a in alts if a.fits), alts[0])
-    frees = p.non_kv_bytes - alt.non_kv_bytes
-    tail = "and fits" if alt.fits else "(not enough alone)"
-    return [Fix(key, value, f"{key}: {value} frees {gib(frees)} {tail}", alt.fits, frees)]
-
-
 def gib(n: int | float) -> str:
     return f"{n / GiB:.2f} GiB"
-

@@ -27,6 +27,7 @@ def plan_to_json(p: MemoryPlan, profile: Profile, spec: ModelSpec) -> dict:
         "weights": {"gpu_bytes": w.gpu_bytes, "cpu_bytes": w.cpu_bytes,
                     "total_bytes": w.total_bytes, "layers_offloaded": w.layers_offloaded,
                     "quantization": w.quantization, "quant_scale_bytes": w.quant_scale_bytes,
+                    "staging_bytes": w.staging_bytes, "packed_bytes": w.packed_bytes,
                     "dtype": w.dtype},
         "activation_peak_bytes": p.activation_peak_bytes,
         "cuda_context_bytes": p.cuda_context_bytes,
@@ -55,7 +56,8 @@ def gib(n: int | float) -> str:
 
 # (label, plan attribute getter, style, bar character)
 _SEGMENTS = [
-    ("weights", lambda p: p.weights.gpu_bytes, "magenta", "W"),
+    ("weights", lambda p: p.weights.gpu_bytes + p.weights.staging_bytes + p.weights.packed_bytes,
+     "magenta", "W"),
     ("activations", lambda p: p.activation_peak_bytes, "yellow", "A"),
     ("CUDA context", lambda p: p.cuda_context_bytes, "red", "C"),
     ("CUDA graphs", lambda p: p.cuda_graph_bytes, "bright_red", "G"),
@@ -100,6 +102,12 @@ def term_rows(p: MemoryPlan, fixed_kv: bool) -> list[tuple[str, int, str]]:
         rows.append(("  of which 4-bit scales", w.quant_scale_bytes, "per group of weights"))
     rows += [
         ("weights offloaded to CPU", w.cpu_bytes, f"{w.layers_offloaded} whole layers"),
+    ]
+    if w.staging_bytes:
+        rows.append(("  offload staging on GPU", w.staging_bytes, "2 × the largest offloaded layer"))
+    if w.packed_bytes:
+        rows.append(("  packed GEMM copies", w.packed_bytes, "float32 oneDNN layout, CPU"))
+    rows += [
         ("activation peak", p.activation_peak_bytes,
          f"{p.max_num_batched_tokens} tokens, {p.max_num_seqs} seqs"),
         ("CUDA context", p.cuda_context_bytes, "" if p.device == "cuda" else "CPU target"),

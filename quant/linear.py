@@ -5,6 +5,8 @@ like any weight (CPU offload moves whole decoder layers).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -28,10 +30,13 @@ class QuantLinear(nn.Module):
             self.register_buffer("zeros", weight.zeros)
         else:   # BnbWeight
             self.method = weight.quant_type
-            self._state = weight.state   # metadata; its absmax and code follow the buffers below
             self.register_buffer("packed", weight.packed)
             self.register_buffer("absmax", weight.state.absmax)
             self.register_buffer("code", weight.state.code, persistent=False)
+            # Metadata only: qweight fills in absmax and code from the buffers at each call. Holding
+            # them here too would keep a moved or offloaded layer's old copies alive.
+            self._state = copy.copy(weight.state)
+            self._forget_state_tensors()
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def _apply(self, fn, recurse=True):
@@ -43,7 +48,12 @@ class QuantLinear(nn.Module):
             new = self._buffers[name]
             if new is not None and new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
+        self._forget_state_tensors()
         return self
+
+    def _forget_state_tensors(self) -> None:
+        if self.method != "int4":
+            self._state.absmax = self._state.code = None
 
     @property
     def qweight(self):

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedeploy.kernels import apply_rotary, paged_attention, rms_norm, store_kv
+from pagedeploy.kernels import paged_attention, qk_norm_rope_store, rms_norm, silu_and_mul
 from pagedeploy.launcher.model_spec import ModelSpec
+from pagedeploy.runtime.cpu_weights import PackedWeight
 
 # HF checkpoint name piece -> (our fused parameter's name piece, shard index)
 STACKED_PARAMS = {
@@ -43,8 +44,11 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.shard_sizes = shard_sizes or [out_features]
+        self.packed: PackedWeight | None = None   # float32 on the CPU: runtime/cpu_weights.py
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def shard(self, param: torch.Tensor, index: int) -> torch.Tensor:
@@ -57,6 +61,7 @@ class Embedding(nn.Module):
     def __init__(self, num_embeddings: int, dim: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_embeddings, dim), requires_grad=False)
+        self.packed: PackedWeight | None = None   # as the tied lm_head, see Linear
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, self.weight)
@@ -90,15 +95,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.shard_sizes, dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:  # Qwen3: per-head RMSNorm before rope, rows of head_dim
-            q = self.q_norm(q.reshape(-1, self.head_dim))[0].view(q.shape)
-            k = self.k_norm(k.reshape(-1, self.head_dim))[0].view(k.shape)
-        q, k = apply_rotary(q, k, positions, cos_sin_cache)
-        store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        qk_norm = self.q_norm is not None   # Qwen3: per-head RMSNorm of q and k before rope
+        # One kernel reads q, k, v out of the fused projection: (norm,) rope, k/v into the cache.
+        q = qk_norm_rope_store(
+            self.qkv_proj(x), self.q_norm.weight if qk_norm else None,
+            self.k_norm.weight if qk_norm else None, self.q_norm.eps if qk_norm else 0.0,
+            positions, cos_sin_cache, self.k_cache, self.v_cache, meta.slot_mapping,
+            self.num_heads, self.num_kv_heads, self.head_dim)
         o = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
                             meta.query_start_loc, self.scale, self.sliding_window,
                             num_decodes=meta.num_decodes, max_context_len=meta.max_context_len)
@@ -113,8 +116,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, spec.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -163,8 +165,10 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight)
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        if head.packed is not None:
+            return head.packed(hidden, head.weight)
+        return F.linear(hidden, head.weight)
 
     def load_weight(self, hf_name: str, tensor: torch.Tensor) -> bool:
         """Copy one HF-named checkpoint tensor into place; False when the name is not ours."""

@@ -3,7 +3,8 @@
 Runs the nano-vllm workload (or its first N requests) with host-side phase timers around the
 engine's parts, once with async scheduling and once without, then a torch.profiler window of a
 few dozen steps (device time per kernel). Run on the device machine; writes under $OUT.
-Usage: python3 scripts/gpu_profile.py PROFILE [NUM_REQUESTS]
+Usage: python3 scripts/gpu_profile.py PROFILE [NUM_REQUESTS [SKIP_STEPS]] (the profiler window
+starts after SKIP_STEPS steps: 0 sees the prefill-heavy start, 40 the full decode batch).
 """
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ def timed_run(engine: LLMEngine, num_requests: int, async_scheduling: bool) -> s
     return "\n".join(lines)
 
 
-def kernel_window(engine: LLMEngine, num_requests: int, skip: int = 40, window: int = 30) -> str:
-    """torch.profiler over `window` steps after `skip` (decode-heavy by then)."""
+def kernel_window(engine: LLMEngine, num_requests: int, skip: int, window: int = 30) -> str:
+    """torch.profiler over `window` steps after `skip`."""
     from torch.profiler import ProfilerActivity, profile
 
     engine.async_scheduling = True
@@ -95,18 +96,18 @@ def kernel_window(engine: LLMEngine, num_requests: int, skip: int = 40, window: 
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
 
 
-def main(profile: str, num_requests: int) -> None:
+def main(profile: str, num_requests: int, skip: int) -> None:
     engine = LLMEngine(engine_config_from_profile(profile))
     engine.stream = False
     add_workload(engine, 8)            # warm-up: compile kernels outside the timings
     while engine.has_unfinished():
         engine.step()
     report = [timed_run(engine, num_requests, False), timed_run(engine, num_requests, True)]
-    kernels = kernel_window(engine, num_requests)
+    kernels = kernel_window(engine, num_requests, skip)
     open(os.path.join(OUT, "kernels.txt"), "w").write(kernels)
     print(kernels[:6000])
     print("\n".join(report))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 256)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 256, int(sys.argv[3]) if len(sys.argv) > 3 else 40)

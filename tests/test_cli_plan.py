@@ -163,20 +163,3 @@ def test_up_and_bench_forward_to_their_modules(monkeypatch):
     result = invoke("bench", CPU_DEFAULT, "--requests", "8", "--concurrency=4")
     assert result.exit_code == 0, result.output
     assert calls["bench"] == (CPU_DEFAULT, ["--requests", "8", "--concurrency=4"])
-
-
-def test_up_refuses_cpu_offload_until_the_runtime_does_it():
-    # The 70B profile plans 35 GiB of offload; `deploy up` must not load those layers onto the GPU.
-    from pagedeploy.launcher.engine_config import build_engine_config
-    from pagedeploy.launcher.errors import UserError
-    from pagedeploy.launcher.gpus import resolve_target
-    from pagedeploy.launcher.model_resolve import resolve_model
-    from pagedeploy.launcher.plan import plan
-    from pagedeploy.launcher.profile import load_profile
-
-    profile = load_profile(str(ROOT / "profiles" / "llama-3-70b-7gb.yaml"))
-    spec = resolve_model(profile)
-    memory_plan = plan(profile, spec, resolve_target(profile))
-    assert memory_plan.weights.cpu_bytes > 0
-    with pytest.raises(UserError, match="cpu_offload_gb"):
-        build_engine_config(profile, spec, memory_plan)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import (TINY_CONFIGS, BlockPool, FakeSeq, Item, hf_model_from_config,
                       random_state_dict, tiny_config, write_hf_folder)
 
 from pagedeploy.launcher.model_spec import ModelSpec
 from pagedeploy.runtime.config import EngineConfig
-from pagedeploy.runtime.model import rope_cos_sin_cache
+from pagedeploy.runtime.model import Linear, rope_cos_sin_cache
 from pagedeploy.runtime.model_runner import ModelRunner
 
 BS = 4
@@ -158,6 +159,35 @@ def test_bf16_runner_tracks_fp32(tmp_path):
         logits[dtype] = runner.execute([Item(s, len(s.token_ids)) for s in seqs])
     assert logits["bfloat16"].dtype == torch.float32
     torch.testing.assert_close(logits["bfloat16"], logits["float32"], atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama3"])   # tied lm_head and biases; untied lm_head
+def test_cpu_packed_weights_match_dense_and_follow_weight_writes(tmp_path, kind):
+    """On the CPU every float32 linear and the lm_head compute on a oneDNN-packed copy
+    (runtime/cpu_weights.py): the products of F.linear on the dense weight, at decode and prefill
+    row counts; and a write into the dense weight (a loader, the bench's HF copy) reaches them."""
+    config = tiny_config(kind)
+    folder = write_hf_folder(tmp_path, config, random_state_dict(config, seed=11))
+    model = build_runner(folder, config).model
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    head = model.model.embed_tokens if model.lm_head is None else model.lm_head
+    assert all(m.packed is not None for m in [*linears, head])
+    gen = torch.Generator().manual_seed(12)
+
+    def check():
+        for rows in (1, 3, 8, 40):
+            for m in linears:
+                x = torch.randn(rows, m.weight.shape[1], generator=gen)
+                torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias), atol=1e-5, rtol=0)
+            h = torch.randn(rows, config["hidden_size"], generator=gen)
+            torch.testing.assert_close(model.compute_logits(h), F.linear(h, head.weight),
+                                       atol=1e-5, rtol=0)
+
+    check()
+    with torch.no_grad():   # other weights, in place: a stale packed copy would be off by O(1)
+        for name, tensor in random_state_dict(config, seed=13).items():
+            assert model.load_weight(name, tensor)
+    check()
 
 
 # ---- SmolLM2-135M-Instruct, real GGUF weights, against transformers' own GGUF load ----
