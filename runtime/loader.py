@@ -162,7 +162,7 @@ class StreamingLoader:
     def materialize(self, index: int) -> None:
         layer = self.layers[index]
         if next(layer.parameters()).is_meta:
-            layer.to_empty(device=self.device)
+            materialize(layer, self.device)
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
@@ -234,6 +234,20 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def materialize(module: nn.Module, device: torch.device) -> None:
+    """`module.to_empty(device)` for a module built on the meta device, with plain `torch.empty`:
+    to_empty goes through torch's Python reference of empty_like, whose first call imports sympy
+    (measured 3.6 s of a cold start on the GPU machine)."""
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None:
+                sub._parameters[name] = nn.Parameter(
+                    torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False)
+        for name, buf in sub._buffers.items():
+            if buf is not None:
+                sub._buffers[name] = torch.empty(buf.shape, dtype=buf.dtype, device=device)
+
+
 def create_model(config: EngineConfig) -> LlamaForCausalLM:
     """Embeddings, final norm, lm_head and rope cache on the device, uninitialized; the decoder
     layers on the meta device, for StreamingLoader to materialize one at a time."""
@@ -241,10 +255,10 @@ def create_model(config: EngineConfig) -> LlamaForCausalLM:
     with torch.device("meta"), _default_dtype(dtype):
         model = LlamaForCausalLM(config.spec, max_positions=config.max_model_len)
     layers, model.model.layers = model.model.layers, nn.ModuleList()
-    model.to_empty(device=device)
+    materialize(model, device)
     model.model.layers = layers
     with torch.device(device), _default_dtype(dtype):   # the rope cache stays fp32
-        model.model.cos_sin_cache = rope_cos_sin_cache(config.spec, config.max_model_len)
+        model.model.cos_sin_cache = rope_cos_sin_cache(config.spec, config.max_model_len).to(device)
     return model
 
 

@@ -215,7 +215,7 @@ def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
     """Inverse frequencies as HF computes them (default, linear, llama3)."""
     theta, scaling = rope_parameters(spec)
     dim = spec.head_dim
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     kind = scaling["rope_type"]
     if kind == "default":
         return inv_freq
@@ -243,10 +243,12 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 def rope_cos_sin_cache(spec: ModelSpec, max_positions: int,
                        freq_factors: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 [max_positions, head_dim] = cat(cos, sin) over the half dims (kernel contract).
+    """fp32 [max_positions, head_dim] = cat(cos, sin) over the half dims (kernel contract), built on
+    the CPU: under a meta-device context arange would take torch's Python reference path, whose
+    first use imports sympy (seconds of start-up).
     `freq_factors` divide the frequencies, as GGUF files' rope_freqs tensor asks."""
     inv_freq = rope_inv_freq(spec)
     if freq_factors is not None:
         inv_freq = inv_freq / freq_factors.float().to(inv_freq.device)
-    freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    freqs = torch.arange(max_positions, dtype=torch.int64, device="cpu").float()[:, None] * inv_freq[None, :]
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)

@@ -40,11 +40,16 @@ class SwapAllocator:
 
 def allocate_swap_pool(device_pool: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """A host pool of `num_blocks` blocks shaped and typed as the device pool's blocks; pinned when
-    the device pool is on CUDA, so copies from it can run asynchronously. Left uninitialized: a
-    swap block is always written before it is read (and zeroing gigabytes costs start-up time)."""
-    shape = list(device_pool.shape)
+    the device pool is on CUDA, so copies from it can run asynchronously."""
+    return host_pool(list(device_pool.shape), device_pool.dtype, num_blocks, device_pool.is_cuda)
+
+
+def host_pool(pool_shape: list[int], dtype: torch.dtype, num_blocks: int, pinned: bool) -> torch.Tensor:
+    """The same from the device pool's shape. Left uninitialized: a swap block is always written
+    before it is read (and zeroing gigabytes costs start-up time)."""
+    shape = list(pool_shape)
     shape[BLOCK_DIM] = num_blocks
-    return torch.empty(shape, dtype=device_pool.dtype, device="cpu", pin_memory=device_pool.is_cuda)
+    return torch.empty(shape, dtype=dtype, device="cpu", pin_memory=pinned)
 
 
 @torch.inference_mode()
