@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pagedeploy.quant.formats import bnb_weight_bytes, int4_weight_bytes
+from pagedeploy.quant.formats import bnb_weight_bytes, int4_group_size, int4_weight_bytes
 from pagedeploy.runtime.config import cuda_graph_batch_sizes
 
 from .errors import UserError
@@ -176,11 +176,12 @@ def linear_bytes(spec: ModelSpec, params: int, dtype_bytes: int,
 
     4-bit: exactly what the runtime's QuantLinear layers store (quant/formats.py), tensor by tensor
     as the runtime fuses them: bnb counts its 64-weight blocks over each flat tensor, and int4's
-    group (128, else 64 or 32) follows each tensor's in_features (SmolLM2's 576 takes 64)."""
+    group (spec.int4_group: 128, or 32 for a 4-bit GGUF; else the largest of 64, 32 that divides)
+    follows each tensor's in_features."""
     if quantization is None:
         return params * dtype_bytes, 0
     shapes = layer_linear_shapes(spec)
-    total = sum(quantized_tensor_bytes(out, inp, quantization) for out, inp in shapes)
+    total = sum(quantized_tensor_bytes(out, inp, quantization, spec.int4_group) for out, inp in shapes)
     codes = sum(math.ceil(out * inp / 2) for out, inp in shapes)
     return total, total - codes
 
@@ -194,13 +195,13 @@ def layer_linear_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
     return [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter)]
 
 
-def quantized_tensor_bytes(out: int, inp: int, quantization: str) -> int:
+def quantized_tensor_bytes(out: int, inp: int, quantization: str, int4_group: int = 128) -> int:
     if quantization != "int4":
         return bnb_weight_bytes(out * inp)
     if inp % 32:
         raise UserError(f"int4 needs every linear's in_features divisible by 32, this model has {inp}",
                         "use quantization: nf4", field="quantization")
-    return int4_weight_bytes(out, inp)
+    return int4_weight_bytes(out, inp, int4_group_size(inp, int4_group))
 
 
 def plan_weights(profile: Profile, spec: ModelSpec, dtype: str,

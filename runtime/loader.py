@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from pagedeploy.quant.formats import INT4_GROUP_SIZE, int4_group_size
 from pagedeploy.quant.linear import QuantLinear, quantize_weight
 from pagedeploy.runtime.config import EngineConfig
 from pagedeploy.runtime.model import STACKED_PARAMS, Linear, LlamaForCausalLM, rope_cos_sin_cache
@@ -110,6 +111,7 @@ class StreamingLoader:
         self.model, self.layers = model, model.model.layers
         self.device = torch.device(config.device)
         self.quantization, self.dtype = config.quantization, torch_dtype(config.dtype)
+        self.int4_group = config.spec.int4_group     # the plan's choice, from the same property
         self.offloader = offloader
         self.expected = expected_checkpoint_names(model)
         self.remaining = [sum(p.numel() for p in layer.parameters()) for layer in self.layers]
@@ -176,7 +178,7 @@ class StreamingLoader:
         (on the CPU, offload.install stores it after the CPU weight layout is applied)."""
         layer = self.layers[index]
         if self.quantization is not None:
-            quantize_layer_linears(layer, self.quantization, self.dtype)
+            quantize_layer_linears(layer, self.quantization, self.dtype, self.int4_group)
         if self.offloader and index < self.offloader.num_layers and self.device.type == "cuda":
             self.offloader.store(index, layer)
             torch.cuda.empty_cache()   # the layer's device memory is all free: leave no fragments
@@ -184,7 +186,8 @@ class StreamingLoader:
 
 
 @torch.no_grad()
-def quantize_layer_linears(layer: nn.Module, method: str, dtype: torch.dtype) -> int:
+def quantize_layer_linears(layer: nn.Module, method: str, dtype: torch.dtype,
+                           int4_group: int = INT4_GROUP_SIZE) -> int:
     """Replace a decoder layer's Linears by 4-bit QuantLinears on the weights' own device, each
     full-precision weight dropped as soon as its 4-bit copy exists; returns how many. Norms (and
     everything outside the decoder layers) keep the compute dtype: the plan counts them so."""
@@ -192,15 +195,17 @@ def quantize_layer_linears(layer: nn.Module, method: str, dtype: torch.dtype) ->
     for parent in (layer.self_attn, layer.mlp):
         for name, child in list(parent.named_children()):
             if isinstance(child, Linear):
-                setattr(parent, name, quantized_linear(child, method, dtype))
+                setattr(parent, name, quantized_linear(child, method, dtype, int4_group))
                 count += 1
     return count
 
 
-def quantized_linear(linear: Linear, method: str, dtype: torch.dtype) -> QuantLinear:
+def quantized_linear(linear: Linear, method: str, dtype: torch.dtype,
+                     int4_group: int = INT4_GROUP_SIZE) -> QuantLinear:
     """The 4-bit copy of `linear`, fused q/k/v and gate/up kept as one weight: the forward splits
     the output by `shard_sizes`, so the replacement carries them."""
-    quantized = quantize_weight(linear.weight.detach(), method, linear.bias, dtype=dtype)
+    group = int4_group_size(linear.weight.shape[1], int4_group) if method == "int4" else None
+    quantized = quantize_weight(linear.weight.detach(), method, linear.bias, group, dtype=dtype)
     quantized.shard_sizes = linear.shard_sizes
     linear.weight = None   # free the full-precision copy now, not when the layer is done
     return quantized

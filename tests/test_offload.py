@@ -164,9 +164,9 @@ def test_at_most_one_layer_is_in_full_precision(monkeypatch, tmp_path, source, q
         models.append(real_create(cfg))
         return models[-1]
 
-    def quantize(linear, method, dtype):
+    def quantize(linear, method, dtype, *group):
         alive.append(dense_layer_linear_elements(models[0]))
-        return real_quantize(linear, method, dtype)
+        return real_quantize(linear, method, dtype, *group)
 
     monkeypatch.setattr(loader, "create_model", create)
     monkeypatch.setattr(loader, "quantized_linear", quantize)

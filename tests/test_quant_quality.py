@@ -17,7 +17,7 @@ import torch
 
 from pagedeploy.quant.formats import bnb_weight_bytes, int4_weight_bytes
 from pagedeploy.quant.int4 import dequantize_int4, int4_from_gguf
-from pagedeploy.quant.linear import QuantLinear, quantize_model_linears
+from pagedeploy.quant.linear import QuantLinear, quantize_linear, quantize_model_linears
 
 TEXT = Path(__file__).parent / "data" / "ppl_text.txt"
 
@@ -68,6 +68,34 @@ def test_perplexity_nf4_int4_vs_bf16(hf_smollm2, smollm2_tokenizer):
     assert 10 < ppl["bf16"] < 40, ppl          # a sane model on plain English prose
     for name, ratio in MAX_RATIO.items():
         assert ppl["bf16"] < ppl[name] <= ratio * ppl["bf16"], ppl
+
+
+@pytest.mark.slow
+def test_runtime_int4_on_the_q4_gguf_keeps_perplexity(hf_smollm2, smollm2_tokenizer, smollm2_gguf_path):
+    """`quantization: int4` on the default GGUF: the group follows the file's 32-weight Q4_1
+    blocks (ModelSpec.int4_group), so the weights land back on their own grid: within the
+    issue's +10% (measured +0.0%), stored bytes equal to the plan's."""
+    from pagedeploy.launcher.gguf_meta import spec_from_gguf
+    from pagedeploy.launcher.plan import quantized_tensor_bytes
+    from pagedeploy.quant.formats import int4_group_size
+
+    spec = spec_from_gguf(smollm2_gguf_path)
+    assert spec.int4_group == 32
+    ids = torch.tensor([smollm2_tokenizer.encode(TEXT.read_text())])
+    shapes = [tuple(m.weight.shape) for m in hf_smollm2.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+
+    def quantize(layers):
+        for name, mod in list(layers.named_modules()):
+            if isinstance(mod, torch.nn.Linear):
+                parent, _, child = name.rpartition(".")
+                group = int4_group_size(mod.in_features, spec.int4_group)
+                setattr(layers.get_submodule(parent), child, quantize_linear(mod, "int4", group))
+
+    base = _perplexity(_with_layers(hf_smollm2, _round_bf16), ids)
+    model = _with_layers(hf_smollm2, quantize)
+    stored = sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantLinear))
+    assert stored == sum(quantized_tensor_bytes(o, i, "int4", spec.int4_group) for o, i in shapes)
+    assert _perplexity(model, ids) <= 1.10 * base
 
 
 def _q_k_row_order(out_features: int, heads: int) -> torch.Tensor:
