@@ -49,7 +49,7 @@ def load_model(config: EngineConfig) -> LlamaForCausalLM:
     offloader = None
     if config.cpu_offload_bytes:
         offloader = LayerOffloader.for_model(model, config.cpu_offload_bytes, config.quantization,
-                                             device)
+                                             device, config.spec.int4_group)
     loader = StreamingLoader(model, config, offloader)
     if config.load_format == "dummy":
         loader.fill_dummy(config.seed)

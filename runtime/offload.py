@@ -25,14 +25,15 @@ import torch
 from torch import nn
 
 from pagedeploy.launcher.plan import layers_to_offload
-from pagedeploy.quant.formats import bnb_weight_bytes, int4_weight_bytes
+from pagedeploy.quant.formats import INT4_GROUP_SIZE, bnb_weight_bytes, int4_group_size, int4_weight_bytes
 
 ALIGN = 256   # bytes: every tensor starts aligned, as the allocator's own tensors do
 
 
-def planned_layer_bytes(layer: nn.Module, quantization: str | None) -> int:
+def planned_layer_bytes(layer: nn.Module, quantization: str | None, int4_group: int = INT4_GROUP_SIZE) -> int:
     """The bytes `layer` will hold once loaded (and 4-bit when `quantization` is set), computed from
-    its shapes alone (it may still be on the meta device): the plan's per-layer figure."""
+    its shapes alone (it may still be on the meta device): the plan's per-layer figure. `int4_group`:
+    the preferred int4 group (ModelSpec.int4_group), as the plan and the loader take it."""
     from pagedeploy.runtime.model import Linear
 
     total = 0
@@ -41,7 +42,7 @@ def planned_layer_bytes(layer: nn.Module, quantization: str | None) -> int:
             if isinstance(module, Linear) and name == "weight" and quantization is not None:
                 out, inp = param.shape
                 total += bnb_weight_bytes(out * inp) if quantization != "int4" \
-                    else int4_weight_bytes(out, inp)
+                    else int4_weight_bytes(out, inp, int4_group_size(inp, int4_group))
             else:
                 total += param.numel() * param.element_size()
     return total
@@ -140,10 +141,10 @@ class LayerOffloader:
 
     @classmethod
     def for_model(cls, model: nn.Module, cpu_offload_bytes: int, quantization: str | None,
-                  device: torch.device) -> "LayerOffloader":
+                  device: torch.device, int4_group: int = INT4_GROUP_SIZE) -> "LayerOffloader":
         """The offloader that moves exactly `cpu_offload_bytes` (the plan's cpu_bytes), choosing
         the layers with the plan's own rule."""
-        sizes = [planned_layer_bytes(layer, quantization) for layer in model.model.layers]
+        sizes = [planned_layer_bytes(layer, quantization, int4_group) for layer in model.model.layers]
         count, moved = layers_to_offload(sizes, cpu_offload_bytes)
         if moved != cpu_offload_bytes:
             raise AssertionError(f"offload: whole layers give {moved:,} bytes, the plan says "

@@ -349,3 +349,18 @@ def test_cuda_load_peak_is_the_4bit_model_plus_about_one_layer(quantization):
     assert peak <= loaded + dense_layer + scratch, (peak, loaded, dense_layer)
     assert peak < 0.6 * dense_model                   # the bf16 model never existed at once
     del model
+
+
+def test_offloader_sizes_layers_like_the_plan_for_a_q4_gguf(smollm2_gguf_path):
+    """A 4-bit GGUF makes int4 use group 32 (ModelSpec.int4_group): the offloader's per-layer
+    bytes, which pick the layers to move, must follow it as the plan does."""
+    from pagedeploy.launcher.gguf_meta import spec_from_gguf
+
+    spec = spec_from_gguf(smollm2_gguf_path)
+    assert spec.int4_group == 32
+    config = EngineConfig(spec=spec, num_blocks=8, block_size=BS, max_model_len=128, quantization="int4")
+    profile = build_profile({"model": smollm2_gguf_path, "quantization": "int4"}, {}, "test.yaml", ".")
+    planned = plan_weights(profile, spec, "float32").layer_bytes
+    ours = [planned_layer_bytes(layer, "int4", spec.int4_group) for layer in create_model(config).model.layers]
+    assert ours == planned
+    assert ours != [planned_layer_bytes(layer, "int4") for layer in create_model(config).model.layers]
