@@ -200,7 +200,8 @@ def measured_memory(p: MemoryPlan) -> str:
         peak = torch.cuda.max_memory_allocated()
         planned = p.used_bytes - p.cuda_context_bytes - p.cuda_graph_bytes
         return f"torch peak allocated {gib(peak)} (plan without CUDA context/graphs {gib(planned)})"
-    return (f"process RSS {gib(rss_bytes())} (plan: weights {gib(p.weights.gpu_bytes)} + "
+    packed = f" + packed copies {gib(p.weights.packed_bytes)}" if p.weights.packed_bytes else ""
+    return (f"process RSS {gib(rss_bytes())} (plan: weights {gib(p.weights.gpu_bytes)}{packed} + "
             f"activations {gib(p.activation_peak_bytes)} + KV {gib(p.kv_cache.bytes)}, "
             f"reserve {gib(p.runtime_reserve_bytes)} not counted)")
 
