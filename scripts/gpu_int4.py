@@ -29,6 +29,8 @@ from pagedeploy.quant import int4_triton as K4
 from pagedeploy.quant.int4 import Int4Weight, dequantize_int4, int4_matmul_reference
 from pagedeploy.quant.int4_triton import KernelConfig as C
 
+from gpu_common import RunLog  # noqa: E402  (scripts/)
+
 SHAPES = {  # name: (N, K), per decoder layer; lm_head stays bf16 in both
     "llama qkv": (6144, 4096), "llama o": (4096, 4096), "llama gate_up": (28672, 4096),
     "llama down": (4096, 14336),
@@ -37,17 +39,9 @@ SHAPES = {  # name: (N, K), per decoder layer; lm_head stays bf16 in both
 MODELS = {"llama": (32, (128256, 4096)), "qwen": (28, (151936, 1024))}   # layers, lm_head (N, K)
 MS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 2048)
 L2_BYTES = 50 << 20
-LOG: list[str] = []
+log = RunLog("int4.log")
 TABLE: list[str] = []
 QUICK = False
-
-
-def log(line: str = "") -> None:
-    print(line, flush=True)
-    LOG.append(line)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "int4.log"), "a") as f:
-            f.write(line + "\n")
 
 
 def device() -> str:
@@ -283,7 +277,6 @@ def sweep(budget_s: float) -> dict:
 
 def _compile_worker(jobs: list[tuple]) -> list[str]:
     """Run each job once in a fresh process: fills Triton's on-disk cache with the same specializations."""
-    global LOG
     failures = []
     for job in jobs:
         try:
@@ -372,57 +365,6 @@ def hbm_ceiling() -> None:
     log(f"copy 1 GiB: {us:.0f} us, {2 * src.numel() * 4 / us / 1e3:.0f} GB/s (read + write)")
 
 
-# ---- static check without a GPU ------------------------------------------------------------------------
-
-def aot() -> int:
-    """Compile the fma and dot kernels for sm_90a (Triton's own ptxas) and print registers, spills and
-    the instructions of the hottest loop per weight (from the SASS): no GPU needed."""
-    import re
-    import subprocess
-    import tempfile
-    from collections import Counter
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    ptrs = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-            "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    div16 = ("N", "KW", "groups", "words_per_split", "stride_xm", "stride_ym")
-    common = dict(GROUP=128, USE_SPLIT=True, HAS_BIAS=False)
-    fma = ((1, 128, 1, 4), (1, 256, 1, 4), (1, 64, 2, 2), (2, 256, 1, 4))
-    variants = [(K4._int4_fma_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, UNROLL=u, NUM_STAGES=2, EVEN=True),
-                 nw, bn * 128 * u) for bm, bn, u, nw in fma]
-    variants += [(K4._int4_dot_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, SWAP_AB=sw, FOLD=True,
-                                            PRECISION="tf32"), nw, bn * 128)
-                 for bm, bn, nw, sw in ((16, 128, 4, True), (32, 128, 4, False), (32, 128, 4, True))]
-    for fn, consts, nw, weights_per_step in variants:
-        consts = {**common, **consts}
-        names = fn.arg_names
-        args = [n for n in names if n not in consts]
-        sig = {n: ptrs.get(n, "i32") for n in args} | {n: "constexpr" for n in consts}
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in args if n in ptrs or n in div16}
-        src = ASTSource(fn, sig, attrs=attrs, constexprs={(names.index(n),): v for n, v in consts.items()})
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=nw, num_stages=3))
-        with tempfile.TemporaryDirectory() as d:
-            with open(f"{d}/k.cubin", "wb") as f:
-                f.write(kernel.asm["cubin"])
-            sass = subprocess.run([f"{bin_dir}/nvdisasm", "-c", f"{d}/k.cubin"], capture_output=True, text=True).stdout
-            usage = subprocess.run([f"{bin_dir}/cuobjdump", "-res-usage", f"{d}/k.cubin"], capture_output=True,
-                                   text=True).stdout.strip().splitlines()[-1].split()
-        lines = sass.splitlines()
-        labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
-        loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
-                 if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
-        start, stop = max(loops, key=lambda se: se[1] - se[0])
-        ops = Counter(m.group(1) for line in lines[start:stop + 1]
-                      if (m := re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)))
-        per_weight = sum(ops.values()) * 32 * nw / weights_per_step
-        log(f"{fn.__name__} {consts}: {' '.join(usage[:3])}; loop {sum(ops.values())} instructions a thread, "
-            f"{per_weight:.2f} per weight; top {dict(ops.most_common(6))}")
-    return 0
-
-
 def main() -> int:
     global QUICK, SHAPES, MODELS
     parser = argparse.ArgumentParser()
@@ -433,6 +375,7 @@ def main() -> int:
     parser.add_argument("--aot", action="store_true", help="compile for sm_90a only (no GPU)")
     args = parser.parse_args()
     if args.aot:
+        from gpu_int4_aot import aot
         return aot()
     QUICK = args.quick
     if QUICK:   # the interpreter: the same code paths on tiny layers

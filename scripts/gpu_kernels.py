@@ -23,6 +23,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from test_kernels_triton import attention_case, qkv_views  # noqa: E402  (shared case builders)
 
+from gpu_common import RunLog, compile_for_h100, triton_bin_dir  # noqa: E402  (scripts/)
+
 from pagedeploy.kernels import reference as ref  # noqa: E402
 from pagedeploy.kernels.triton_attention import decode_splits, paged_attention  # noqa: E402
 from pagedeploy.kernels.triton_cache import store_kv  # noqa: E402
@@ -31,17 +33,8 @@ from pagedeploy.kernels.triton_rotary import apply_rotary  # noqa: E402
 
 MODELS = {"qwen3-0.6b": (16, 8, 128, 1024), "llama-3-8b": (32, 8, 128, 4096)}  # H, KH, D, hidden
 L2_BYTES = 50 << 20  # H100 L2
-LOG: list[str] = []
+log = RunLog("kernels.log")
 TABLE: list[str] = []
-
-
-def log(line: str = "") -> None:
-    """Print, and append to $OUT/kernels.log at once (a run cut short keeps what it measured)."""
-    print(line, flush=True)
-    LOG.append(line)
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "kernels.log"), "a") as f:
-            f.write(line + "\n")
 
 
 def bench(fn, quick: bool) -> float:
@@ -310,15 +303,11 @@ def aot_check() -> int:
     import subprocess
     import tempfile
 
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from pagedeploy.kernels.triton_attention import _attention_kernel, launch_config
     names = _attention_kernel.arg_names
     ptr = {"q_ptr", "k_cache", "v_cache", "out_ptr", "block_tables", "context_lens",
            "query_start_loc", "part_out", "part_lse"}
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    bin_dir = triton_bin_dir()
     ptxas = next((os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")
                   if os.path.exists(os.path.join(bin_dir, n))), "ptxas")
     failed = 0
@@ -330,19 +319,15 @@ def aot_check() -> int:
                       BLOCK_N=cfg["block_n"], NUM_SPLITS=splits, IS_DECODE=decode,
                       USE_WINDOW=window, NUM_HEADS=8 * qg)
         args = [n for n in names if n not in consts]
-        sig = {n: ("*i32" if n in ("block_tables", "context_lens", "query_start_loc") else
-                   "*fp32" if n.startswith("part") else "*bf16" if n in ptr else
-                   "fp32" if n == "qk_scale" else "i32") for n in args}
-        sig.update({n: "constexpr" for n in consts})
+        arg_types = {n: ("*i32" if n in ("block_tables", "context_lens", "query_start_loc") else
+                         "*fp32" if n.startswith("part") else "*bf16" if n in ptr else
+                         "fp32" if n == "qk_scale" else "i32") for n in args}
         # what the JIT infers at launch: pointers and strides are multiples of 16
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in args
-                 if n in ptr or n.startswith("stride")}
-        src = ASTSource(_attention_kernel, sig, attrs=attrs,
-                        constexprs={(names.index(n),): v for n, v in consts.items()})
+        div16 = [n for n in args if n in ptr or n.startswith("stride")]
         label = f"qg{qg} d{d} bs{bs} decode={decode} splits={splits} window={window} {cfg}"
         try:
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+            kernel = compile_for_h100(_attention_kernel, arg_types, consts, div16,
+                                      cfg["num_warps"], cfg["num_stages"])
         except Exception as e:  # noqa: BLE001  (report every variant)
             failed += 1
             log(f"FAIL {label}: {e}")

@@ -1,0 +1,43 @@
+"""What the GPU check scripts (gpu_kernels.py, gpu_int4.py) share: a log that also appends each line
+to a file under $OUT at once (a run cut short keeps what it measured), and compiling a Triton
+kernel for the H100 (sm_90a) on a machine without a GPU. Triton API as of 3.6-3.9."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+
+class RunLog:
+    def __init__(self, filename: str):
+        self.filename = filename
+        self.lines: list[str] = []
+
+    def __call__(self, line: str = "") -> None:
+        print(line, flush=True)
+        self.lines.append(line)
+        if os.environ.get("OUT"):
+            with open(os.path.join(os.environ["OUT"], self.filename), "a") as f:
+                f.write(line + "\n")
+
+
+def triton_bin_dir() -> str:
+    """Triton's bundled CUDA tools (ptxas, nvdisasm, cuobjdump)."""
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_for_h100(fn, arg_types: dict[str, str], consts: dict, div16: Iterable[str],
+                     num_warps: int, num_stages: int):
+    """`fn` compiled for sm_90a. arg_types: each runtime argument's Triton type ("*bf16", "i32",
+    ...); consts: the constexpr values; div16: the arguments the JIT would see as multiples of 16
+    at launch (pointers, strides)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    signature = dict(arg_types) | {n: "constexpr" for n in consts}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    src = ASTSource(fn, signature, attrs=attrs, constexprs={(names.index(n),): v for n, v in consts.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))

@@ -1,0 +1,53 @@
+"""`python scripts/gpu_int4.py --aot`: compile the int4 fma and dot kernels for sm_90a on a machine
+without a GPU and count, from the SASS, the instructions of the hottest loop per weight (the figure
+the kernel notes in docs/PERF.md quote), with registers and spills."""
+from __future__ import annotations
+
+from gpu_common import RunLog, compile_for_h100, triton_bin_dir
+
+from pagedeploy.quant import int4_triton as K4
+
+log = RunLog("int4.log")
+
+
+def aot() -> int:
+    """Compile the fma and dot kernels for sm_90a (Triton's own ptxas) and print registers, spills and
+    the instructions of the hottest loop per weight (from the SASS): no GPU needed."""
+    import re
+    import subprocess
+    import tempfile
+    from collections import Counter
+
+    bin_dir = triton_bin_dir()
+    ptrs = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
+            "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    div16 = ("N", "KW", "groups", "words_per_split", "stride_xm", "stride_ym")
+    common = dict(GROUP=128, USE_SPLIT=True, HAS_BIAS=False)
+    fma = ((1, 128, 1, 4), (1, 256, 1, 4), (1, 64, 2, 2), (2, 256, 1, 4))
+    variants = [(K4._int4_fma_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, UNROLL=u, NUM_STAGES=2, EVEN=True),
+                 nw, bn * 128 * u) for bm, bn, u, nw in fma]
+    variants += [(K4._int4_dot_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, SWAP_AB=sw, FOLD=True,
+                                            PRECISION="tf32"), nw, bn * 128)
+                 for bm, bn, nw, sw in ((16, 128, 4, True), (32, 128, 4, False), (32, 128, 4, True))]
+    for fn, consts, nw, weights_per_step in variants:
+        consts = {**common, **consts}
+        args = [n for n in fn.arg_names if n not in consts]
+        kernel = compile_for_h100(fn, {n: ptrs.get(n, "i32") for n in args}, consts,
+                                  [n for n in args if n in ptrs or n in div16], nw, 3)
+        with tempfile.TemporaryDirectory() as d:
+            with open(f"{d}/k.cubin", "wb") as f:
+                f.write(kernel.asm["cubin"])
+            sass = subprocess.run([f"{bin_dir}/nvdisasm", "-c", f"{d}/k.cubin"], capture_output=True, text=True).stdout
+            usage = subprocess.run([f"{bin_dir}/cuobjdump", "-res-usage", f"{d}/k.cubin"], capture_output=True,
+                                   text=True).stdout.strip().splitlines()[-1].split()
+        lines = sass.splitlines()
+        labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+        loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+                 if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+        start, stop = max(loops, key=lambda se: se[1] - se[0])
+        ops = Counter(m.group(1) for line in lines[start:stop + 1]
+                      if (m := re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)))
+        per_weight = sum(ops.values()) * 32 * nw / weights_per_step
+        log(f"{fn.__name__} {consts}: {' '.join(usage[:3])}; loop {sum(ops.values())} instructions a thread, "
+            f"{per_weight:.2f} per weight; top {dict(ops.most_common(6))}")
+    return 0
