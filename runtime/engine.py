@@ -115,11 +115,12 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if batch.swap_out or batch.swap_in:    # KV blocks to/from the CPU swap pool, before the model runs
             self.runner.swap(batch.swap_out, batch.swap_in)
-        logits = self._execute(batch) if batch else None
+        seqs = [item.seq for item in batch.items if item.need_logits]   # those that sample
+        logits = self._execute(batch, seqs) if batch else None
         changed = self._read_in_flight()
         if batch:
             self._advance(batch)
-            sampled = self._sample(batch, logits)
+            sampled = self._sample(seqs, logits)
             if self.async_scheduling:
                 self._in_flight = sampled
             else:
@@ -128,10 +129,9 @@ class LLMEngine:
             assert not self.scheduler.has_unfinished(), "scheduler stalled with requests left"
         return [self._output(req) for req in changed.values() if self.stream or req.finished]
 
-    def _execute(self, batch) -> torch.Tensor:
-        sampled = [item.seq for item in batch.items if item.need_logits]
+    def _execute(self, batch, seqs: list[Sequence]) -> torch.Tensor:
         return self.runner.execute(batch.items, self._in_flight,
-                                   float32=not self.sampler.argmax_only(sampled))
+                                   float32=not self.sampler.argmax_only(seqs))
 
     def _advance(self, batch) -> None:
         """The batch's tokens are in the cache now: count them and hash the blocks they filled."""
@@ -141,8 +141,7 @@ class LLMEngine:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.commit(item.seq)
 
-    def _sample(self, batch, logits: torch.Tensor) -> SampledTokens | None:
-        seqs = [item.seq for item in batch.items if item.need_logits]
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> SampledTokens | None:
         assert logits.shape[0] == len(seqs), "the runner must return one logits row per need_logits item"
         if not seqs:
             return None

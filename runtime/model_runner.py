@@ -53,9 +53,8 @@ class ModelRunner:
         self.kv_cache = torch.zeros(pool_shape, dtype=kv_dtype, device=self.device)
         self.model.bind_kv_cache(list(self.kv_cache[0]), list(self.kv_cache[1]))
         self.swap_cache = swap_pool.result() if swap_pool else None
-        if self.device.type == "cuda":
-            warm_up_attention(spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim,
-                              config.block_size, self.kv_cache.dtype, self.device, spec.sliding_window)
+        warm_up_attention(spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim,
+                          config.block_size, self.kv_cache.dtype, self.device, spec.sliding_window)
         self.graphs = self._capture_graphs() if self._use_graphs() else None
 
     def _use_graphs(self) -> bool:
@@ -119,7 +118,7 @@ class ModelRunner:
         fill_to, fill_from = np.array(g.fill_to, dtype=np.int64), np.array(g.fill_from, dtype=np.int64)
         longs = self._to_device(np.array(g.tokens, dtype=np.int64), positions, slot_mapping, logits_rows,
                                 fill_to, fill_from)
-        ints = self._to_device(block_tables, ends, query_start_loc, dtype=np.int32)
+        ints = self._to_device(block_tables, ends, query_start_loc, dtype=torch.int32)
         input_ids, positions_d, slots_d, logits_rows_d, fill_to_d, fill_from_d = longs
         if len(fill_to):     # inputs that are the previous step's samples: copied on the device
             input_ids.index_copy_(0, fill_to_d, pending.token_ids.index_select(0, fill_from_d))
@@ -128,11 +127,11 @@ class ModelRunner:
             num_decodes=_leading_ones(q_lens), max_context_len=int(ends.max()))
         return BatchInputs(input_ids=input_ids, positions=positions_d, meta=meta, logits_rows=logits_rows_d)
 
-    def _to_device(self, *arrays: np.ndarray, dtype=np.int64) -> list[torch.Tensor]:
+    def _to_device(self, *arrays: np.ndarray, dtype: torch.dtype = torch.int64) -> list[torch.Tensor]:
         """Views of one device tensor holding all `arrays`, cast to `dtype`: one copy, not one per
         array (each copy is a launch and, from pageable memory, a host stall)."""
         sizes = [a.size for a in arrays]
-        flat = torch.empty(sum(sizes), dtype=torch.from_numpy(np.empty(0, dtype)).dtype,
+        flat = torch.empty(sum(sizes), dtype=dtype,
                            pin_memory=self.device.type == "cuda")
         np.concatenate([a.ravel() for a in arrays], out=flat.numpy(), casting="unsafe")
         if self.device.type == "cuda":
