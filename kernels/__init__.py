@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib
 
-from .reference import (apply_rotary_ref, paged_attention_ref, qk_norm_rope_store_ref,
-                        rms_norm_ref, silu_and_mul_ref, store_kv_ref)
+from .reference import (apply_rotary_ref, fused_linear_ref, paged_attention_ref,
+                        qk_norm_rope_store_ref, rms_norm_ref, silu_and_mul_ref, store_kv_ref)
+
+GEMV_MAX_ROWS = 4   # rows of x up to which fused_linear has a Triton kernel (cuBLAS wins above)
 
 _TRITON = {  # function name -> module of the same-signature Triton implementation
     "store_kv": "triton_cache",
@@ -18,6 +20,7 @@ _TRITON = {  # function name -> module of the same-signature Triton implementati
     "apply_rotary": "triton_rotary",
     "qk_norm_rope_store": "triton_fused",
     "silu_and_mul": "triton_fused",
+    "fused_linear": "triton_gemv",
 }
 _resolved: dict = {}
 
@@ -82,6 +85,16 @@ def silu_and_mul(x):
     return fn(x)
 
 
+def fused_linear(x, weight, bias=None, **fusions):
+    """(act(rmsnorm(x + residual) W^T + b), residual out) for x [M, K]; `fusions` are norm_weight,
+    eps, residual and silu_mul as in fused_linear_ref. On CUDA, M must be <= GEMV_MAX_ROWS and x,
+    weight and norm_weight must share one dtype: callers check (the model falls back to the
+    unfused layers otherwise)."""
+    fn = _triton("fused_linear", fused_linear_ref) if x.is_cuda else fused_linear_ref
+    return fn(x, weight, bias, **fusions)
+
+
 __all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary", "qk_norm_rope_store",
-           "silu_and_mul", "warm_up_attention", "store_kv_ref", "paged_attention_ref",
-           "rms_norm_ref", "apply_rotary_ref", "qk_norm_rope_store_ref", "silu_and_mul_ref"]
+           "silu_and_mul", "fused_linear", "GEMV_MAX_ROWS", "warm_up_attention", "store_kv_ref", "paged_attention_ref",
+           "rms_norm_ref", "apply_rotary_ref", "qk_norm_rope_store_ref", "silu_and_mul_ref",
+           "fused_linear_ref"]

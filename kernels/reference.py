@@ -82,6 +82,20 @@ def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def fused_linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                     norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                     residual: torch.Tensor | None = None,
+                     silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(act(rmsnorm(x + residual) W^T + b), x + residual): a decoder layer's norm, linear and
+    activation as the unfused layers compute them. Without norm_weight, x goes in as it is and the
+    residual out is None; with silu_mul, W's rows are [gate; up] and act gives silu(gate) * up."""
+    residual_out = None
+    if norm_weight is not None:
+        x, residual_out = rms_norm_ref(x, norm_weight, eps, residual)
+    y = F.linear(x, weight, bias)
+    return (silu_and_mul_ref(y) if silu_mul else y), residual_out
+
+
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor,
                         query_start_loc: torch.Tensor, scale: float,

@@ -41,3 +41,19 @@ def compile_for_h100(fn, arg_types: dict[str, str], consts: dict, div16: Iterabl
     src = ASTSource(fn, signature, attrs=attrs, constexprs={(names.index(n),): v for n, v in consts.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def ptxas_usage(ptx: str) -> str:
+    """Registers, spills and shared memory of a kernel's PTX as Triton's own ptxas reports them for sm_90a."""
+    import subprocess
+    import tempfile
+    bin_dir = triton_bin_dir()
+    ptxas = next((os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")
+                  if os.path.exists(os.path.join(bin_dir, n))), "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                         capture_output=True, text=True)
+    os.unlink(f.name)
+    return " ".join(line.split("info    : ")[-1] for line in res.stderr.splitlines()
+                    if "Used" in line or "spill" in line)

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from test_kernels_triton import attention_case, qkv_views  # noqa: E402  (shared case builders)
 
-from gpu_common import RunLog, compile_for_h100, triton_bin_dir  # noqa: E402  (scripts/)
+from gpu_common import RunLog, compile_for_h100, ptxas_usage  # noqa: E402  (scripts/)
 
 from pagedeploy.kernels import reference as ref  # noqa: E402
 from pagedeploy.kernels.triton_attention import decode_splits, paged_attention  # noqa: E402
@@ -300,16 +300,10 @@ def aot_check() -> int:
     """Compile the attention kernels for sm_90a on a machine without a GPU (Triton's own ptxas):
     catches what the CPU interpreter lets through (run 1 lost a GPU call to a non-constexpr global)
     and prints registers, spills and shared memory. Needs no CUDA; Triton API as of 3.6-3.9."""
-    import subprocess
-    import tempfile
-
     from pagedeploy.kernels.triton_attention import _attention_kernel, launch_config
     names = _attention_kernel.arg_names
     ptr = {"q_ptr", "k_cache", "v_cache", "out_ptr", "block_tables", "context_lens",
            "query_start_loc", "part_out", "part_lse"}
-    bin_dir = triton_bin_dir()
-    ptxas = next((os.path.join(bin_dir, n) for n in ("ptxas-blackwell", "ptxas")
-                  if os.path.exists(os.path.join(bin_dir, n))), "ptxas")
     failed = 0
     variants = [(2, 128, 16, True, 1, False), (4, 128, 256, True, 32, True),
                 (2, 128, 16, False, 1, False), (7, 64, 8, False, 1, True)]
@@ -332,12 +326,7 @@ def aot_check() -> int:
             failed += 1
             log(f"FAIL {label}: {e}")
             continue
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(kernel.asm["ptx"])
-        res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                             capture_output=True, text=True)
-        info = " ".join(line.split("info    : ")[-1] for line in res.stderr.splitlines()
-                        if "Used" in line or "spill" in line)
+        info = ptxas_usage(kernel.asm["ptx"])
         log(f"ok   {label}: smem {kernel.metadata.shared} B, {info}")
     return 1 if failed else 0
 

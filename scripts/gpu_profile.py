@@ -5,6 +5,8 @@ engine's parts, once with async scheduling and once without, then a torch.profil
 few dozen steps (device time per kernel). Run on the device machine; writes under $OUT.
 Usage: python3 scripts/gpu_profile.py PROFILE [NUM_REQUESTS [SKIP_STEPS]] (the profiler window
 starts after SKIP_STEPS steps: 0 sees the prefill-heavy start, 40 the full decode batch).
+       python3 scripts/gpu_profile.py PROFILE --batch-1: one request's decode steps, kernel by kernel
+(GPU time per step of each kernel, and the idle gaps between kernels inside a step).
 """
 from __future__ import annotations
 
@@ -96,6 +98,47 @@ def kernel_window(engine: LLMEngine, num_requests: int, skip: int, window: int =
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
 
 
+def batch1_window(engine: LLMEngine, steps: int = 20) -> str:
+    """Kernels of `steps` batch-1 decode steps (128-token prompt): per-step GPU time by kernel, and
+    how much of the steps' span the GPU sat idle between kernels (launch gaps)."""
+    import json
+
+    from torch.profiler import ProfilerActivity, profile
+
+    engine.async_scheduling = True
+    engine.add_request("b1", list(range(1000, 1128)),
+                       SamplingParams(temperature=0.0, max_tokens=steps + 40, ignore_eos=True))
+    for _ in range(20):                 # prefill and the first decodes, outside the window
+        engine.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    while engine.has_unfinished():
+        engine.step()
+    path = os.path.join(OUT, "trace-b1.json")
+    prof.export_chrome_trace(path)
+    events = sorted((e for e in json.load(open(path))["traceEvents"]
+                     if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    by_name: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for e in events:
+        by_name[e["name"][:90]] += e["dur"]
+        count[e["name"][:90]] += 1
+    busy = sum(e["dur"] for e in events)
+    span = events[-1]["ts"] + events[-1]["dur"] - events[0]["ts"]
+    lines = [f"batch-1: {steps} steps in {wall * 1e3:.1f} ms wall ({wall / steps * 1e6:.0f} us/step); "
+             f"{len(events) / steps:.0f} GPU ops/step; busy {busy / steps:.0f} us/step of a "
+             f"{span / steps:.0f} us/step span (idle {100 * (1 - busy / span):.0f}%)",
+             f"{'us/step':>8} {'n/step':>6} {'us each':>8}  kernel"]
+    for name, us in by_name.most_common(30):
+        lines.append(f"{us / steps:8.1f} {count[name] / steps:6.1f} {us / count[name]:8.2f}  {name}")
+    return "\n".join(lines)
+
+
 def main(profile: str, num_requests: int, skip: int) -> None:
     engine = LLMEngine(engine_config_from_profile(profile))
     engine.stream = False
@@ -110,4 +153,14 @@ def main(profile: str, num_requests: int, skip: int) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[2:3] == ["--batch-1"]:
+        _engine = LLMEngine(engine_config_from_profile(sys.argv[1]))
+        _engine.stream = False
+        add_workload(_engine, 4)
+        while _engine.has_unfinished():
+            _engine.step()
+        _report = batch1_window(_engine)
+        open(os.path.join(OUT, f"b1-{os.path.basename(sys.argv[1])}.txt"), "w").write(_report)
+        print(_report)
+        sys.exit(0)
     main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 256, int(sys.argv[3]) if len(sys.argv) > 3 else 40)

@@ -1,0 +1,226 @@
+"""Decode-time linears for a few rows of x: y = x W^T on CUDA cores, with the neighbours fused in.
+
+At batch 1-4 a linear is a weight stream: cuBLAS runs it as a GEMM with 64-row tiles, which leaves
+half the SMs idle on 4096-row weights and costs 5-6 us for Qwen3-0.6B's 4-12 MB matrices (docs/PERF.md,
+run 12). Here a program owns BLOCK_N output rows and one K split, keeps the next weight tile in
+flight while it multiplies the current one, and reduces split-K partials inside the same launch (the
+last program to arrive sums them in a fixed order: deterministic, no memset, CUDA-graph safe).
+
+What it fuses, so that a decoder layer's decode step is four of these plus attention:
+- before: residual add + RMSNorm of x (each program recomputes the row's 1/rms from L2; program 0
+  writes the new residual), rounded exactly as `rms_norm` rounds;
+- after: bias, and silu(gate) * up for a gate_up weight (rows [0, N) gate, [N, 2N) up);
+- programmatic dependent launch (PDL): the kernel may start while the previous one finishes, and
+  requests its first weight tiles before it waits for that kernel's results.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import GEMV_MAX_ROWS
+
+_LOCKS = 1 << 16      # split-K arrival counters per device (one per output tile of a launch)
+_locks_by_device: dict[torch.device, torch.Tensor] = {}
+
+
+def split_k_locks(device: torch.device) -> torch.Tensor:
+    """Arrival counters, zero between launches (each launch's last program re-arms its tile's)."""
+    if device not in _locks_by_device:
+        _locks_by_device[device] = torch.zeros(_LOCKS, dtype=torch.int32, device=device)
+    return _locks_by_device[device]
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 16      # output rows per program (gate_up: gate and up rows each)
+    block_k: int = 256     # K elements per tile
+    split_k: int = 1       # K splits (programs per output tile)
+    num_warps: int = 4
+    pdl: bool = True       # launch with programmatic dependent launch (CUDA only)
+    early_launch: bool = False   # let the next PDL kernel start as soon as this one has waited
+
+
+@triton.jit
+def _x_tile(x_ptr, r_ptr, nw_ptr, rows, k, mask, k_ok, rstd, stride_xm, stride_rm,
+            NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """x[rows, k] as the linear's input, in fp32: after the residual add and RMSNorm when fused
+    (rounded to the model dtype at the same points as `rms_norm`)."""
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=mask, other=0.0)
+    if NORM:
+        if RESIDUAL:
+            r = tl.load(r_ptr + rows[:, None] * stride_rm + k[None, :], mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        g = tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        x = ((x.to(tl.float32) * rstd[:, None]).to(x.dtype).to(tl.float32) * g[None, :]).to(x.dtype)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _rstd(x_ptr, r_ptr, r_out_ptr, rows, mask_m, K, eps, stride_xm, stride_rm, write_residual,
+          ROWS: tl.constexpr, BLOCK_K: tl.constexpr, RESIDUAL: tl.constexpr):
+    """1/rms of each row of x (+ residual) over all K; one program also stores x + residual."""
+    kk = tl.arange(0, BLOCK_K)
+    ss = tl.zeros([ROWS, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        mask = mask_m[:, None] & (k < K)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=mask, other=0.0)
+        if RESIDUAL:
+            r = tl.load(r_ptr + rows[:, None] * stride_rm + k[None, :], mask=mask, other=0.0)
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+            if write_residual:
+                tl.store(r_out_ptr + rows[:, None] * K + k[None, :], x, mask=mask)
+        xf = x.to(tl.float32)
+        ss += xf * xf
+    return tl.rsqrt(tl.sum(ss, 1) / K + eps)
+
+
+@triton.jit
+def _store_y(yg, yu, rows, offs_n, mask_m, mask_n, N, b_ptr, y_ptr, stride_ym,
+             SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr):
+    dt: tl.constexpr = y_ptr.dtype.element_ty
+    if HAS_BIAS:
+        yg += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if SILU_MUL:
+        if HAS_BIAS:
+            yu += tl.load(b_ptr + N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        # As the unfused path rounds: gate_up output, silu in fp32, then the product.
+        g = yg.to(dt).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        yg = act * yu.to(dt).to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], yg.to(dt),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M", "k_tiles", "split_k"])
+def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, r_out_ptr, ws_ptr, lock_ptr,
+                 M, N, K, eps, k_tiles, split_k, stride_xm, stride_rm, stride_ym, stride_wn,
+                 ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr,
+                 EARLY_LAUNCH: tl.constexpr):
+    """Grid (N tiles, K splits): y[:M, tile] = act(sum over the split's K of x' W^T)."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    rows = tl.arange(0, ROWS)
+    mask_m = rows < M
+    kk = tl.arange(0, BLOCK_K)
+    # Split bounds are whole tiles (and K a multiple of 16 in practice): the compiler then sees each
+    # 8-element run of a mask as one value and loads 16 bytes at a time.
+    k_start = pid_k * k_tiles * BLOCK_K
+    k_end = tl.minimum(k_start + k_tiles * BLOCK_K, K)
+    w_gate = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    w_up = w_gate + N * stride_wn
+    # The weights do not depend on the previous kernel: ask for the first tiles before waiting on it.
+    wmask = mask_n[:, None] & (k_start + kk < k_end)[None, :]
+    wg = tl.load(w_gate + (k_start + kk)[None, :], mask=wmask, other=0.0)
+    wu = wg
+    if SILU_MUL:
+        wu = tl.load(w_up + (k_start + kk)[None, :], mask=wmask, other=0.0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()      # every program waits: completion stays transitive
+        if EARLY_LAUNCH:
+            tl.extra.cuda.gdc_launch_dependents()
+    rstd = tl.zeros([ROWS], tl.float32)
+    if NORM:
+        rstd = _rstd(x_ptr, r_ptr, r_out_ptr, rows, mask_m, K, eps, stride_xm, stride_rm,
+                     (pid_n == 0) & (pid_k == 0), ROWS, BLOCK_K, RESIDUAL)
+    acc_g = tl.zeros([ROWS, BLOCK_N, BLOCK_K], tl.float32)
+    acc_u = acc_g
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + kk
+        k_ok = k < k_end
+        nxt = k + BLOCK_K
+        nmask = mask_n[:, None] & (nxt < k_end)[None, :]
+        wg_next = tl.load(w_gate + nxt[None, :], mask=nmask, other=0.0)   # in flight meanwhile
+        if SILU_MUL:
+            wu_next = tl.load(w_up + nxt[None, :], mask=nmask, other=0.0)
+        x = _x_tile(x_ptr, r_ptr, nw_ptr, rows, k, mask_m[:, None] & k_ok[None, :], k_ok, rstd,
+                    stride_xm, stride_rm, NORM, RESIDUAL)
+        acc_g += wg.to(tl.float32)[None, :, :] * x[:, None, :]
+        wg = wg_next
+        if SILU_MUL:
+            acc_u += wu.to(tl.float32)[None, :, :] * x[:, None, :]
+            wu = wu_next
+    yg = tl.sum(acc_g, 2)
+    yu = yg
+    if SILU_MUL:
+        yu = tl.sum(acc_u, 2)
+    if USE_SPLIT:
+        n_out = 2 * N if SILU_MUL else N
+        part = ws_ptr + rows[:, None] * n_out + offs_n[None, :]
+        pmask = mask_m[:, None] & mask_n[None, :]
+        tl.store(part + pid_k * ROWS * n_out, yg, mask=pmask)
+        if SILU_MUL:
+            tl.store(part + pid_k * ROWS * n_out + N, yu, mask=pmask)
+        tl.debug_barrier()   # every thread's partial is written before the release below
+        arrived = tl.atomic_add(lock_ptr + pid_n, 1)   # acq_rel, gpu scope
+        if arrived == split_k - 1:
+            yg = tl.zeros([ROWS, BLOCK_N], tl.float32)
+            yu = yg
+            for s in range(split_k):   # fixed order: deterministic
+                yg += tl.load(part + s * ROWS * n_out, mask=pmask, other=0.0, cache_modifier=".cg")
+                if SILU_MUL:
+                    yu += tl.load(part + s * ROWS * n_out + N, mask=pmask, other=0.0,
+                                  cache_modifier=".cg")
+            _store_y(yg, yu, rows, offs_n, mask_m, mask_n, N, b_ptr, y_ptr, stride_ym,
+                     SILU_MUL, HAS_BIAS)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)   # re-armed for the next launch (graph replays)
+    else:
+        _store_y(yg, yu, rows, offs_n, mask_m, mask_n, N, b_ptr, y_ptr, stride_ym,
+                 SILU_MUL, HAS_BIAS)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4   # the CPU interpreter: small, so tests exercise split-K
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def default_config(M: int, N: int, K: int, silu_mul: bool, device: torch.device) -> GemvConfig:
+    """Tiles of 16 output rows (8 for gate_up, which streams two weights) by 256 K; K split in
+    powers of two until there are about 4 programs per SM (the weight stream needs that many
+    loads in flight), each split at least one tile."""
+    block_n = 8 if silu_mul else 16
+    block_k = 256 if M <= 2 else 128
+    tiles, steps, split = triton.cdiv(N, block_n), triton.cdiv(K, block_k), 1
+    while tiles * split < 4 * _num_sms(device) and 2 * split <= steps:
+        split *= 2
+    return GemvConfig(block_n, block_k, split, pdl=device.type == "cuda")
+
+
+def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+                 residual: torch.Tensor | None = None, silu_mul: bool = False,
+                 config: GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(y, residual_out) for x [M <= GEMV_MAX_ROWS, K] (docs/CONTRACTS.md, "fused_linear")."""
+    M, K = x.shape
+    rows_out = weight.shape[0] // 2 if silu_mul else weight.shape[0]
+    assert M <= GEMV_MAX_ROWS and weight.shape[1] == K and x.stride(-1) == 1 and weight.stride(-1) == 1
+    assert weight.dtype == x.dtype and (norm_weight is None or norm_weight.dtype == x.dtype)
+    cfg = config or default_config(M, rows_out, K, silu_mul, x.device)
+    y = torch.empty(M, rows_out, dtype=x.dtype, device=x.device)
+    norm = norm_weight is not None
+    r = residual if residual is not None else x
+    r_out = torch.empty(M, K, dtype=x.dtype, device=x.device) if norm and residual is not None else (x if norm else None)
+    ws = y
+    if cfg.split_k > 1:
+        ws = torch.empty(cfg.split_k * triton.next_power_of_2(M) * rows_out * (2 if silu_mul else 1),
+                         dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(rows_out, cfg.block_n), cfg.split_k)
+    k_tiles = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k)
+    extra = {"launch_pdl": True} if cfg.pdl else {}
+    _gemv_kernel[grid](
+        x, r, norm_weight if norm else x, weight, bias if bias is not None else x, y,
+        r_out if r_out is not None else x, ws, split_k_locks(x.device), M, rows_out, K, eps,
+        k_tiles, cfg.split_k, x.stride(0), r.stride(0), y.stride(0), weight.stride(0),
+        ROWS=triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NORM=norm,
+        RESIDUAL=norm and residual is not None, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
+        USE_SPLIT=cfg.split_k > 1, PDL=cfg.pdl, EARLY_LAUNCH=cfg.early_launch,
+        num_warps=cfg.num_warps, **extra)
+    return y, r_out
