@@ -8,8 +8,9 @@ table, so a tile may span several cache blocks and any block size works.
 
 Decode rows (one query token each: the whole batch when T == B, or the batch's first num_decodes
 sequences) use one tile per sequence and, when there are too few (sequence, kv head) pairs to fill
-the GPU, split each context into NUM_SPLITS chunks whose partial results a second kernel merges by
-their log-sum-exp. The other rows take the prefill tiles. Launch shapes depend only on tensor shapes
+the GPU, split each context into NUM_SPLITS chunks; the last chunk's program to finish merges the
+partial results by their log-sum-exp (an arrival counter, triton_launch.py: one launch, not two).
+The other rows take the prefill tiles. Launch shapes depend only on tensor shapes
 and host integers, never on tensor values, so a decode step can be captured in a CUDA graph.
 """
 from __future__ import annotations
@@ -17,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .triton_launch import arrival_counters, pdl_launch, pdl_supported, wait_previous
 
 _LOG2E = 1.4426950408889634
 # Running-max start: finite, so a row with every key masked gets exp2(-inf - m) = 0, never NaN.
@@ -47,13 +50,15 @@ def _find_seq(query_start_loc, tile, num_seqs, BLOCK_Q: tl.constexpr):
             do_not_specialize_on_alignment=["block_tables", "context_lens", "query_start_loc"])
 def _attention_kernel(
     q_ptr, k_cache, v_cache, block_tables, context_lens, query_start_loc, out_ptr,
-    part_out, part_lse, num_seqs, qk_scale, window,
+    part_out, part_lse, counters, num_seqs, qk_scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     QG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     IS_DECODE: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_HEADS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_previous(PDL)   # q and the new K/V come from the kernels just before
     tile = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -123,26 +128,40 @@ def _attention_kernel(
         out_off = token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
-        slot = (token * NUM_HEADS + head) * NUM_SPLITS + split
-        tl.store(part_out + slot[:, None] * HEAD_DIM + dims[None, :], o, mask=row_ok[:, None])
+        slot = (token * NUM_HEADS + head) * NUM_SPLITS
+        tl.store(part_out + (slot + split)[:, None] * HEAD_DIM + dims[None, :], o,
+                 mask=row_ok[:, None])
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse + slot, lse, mask=row_ok)
+        tl.store(part_lse + slot + split, lse, mask=row_ok)
+        # The last split of this (tile, kv head) to finish merges them all: no second launch.
+        tl.debug_barrier()   # every thread's partial is written before the release below
+        counter = counters + tile * tl.num_programs(1) + kh
+        if tl.atomic_add(counter, 1) == NUM_SPLITS - 1:   # acq_rel, gpu scope
+            _merge_splits(part_out, part_lse, out_ptr, slot, token, head, row_ok, dims,
+                          stride_ot, stride_oh, HEAD_DIM, NUM_SPLITS)
+            tl.atomic_xchg(counter, 0)   # re-armed for the next launch (graph replays)
 
 
 @triton.jit
-def _merge_kernel(part_out, part_lse, out_ptr, stride_ot, stride_oh,
-                  NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """out[t, h] = sum_s w_s * o_s with w_s = 2^(lse_s - max lse), normalized."""
-    token = tl.program_id(0)
-    head = tl.program_id(1)
-    splits = tl.arange(0, NUM_SPLITS)
-    dims = tl.arange(0, HEAD_DIM)
-    slot = (token * NUM_HEADS + head) * NUM_SPLITS
-    lse = tl.load(part_lse + slot + splits)
-    w = tl.exp2(lse - tl.max(lse, 0))
-    o = tl.load(part_out + (slot + splits)[:, None] * HEAD_DIM + dims[None, :])
-    o = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
+def _merge_splits(part_out, part_lse, out_ptr, slot, token, head, row_ok, dims, stride_ot, stride_oh,
+                  HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """out = sum_s w_s o_s / sum_s w_s with w_s = 2^lse_s, by a running max (empty splits: lse -inf)."""
+    m = tl.full(slot.shape, _NEG_BIG, tl.float32)
+    total = tl.zeros(slot.shape, tl.float32)
+    acc = tl.zeros([slot.shape[0], HEAD_DIM], tl.float32)
+    for s in range(NUM_SPLITS):
+        lse = tl.load(part_lse + slot + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(part_out + (slot + s)[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None],
+                    other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, lse)
+        scale = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)
+        acc = acc * scale[:, None] + w[:, None] * o
+        total = total * scale + w
+        m = m_new
+    o = acc / tl.where(total > 0, total, 1.0)[:, None]
+    out_off = token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
+    tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 def _num_sms(device: torch.device) -> int:
@@ -231,25 +250,25 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, ou
     grid0 = count if decode else num_tokens // (cfg["block_m"] // qg) + count
     assert num_splits & (num_splits - 1) == 0, num_splits
     part_out = part_lse = out  # placeholders, unused without splits
+    counters = arrival_counters(q.device)
     if num_splits > 1:  # decode tokens are the batch's first `count` tokens
         rows = count if decode else num_tokens
         part_out = torch.empty(rows * num_heads * num_splits * head_dim, dtype=torch.float32,
                                device=q.device)
         part_lse = torch.empty(rows * num_heads * num_splits, dtype=torch.float32, device=q.device)
+        assert grid0 * num_kv_heads <= counters.numel(), (grid0, num_kv_heads)
     seqs = slice(first, first + count)
+    pdl = pdl_supported(q.device)
+    launch = pdl_launch(q.device) if pdl else {}
     _attention_kernel[(grid0, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables[seqs], context_lens[seqs], query_start_loc[first:],
-        out, part_out, part_lse, count, scale * _LOG2E, window or 0,
+        out, part_out, part_lse, counters, count, scale * _LOG2E, window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         QG=qg, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=cfg["block_m"],
         BLOCK_N=cfg["block_n"], NUM_SPLITS=num_splits, IS_DECODE=decode,
-        USE_WINDOW=window is not None, NUM_HEADS=num_heads,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    if num_splits > 1:
-        _merge_kernel[(rows, num_heads)](
-            part_out, part_lse, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits)
+        USE_WINDOW=window is not None, NUM_HEADS=num_heads, PDL=pdl,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
 
 
 def warm_up(num_heads: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: torch.dtype,

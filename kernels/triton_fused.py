@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_launch import pdl_launch, pdl_supported, wait_previous
+
 
 @triton.jit
 def _norm_rope(src, w_ptr, cos, sin, eps, heads, dims, mask,
@@ -48,7 +50,8 @@ def _qk_norm_rope_store_kernel(
         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
         HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-        HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr):
+        HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr, PDL: tl.constexpr):
+    wait_previous(PDL)   # qkv comes from the projection just before
     token = tl.program_id(0).to(tl.int64)
     row = qkv_ptr + token * stride_qkv          # [q heads | k heads | v heads] of this token
     dims = tl.arange(0, BLOCK_HALF)
@@ -104,6 +107,7 @@ def qk_norm_rope_store(qkv: torch.Tensor, q_norm_weight: torch.Tensor | None,
     if num_tokens == 0:
         return q
     block_h, block_half = triton.next_power_of_2(num_heads), triton.next_power_of_2(half)
+    pdl = pdl_supported(qkv.device)
     _qk_norm_rope_store_kernel[(num_tokens,)](
         qkv, q_norm_weight if q_norm_weight is not None else qkv,
         k_norm_weight if k_norm_weight is not None else qkv,
@@ -113,8 +117,8 @@ def qk_norm_rope_store(qkv: torch.Tensor, q_norm_weight: torch.Tensor | None,
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_H=block_h,
         BLOCK_KH=triton.next_power_of_2(num_kv_heads), BLOCK_HALF=block_half,
-        HAS_Q_NORM=q_norm_weight is not None, HAS_K_NORM=k_norm_weight is not None,
-        num_warps=min(8, max(1, block_h * block_half // 256)))
+        HAS_Q_NORM=q_norm_weight is not None, HAS_K_NORM=k_norm_weight is not None, PDL=pdl,
+        num_warps=min(8, max(1, block_h * block_half // 256)), **(pdl_launch(qkv.device) if pdl else {}))
     return q
 
 

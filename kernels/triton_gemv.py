@@ -10,8 +10,8 @@ What it fuses, so that a decoder layer's decode step is four of these plus atten
 - before: residual add + RMSNorm of x (each program recomputes the row's 1/rms from L2; program 0
   writes the new residual), rounded exactly as `rms_norm` rounds;
 - after: bias, and silu(gate) * up for a gate_up weight (rows [0, N) gate, [N, 2N) up);
-- programmatic dependent launch (PDL): the kernel may start while the previous one finishes, and
-  requests its first weight tiles before it waits for that kernel's results.
+- programmatic dependent launch (triton_launch.py): in a CUDA graph the kernel may start while the
+  previous one finishes, and requests its first weight tiles before it waits for that kernel.
 """
 from __future__ import annotations
 
@@ -22,16 +22,7 @@ import triton
 import triton.language as tl
 
 from . import GEMV_MAX_ROWS
-
-_LOCKS = 1 << 16      # split-K arrival counters per device (one per output tile of a launch)
-_locks_by_device: dict[torch.device, torch.Tensor] = {}
-
-
-def split_k_locks(device: torch.device) -> torch.Tensor:
-    """Arrival counters, zero between launches (each launch's last program re-arms its tile's)."""
-    if device not in _locks_by_device:
-        _locks_by_device[device] = torch.zeros(_LOCKS, dtype=torch.int32, device=device)
-    return _locks_by_device[device]
+from .triton_launch import arrival_counters, pdl_launch, pdl_supported, wait_previous
 
 
 @dataclass(frozen=True)
@@ -40,8 +31,7 @@ class GemvConfig:
     block_k: int = 256     # K elements per tile
     split_k: int = 1       # K splits (programs per output tile)
     num_warps: int = 4
-    pdl: bool = True       # launch with programmatic dependent launch (CUDA only)
-    early_launch: bool = False   # let the next PDL kernel start as soon as this one has waited
+    pdl: bool = True       # programmatic dependent launch where supported (triton_launch.py)
 
 
 @triton.jit
@@ -101,8 +91,7 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, r_out_ptr, ws_ptr, l
                  M, N, K, eps, k_tiles, split_k, stride_xm, stride_rm, stride_ym, stride_wn,
                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr,
-                 EARLY_LAUNCH: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
     """Grid (N tiles, K splits): y[:M, tile] = act(sum over the split's K of x' W^T)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -122,10 +111,7 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, r_out_ptr, ws_ptr, l
     wu = wg
     if SILU_MUL:
         wu = tl.load(w_up + (k_start + kk)[None, :], mask=wmask, other=0.0)
-    if PDL:
-        tl.extra.cuda.gdc_wait()      # every program waits: completion stays transitive
-        if EARLY_LAUNCH:
-            tl.extra.cuda.gdc_launch_dependents()
+    wait_previous(PDL)
     rstd = tl.zeros([ROWS], tl.float32)
     if NORM:
         rstd = _rstd(x_ptr, r_ptr, r_out_ptr, rows, mask_m, K, eps, stride_xm, stride_rm,
@@ -183,15 +169,16 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_config(M: int, N: int, K: int, silu_mul: bool, device: torch.device) -> GemvConfig:
-    """Tiles of 16 output rows (8 for gate_up, which streams two weights) by 256 K; K split in
-    powers of two until there are about 4 programs per SM (the weight stream needs that many
-    loads in flight), each split at least one tile."""
-    block_n = 8 if silu_mul else 16
-    block_k = 256 if M <= 2 else 128
-    tiles, steps, split = triton.cdiv(N, block_n), triton.cdiv(K, block_k), 1
-    while tiles * split < 4 * _num_sms(device) and 2 * split <= steps:
+    """From the H100 sweep (docs/PERF.md, run 12): 8 output rows a program, 16 KB of weights a tile
+    (512 K, or 256 K of gate and of up), 4 warps; K split in powers of two only while there are
+    fewer than 2 programs per SM (a split's reduction costs more than it brings beyond that)."""
+    block_k = 256 if silu_mul or M > 1 else 512
+    while block_k > 64 and K % block_k and K < 4 * block_k:   # small K: less padding
+        block_k //= 2
+    tiles, steps, split = triton.cdiv(N, 8), triton.cdiv(K, block_k), 1
+    while tiles * split < 2 * _num_sms(device) and 2 * split <= steps:
         split *= 2
-    return GemvConfig(block_n, block_k, split, pdl=device.type == "cuda")
+    return GemvConfig(8, block_k, split)
 
 
 def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -214,13 +201,12 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                          dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(rows_out, cfg.block_n), cfg.split_k)
     k_tiles = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k)
-    extra = {"launch_pdl": True} if cfg.pdl else {}
+    pdl = cfg.pdl and pdl_supported(x.device)
     _gemv_kernel[grid](
         x, r, norm_weight if norm else x, weight, bias if bias is not None else x, y,
-        r_out if r_out is not None else x, ws, split_k_locks(x.device), M, rows_out, K, eps,
+        r_out if r_out is not None else x, ws, arrival_counters(x.device), M, rows_out, K, eps,
         k_tiles, cfg.split_k, x.stride(0), r.stride(0), y.stride(0), weight.stride(0),
         ROWS=triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NORM=norm,
         RESIDUAL=norm and residual is not None, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
-        USE_SPLIT=cfg.split_k > 1, PDL=cfg.pdl, EARLY_LAUNCH=cfg.early_launch,
-        num_warps=cfg.num_warps, **extra)
+        USE_SPLIT=cfg.split_k > 1, PDL=pdl, num_warps=cfg.num_warps, **(pdl_launch(x.device) if pdl else {}))
     return y, r_out

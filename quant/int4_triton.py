@@ -33,13 +33,14 @@ from functools import lru_cache
 import torch
 import triton
 
+from pagedeploy.kernels.triton_launch import arrival_counters
+
 from .int4 import Int4Weight
 from .int4_kernels import _int4_dequant_kernel, _int4_dot_kernel, _int4_fma_kernel, _x_prep_kernel
 
 FMA_MAX_M = 2          # rows of x up to which CUDA cores beat tensor cores (GPU sweeps, PERF.md)
 DENSE_MIN_M = 192      # rows of x from which dequantize + cuBLAS beats the fused GEMM
 DENSE_CHUNK_BYTES = 64 << 20   # dense path: scratch for the dequantized weight, a chunk of rows at a time
-_LOCKS = 1 << 16       # split-K arrival counters per device (one per output tile of a launch)
 
 
 @dataclass(frozen=True)
@@ -62,16 +63,6 @@ class KernelConfig:
 @lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-_locks_by_device: dict[torch.device, torch.Tensor] = {}
-
-
-def _locks(device: torch.device) -> torch.Tensor:
-    """Arrival counters, zero between launches (each launch's last program re-arms its tile's)."""
-    if device not in _locks_by_device:
-        _locks_by_device[device] = torch.zeros(_LOCKS, dtype=torch.int32, device=device)
-    return _locks_by_device[device]
 
 
 def _split(tiles: int, steps: int, sms: int, waves: float) -> int:
@@ -126,10 +117,11 @@ def _split_args(x, N: int, cfg: KernelConfig, tiles: int, step_words: int):
     words_per_split = triton.cdiv(steps, cfg.split_k) * step_words
     if cfg.split_k == 1:
         return words_per_split, x, x
-    if tiles > _LOCKS:
-        raise ValueError(f"int4_matmul: {tiles} split-K tiles exceed the {_LOCKS} counters")
+    counters = arrival_counters(x.device)
+    if tiles > counters.numel():
+        raise ValueError(f"int4_matmul: {tiles} split-K tiles exceed the {counters.numel()} counters")
     ws = torch.empty((cfg.split_k, M, N), device=x.device, dtype=torch.float32)
-    return words_per_split, ws, _locks(x.device)
+    return words_per_split, ws, counters
 
 
 def _launch_fma(x, w: Int4Weight, bias, cfg: KernelConfig) -> torch.Tensor:

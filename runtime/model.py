@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedeploy.kernels import paged_attention, qk_norm_rope_store, rms_norm, silu_and_mul
+from pagedeploy.kernels import (fused_linear, paged_attention, qk_norm_rope_store, rms_norm,
+                                silu_and_mul)
 from pagedeploy.launcher.model_spec import ModelSpec
 from pagedeploy.runtime.cpu_weights import PackedWeight
 
@@ -49,12 +50,33 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return self.packed(x, self.weight, self.bias)
+        if use_gemv(x, self):
+            return fused_linear(x, self.weight, self.bias)[0]
         return F.linear(x, self.weight, self.bias)
 
     def shard(self, param: torch.Tensor, index: int) -> torch.Tensor:
         """The rows of `param` (weight or bias) that fused shard `index` occupies."""
         start = sum(self.shard_sizes[:index])
         return param.narrow(0, start, self.shard_sizes[index])
+
+
+def use_gemv(x: torch.Tensor, linear: nn.Module) -> bool:
+    """Batch-1 decode on CUDA goes through kernels.fused_linear: a GEMV that also takes the norm
+    before and the activation after it, one launch instead of three. At 2-4 rows cuBLAS is faster
+    (docs/PERF.md, run 12); 4-bit linears (QuantLinear) have kernels of their own."""
+    return (x.shape[0] == 1 and x.is_cuda and type(linear) is Linear and linear.packed is None
+            and linear.weight.dtype == x.dtype)
+
+
+def norm_linear(norm: "RMSNorm", linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
+                silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear(norm(x + residual)), silu(gate) * up of it when silu_mul, and the new residual."""
+    if use_gemv(x, linear) and norm.weight.dtype == x.dtype:
+        return fused_linear(x, linear.weight, linear.bias, norm_weight=norm.weight, eps=norm.eps,
+                            residual=residual, silu_mul=silu_mul)
+    x, residual = norm(x, residual)
+    y = linear(x)
+    return (silu_and_mul(y) if silu_mul else y), residual
 
 
 class Embedding(nn.Module):
@@ -92,13 +114,14 @@ class Attention(nn.Module):
         self.sliding_window = spec.sliding_window
         self.k_cache = self.v_cache = torch.empty(0)   # bound by the runner to its KV pool
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+    def forward(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
+        """o_proj(attention) of the qkv projection's output (the layer computes it with its norm)."""
+        t = qkv.shape[0]
         qk_norm = self.q_norm is not None   # Qwen3: per-head RMSNorm of q and k before rope
         # One kernel reads q, k, v out of the fused projection: (norm,) rope, k/v into the cache.
         q = qk_norm_rope_store(
-            self.qkv_proj(x), self.q_norm.weight if qk_norm else None,
+            qkv, self.q_norm.weight if qk_norm else None,
             self.k_norm.weight if qk_norm else None, self.q_norm.eps if qk_norm else 0.0,
             positions, cos_sin_cache, self.k_cache, self.v_cache, meta.slot_mapping,
             self.num_heads, self.num_kv_heads, self.head_dim)
@@ -115,9 +138,6 @@ class MLP(nn.Module):
         self.gate_up_proj = Linear(spec.hidden_size, 2 * inter, shard_sizes=[inter, inter])
         self.down_proj = Linear(inter, spec.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
 
 class DecoderLayer(nn.Module):
     def __init__(self, spec: ModelSpec):
@@ -128,10 +148,11 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec)
 
     def forward(self, x, residual, positions, cos_sin_cache, meta):
-        x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, positions, cos_sin_cache, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        qkv, residual = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
+        x = self.self_attn(qkv, positions, cos_sin_cache, meta)
+        act, residual = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, x, residual,
+                                    silu_mul=True)
+        return self.mlp.down_proj(act), residual
 
 
 class LlamaModel(nn.Module):

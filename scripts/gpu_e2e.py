@@ -1,7 +1,8 @@
 """GPU end-to-end check, one call on the device machine (see docs/PERF.md for how it is run).
 
 1. Correctness, random weights, float32: greedy tokens of our engine on CUDA (CUDA graphs on, and
-   eager; tokens read one step late, the CUDA default, and at once) equal our engine on the CPU reference path and HF transformers `generate` on CUDA, for
+   eager; tokens read one step late, the CUDA default, and at once; one prompt at a time, which
+   takes the batch-1 fused-GEMV path) equal our engine on the CPU reference path and HF transformers `generate` on CUDA, for
    tiny Qwen3 / Llama-3 (llama3 rope) / Qwen2 (bias) / Mistral (window) configs and a Qwen3 with
    real head sizes. Also bf16 on CUDA vs HF bf16 (reported as the share of matching tokens).
 2. The plan's CUDA-graph term against the measured pool of a Qwen3-0.6B runner.
@@ -50,14 +51,18 @@ SAMPLED = SamplingParams(n=2, temperature=0.8, top_p=0.9, top_k=50, min_p=0.02, 
 
 
 def ours(folder: Path, config: dict, device: str, dtype: str, eager: bool, prompts,
-         params: SamplingParams = GREEDY, async_scheduling: bool | None = None) -> list[list[int]]:
+         params: SamplingParams = GREEDY, async_scheduling: bool | None = None,
+         one_at_a_time: bool = False) -> list[list[int]]:
     spec = ModelSpec.from_config(config, source="folder", path=str(folder))
     cfg = EngineConfig(spec=spec, num_blocks=256, block_size=16, load_format="safetensors",
                        model_path=str(folder), device=device, dtype=dtype, enforce_eager=eager,
                        max_model_len=512, max_num_seqs=8, max_num_batched_tokens=256,
                        async_scheduling=async_scheduling)
     llm = LLM(cfg)
-    outs = llm.generate(prompts, params)
+    if one_at_a_time:   # batch-1 decode steps: the fused GEMV path on CUDA
+        outs = [o for p in prompts for o in llm.generate([p], params)]
+    else:
+        outs = llm.generate(prompts, params)
     del llm
     torch.cuda.empty_cache()
     return [c.token_ids for o in outs for c in o.outputs]
@@ -95,15 +100,19 @@ def check_model(name: str, config: dict) -> dict:
         gpu_graph = ours(folder, config, "cuda", "float32", False, prompts)
         gpu_eager = ours(folder, config, "cuda", "float32", True, prompts)
         gpu_sync = ours(folder, config, "cuda", "float32", False, prompts, async_scheduling=False)
+        gpu_single = ours(folder, config, "cuda", "float32", False, prompts, one_at_a_time=True)
+        bf16_single = ours(folder, config, "cuda", "bfloat16", False, prompts, one_at_a_time=True)
         sampled = [ours(folder, config, "cuda", "float32", False, prompts, SAMPLED) for _ in range(2)]
         gpu_bf16 = ours(folder, config, "cuda", "bfloat16", False, prompts)
     ref = hf(config, state, torch.float32, prompts)
     ref_bf16 = hf(config, state, torch.bfloat16, prompts)
     return {"model": name,
             "cuda graphs == cpu": gpu_graph == cpu, "cuda eager == cpu": gpu_eager == cpu,
-            "cuda sync == cpu": gpu_sync == cpu, "seeded sampling repeats": sampled[0] == sampled[1],
+            "cuda sync == cpu": gpu_sync == cpu, "cuda batch-1 == cpu": gpu_single == cpu,
+            "seeded sampling repeats": sampled[0] == sampled[1],
             "cuda fp32 == hf cuda": gpu_graph == ref, "cpu == hf": cpu == ref,
-            "bf16 share == hf bf16": round(match_share(gpu_bf16, ref_bf16), 3)}
+            "bf16 share == hf bf16": round(match_share(gpu_bf16, ref_bf16), 3),
+            "bf16 batch-1 share == hf bf16": round(match_share(bf16_single, ref_bf16), 3)}
 
 
 def graph_memory() -> dict:
@@ -142,7 +151,7 @@ def main() -> int:
         print(r["model"] + " | " + " | ".join(str(v) for k, v in r.items() if k != "model"))
     print(memory)
     ok = all(r["cuda graphs == cpu"] and r["cuda eager == cpu"] and r["cuda sync == cpu"]
-             and r["seeded sampling repeats"] and r["cuda fp32 == hf cuda"] for r in rows)
+             and r["cuda batch-1 == cpu"] and r["seeded sampling repeats"] and r["cuda fp32 == hf cuda"] for r in rows)
     print("E2E", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 

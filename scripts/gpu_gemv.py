@@ -4,8 +4,8 @@ vs fused with and without PDL, and cuBLAS variants at the workload's M = 64-256.
 
 Times are CUDA-graph replays over enough weight copies to overflow L2 (decode reads weights from
 HBM), median of 5. Run on the device machine; log under $OUT/gemv.log.
-Usage: python3 scripts/gpu_gemv.py [--aot]   (--aot: compile for sm_90a without a GPU, print
-registers and spills of the main variants)
+Usage: python3 scripts/gpu_gemv.py [--quick | --aot]   (--quick: M=1 per-linear and chains only;
+--aot: compile for sm_90a without a GPU, print registers and spills of the main variants)
 """
 from __future__ import annotations
 
@@ -134,10 +134,10 @@ def layer_chain(model: str, M: int) -> None:
             a, r = rms_norm(x, g, 1e-6, r)
             x = F.linear(silu_and_mul(F.linear(a, wgu)), wd)
 
-    def fused(pdl: bool, early: bool):
+    def fused(pdl: bool):
         def cfg(n, k, silu):
             c = default_config(M, n, k, silu, x0.device)
-            return GemvConfig(c.block_n, c.block_k, c.split_k, c.num_warps, pdl, early)
+            return GemvConfig(c.block_n, c.block_k, c.split_k, c.num_warps, pdl)
         cq, co, cgu, cd = cfg(qkv, h, False), cfg(h, o_in, False), cfg(inter, h, True), cfg(h, inter, False)
 
         def run(_):
@@ -150,8 +150,8 @@ def layer_chain(model: str, M: int) -> None:
         return run
     t_unfused = graph_us(unfused, 1)
     rows = [("unfused (cuBLAS + norm + silu)", t_unfused)]
-    for pdl, early in ((False, False), (True, False), (True, True)):
-        rows.append((f"fused, pdl={pdl} early={early}", graph_us(fused(pdl, early), 1)))
+    for pdl in (False, True):
+        rows.append((f"fused, pdl={pdl}", graph_us(fused(pdl), 1)))
     wbytes = sum(w.numel() * 2 for ws in W for w in ws)
     log(f"\n## {model} layer chain, M={M}: {layers} layers, {wbytes / 1e6:.0f} MB of weights "
         f"({wbytes / 2.95e6:.0f} µs at 2.95 TB/s)")
@@ -184,7 +184,7 @@ def aot() -> None:
               "stride_ym": "i32", "stride_wn": "i32"}
     for rows, bn, bk, norm, silu in ((1, 16, 256, False, False), (1, 8, 256, True, True), (4, 16, 128, True, False)):
         consts = dict(ROWS=rows, BLOCK_N=bn, BLOCK_K=bk, NORM=norm, RESIDUAL=norm, SILU_MUL=silu, HAS_BIAS=False,
-                      USE_SPLIT=True, PDL=True, EARLY_LAUNCH=True)
+                      USE_SPLIT=True, PDL=True)
         k = compile_for_h100(_gemv_kernel, types, consts, ["x_ptr", "w_ptr", "y_ptr", "K", "stride_wn"], 4, 1)
         ptx = k.asm["ptx"]
         loads = collections.Counter(re.findall(r"ld\.global[.\w:]*", ptx))
@@ -192,16 +192,17 @@ def aot() -> None:
               f"griddepcontrol {ptx.count('griddepcontrol')}; loads {dict(loads)}")
 
 
-def main() -> None:
+def main(quick: bool) -> None:
     log(f"# gpu_gemv.py on {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    for M in (1, 4):
+    for M in (1,) if quick else (1, 4):
         per_linear(M)
     for model in MODELS:
-        for M in (1, 2):
+        for M in (1,) if quick else (1, 2):
             layer_chain(model, M)
-    sweep_m1()
-    cublas_variants()
+    if not quick:
+        sweep_m1()
+        cublas_variants()
 
 
 if __name__ == "__main__":
-    aot() if "--aot" in sys.argv else main()
+    aot() if "--aot" in sys.argv else main("--quick" in sys.argv)

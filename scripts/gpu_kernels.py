@@ -311,7 +311,7 @@ def aot_check() -> int:
         cfg = launch_config(decode, qg)
         consts = dict(QG=qg, HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_M=cfg["block_m"],
                       BLOCK_N=cfg["block_n"], NUM_SPLITS=splits, IS_DECODE=decode,
-                      USE_WINDOW=window, NUM_HEADS=8 * qg)
+                      USE_WINDOW=window, NUM_HEADS=8 * qg, PDL=True)
         args = [n for n in names if n not in consts]
         arg_types = {n: ("*i32" if n in ("block_tables", "context_lens", "query_start_loc") else
                          "*fp32" if n.startswith("part") else "*bf16" if n in ptr else
