@@ -137,31 +137,30 @@ def _attention_kernel(
         tl.debug_barrier()   # every thread's partial is written before the release below
         counter = counters + tile * tl.num_programs(1) + kh
         if tl.atomic_add(counter, 1) == NUM_SPLITS - 1:   # acq_rel, gpu scope
-            _merge_splits(part_out, part_lse, out_ptr, slot, token, head, row_ok, dims,
-                          stride_ot, stride_oh, HEAD_DIM, NUM_SPLITS)
+            _merge_splits(part_out, part_lse, out_ptr, q_begin, q0, q_len, kh, stride_ot, stride_oh,
+                          QG, BLOCK_Q, HEAD_DIM, NUM_SPLITS, NUM_HEADS)
             tl.atomic_xchg(counter, 0)   # re-armed for the next launch (graph replays)
 
 
 @triton.jit
-def _merge_splits(part_out, part_lse, out_ptr, slot, token, head, row_ok, dims, stride_ot, stride_oh,
-                  HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
-    """out = sum_s w_s o_s / sum_s w_s with w_s = 2^lse_s, by a running max (empty splits: lse -inf)."""
-    m = tl.full(slot.shape, _NEG_BIG, tl.float32)
-    total = tl.zeros(slot.shape, tl.float32)
-    acc = tl.zeros([slot.shape[0], HEAD_DIM], tl.float32)
-    for s in range(NUM_SPLITS):
-        lse = tl.load(part_lse + slot + s, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
-        o = tl.load(part_out + (slot + s)[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None],
-                    other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m, lse)
-        scale = tl.exp2(m - m_new)
-        w = tl.exp2(lse - m_new)
-        acc = acc * scale[:, None] + w[:, None] * o
-        total = total * scale + w
-        m = m_new
-    o = acc / tl.where(total > 0, total, 1.0)[:, None]
-    out_off = token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
-    tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+def _merge_splits(part_out, part_lse, out_ptr, q_begin, q0, q_len, kh, stride_ot, stride_oh,
+                  QG: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr):
+    """out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse), for each of the tile's real rows:
+    all of a row's splits in one load (empty splits have lse -inf, weight 0)."""
+    splits = tl.arange(0, NUM_SPLITS)
+    dims = tl.arange(0, HEAD_DIM)
+    for r in range(BLOCK_Q * QG):
+        if q0 + r // QG < q_len:
+            token = q_begin + q0 + r // QG
+            head = kh * QG + r % QG
+            slot = (token * NUM_HEADS + head) * NUM_SPLITS + splits
+            lse = tl.load(part_lse + slot, cache_modifier=".cg")
+            w = tl.exp2(lse - tl.max(lse, 0))
+            o = tl.load(part_out + slot[:, None] * HEAD_DIM + dims[None, :], cache_modifier=".cg")
+            o = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
+            tl.store(out_ptr + token * stride_ot + head * stride_oh + dims,
+                     o.to(out_ptr.dtype.element_ty))
 
 
 def _num_sms(device: torch.device) -> int:

@@ -201,7 +201,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
                          dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(rows_out, cfg.block_n), cfg.split_k)
     k_tiles = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k)
-    pdl = cfg.pdl and pdl_supported(x.device)
+    pdl = pdl_supported(x.device) if cfg.pdl else 0
     _gemv_kernel[grid](
         x, r, norm_weight if norm else x, weight, bias if bias is not None else x, y,
         r_out if r_out is not None else x, ws, arrival_counters(x.device), M, rows_out, K, eps,

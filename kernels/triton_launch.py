@@ -16,10 +16,16 @@ predecessor, and by induction after everything before it.
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+
+# 2: wait, then let the next kernel launch at once; 1: wait only (the next launches as this one
+# ends); 0: no PDL. For measuring (docs/PERF.md) and as a way out should a driver misbehave.
+PDL_MODE = int(os.environ.get("PAGEDEPLOY_PDL", "2"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -27,11 +33,13 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def pdl_supported(device: torch.device) -> bool:
-    """Whether kernels for `device` may contain the griddepcontrol instructions (Hopper and later)."""
-    if device.type != "cuda":
-        return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+def pdl_supported(device: torch.device) -> int:
+    """The PDL mode kernels for `device` compile with: 0 unless it has the griddepcontrol
+    instructions (Hopper and later)."""
+    if device.type != "cuda" or PDL_MODE == 0:
+        return 0
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return PDL_MODE if _capability(index) >= (9, 0) else 0
 
 
 def pdl_launch(device: torch.device) -> dict:
@@ -42,8 +50,9 @@ def pdl_launch(device: torch.device) -> dict:
 @triton.jit
 def wait_previous(PDL: tl.constexpr):
     """Wait until the previous kernel has finished and its writes are visible; let the next start."""
-    if PDL:
+    if PDL >= 1:
         tl.extra.cuda.gdc_wait()
+    if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
 
 

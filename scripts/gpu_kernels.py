@@ -303,7 +303,7 @@ def aot_check() -> int:
     from pagedeploy.kernels.triton_attention import _attention_kernel, launch_config
     names = _attention_kernel.arg_names
     ptr = {"q_ptr", "k_cache", "v_cache", "out_ptr", "block_tables", "context_lens",
-           "query_start_loc", "part_out", "part_lse"}
+           "query_start_loc", "part_out", "part_lse", "counters"}
     failed = 0
     variants = [(2, 128, 16, True, 1, False), (4, 128, 256, True, 32, True),
                 (2, 128, 16, False, 1, False), (7, 64, 8, False, 1, True)]
@@ -314,7 +314,8 @@ def aot_check() -> int:
                       USE_WINDOW=window, NUM_HEADS=8 * qg, PDL=True)
         args = [n for n in names if n not in consts]
         arg_types = {n: ("*i32" if n in ("block_tables", "context_lens", "query_start_loc") else
-                         "*fp32" if n.startswith("part") else "*bf16" if n in ptr else
+                         "*fp32" if n.startswith("part") else "*i32" if n == "counters" else
+                         "*bf16" if n in ptr else
                          "fp32" if n == "qk_scale" else "i32") for n in args}
         # what the JIT infers at launch: pointers and strides are multiples of 16
         div16 = [n for n in args if n in ptr or n.startswith("stride")]
