@@ -79,26 +79,28 @@ def per_linear(M: int) -> None:
             del ws
 
 
-def sweep_m1() -> None:
+SWEEP_SHAPES = {"qwen qkv": (4096, 1024, False), "qwen o": (1024, 2048, False), "qwen gate_up": (6144, 1024, True),
+                "qwen down": (1024, 3072, False), "llama qkv": (6144, 4096, False), "llama o": (4096, 4096, False),
+                "llama gate_up": (28672, 4096, True), "llama down": (4096, 14336, False)}
+
+
+def sweep_m1(names, bns=(8, 16, 32), bks=(128, 256, 512), warps=(2, 4, 8), splits=(1, 2, 4, 8)) -> None:
+    """Every tile shape of the lists at M=1, each in a graph of back-to-back calls (PDL as in a model)."""
     from pagedeploy.kernels.triton_gemv import GemvConfig, default_config, fused_linear
     log("\n## M=1 tile sweep: µs per call (default first)")
-    shapes = {"qwen qkv": (4096, 1024, False), "qwen o": (1024, 2048, False), "qwen gate_up": (6144, 1024, True),
-              "llama o": (4096, 4096, False), "llama gate_up": (28672, 4096, True), "llama down": (4096, 14336, False)}
-    for name, (n, k, silu) in shapes.items():
+    for name in names:
+        n, k, silu = SWEEP_SHAPES[name]
         ws = [torch.randn(n, k, device="cuda", dtype=DT) * k ** -0.5 for _ in range(copies_for(n * k * 2))]
         x = torch.randn(1, k, device="cuda", dtype=DT)
         out_n = n // 2 if silu else n
         base = default_config(1, out_n, k, silu, x.device)
         results = []
-        for bn in (8, 16, 32):
-            for bk in (128, 256, 512):
-                for warps in (2, 4, 8):
-                    for waves in (2, 4):
-                        tiles, steps, split = -(-out_n // bn), -(-k // bk), 1
-                        while tiles * split < waves * 132 and 2 * split <= steps:
-                            split *= 2
-                        cfg = GemvConfig(bn, bk, split, warps)
-                        if bn * bk * (2 if silu else 1) > 16384:
+        for bn in bns:
+            for bk in bks:
+                for warp in warps:
+                    for split in splits:
+                        cfg = GemvConfig(bn, bk, split, warp)
+                        if bn * bk * (2 if silu else 1) > 16384 * warp // 4 or bk * split > 2 * k:
                             continue
                         try:
                             t = graph_us(lambda i: fused_linear(x, ws[i % len(ws)], silu_mul=silu, config=cfg),
@@ -200,9 +202,18 @@ def main(quick: bool) -> None:
         for M in (1,) if quick else (1, 2):
             layer_chain(model, M)
     if not quick:
-        sweep_m1()
+        sweep_m1(list(SWEEP_SHAPES))
         cublas_variants()
 
 
 if __name__ == "__main__":
-    aot() if "--aot" in sys.argv else main("--quick" in sys.argv)
+    if "--aot" in sys.argv:
+        aot()
+    elif "--sweep-qwen" in sys.argv:   # larger K tiles for the small Qwen3-0.6B weights
+        sweep_m1([n for n in SWEEP_SHAPES if n.startswith("qwen")], bns=(4, 8, 16), bks=(512, 1024, 2048),
+                 warps=(4, 8), splits=(1, 2, 4))
+    elif "--sweep-llama" in sys.argv:
+        sweep_m1(["llama qkv", "llama o", "llama down"], bns=(4, 8), bks=(512, 1024, 2048), warps=(4, 8),
+                 splits=(1, 2))
+    else:
+        main("--quick" in sys.argv)

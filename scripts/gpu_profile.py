@@ -159,7 +159,8 @@ if __name__ == "__main__":
         add_workload(_engine, 4)
         while _engine.has_unfinished():
             _engine.step()
-        _report = batch1_window(_engine)
+        _phases = timed_run(_engine, 1, True)   # host phases with one request alone (the workload's first)
+        _report = _phases + "\n" + batch1_window(_engine)
         open(os.path.join(OUT, f"b1-{os.path.basename(sys.argv[1])}.txt"), "w").write(_report)
         print(_report)
         sys.exit(0)
