@@ -21,7 +21,8 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from test_kernels_triton import attention_case, qkv_views  # noqa: E402  (shared case builders)
+from kernel_checks import qkv_views  # noqa: E402  (shared case builders)
+from test_kernels_attention import attention_case  # noqa: E402
 
 from gpu_common import RunLog, compile_for_h100, ptxas_usage  # noqa: E402  (scripts/)
 

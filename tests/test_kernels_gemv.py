@@ -1,31 +1,22 @@
 """fused_linear (kernels/triton_gemv.py) against fused_linear_ref, on random inputs.
 
 Like test_kernels_triton.py: full sizes on a CUDA GPU (marked `gpu`), small sizes on the CPU under
-TRITON_INTERPRET=1 in a child process (this file run as a script), fp32 and fp16 there.
+TRITON_INTERPRET=1 in a child process (this file run as a script, kernel_checks.py), fp32 and fp16
+there.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
 import sys
 
 import pytest
 import torch
+from kernel_checks import needs_triton, on_gpu, rel_err, run_cpu_groups, run_interpreter
 
 from pagedeploy.kernels import reference as ref
 
-HAS_CUDA = torch.cuda.is_available()
-# ||out - ref|| / ||ref|| against the reference run in fp32 on the same (upcast) inputs
-REL_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
-
-
-def on_gpu(fn):
-    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")(fn))
-
-
-def rel_err(out: torch.Tensor, expect: torch.Tensor) -> float:
-    return ((out.double() - expect.double()).norm() / expect.double().norm()).item()
+# ||out - ref|| / ||ref|| against the reference run in fp32 on the same (upcast) inputs (its fp32
+# bound is looser than kernel_checks.REL_TOL's 1e-5)
+GEMV_REL_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
 
 
 def make_inputs(m, n, k, dtype, device, *, silu, bias, seed):
@@ -56,7 +47,7 @@ def check_fused_linear(m, n, k, dtype, device, *, norm=False, residual=False, si
                                             None if t["bias"] is None else t["bias"].float(), **f32)
     assert out.shape == (m, n) and out.dtype == dtype and torch.isfinite(out).all()
     err = rel_err(out, expect)
-    assert err < REL_TOL[dtype], (m, n, k, dtype, norm, residual, silu, bias, config, err)
+    assert err < GEMV_REL_TOL[dtype], (m, n, k, dtype, norm, residual, silu, bias, config, err)
     assert torch.equal(x, before[0]) and torch.equal(t["residual"], before[1])
     if not norm:
         assert r_out is None
@@ -136,17 +127,18 @@ def _cpu_cases() -> None:
             check_fused_linear(m, n, k, dt, "cpu", norm=True, residual=True, bias=True,
                                config=dict(small, split_k=1), seed=20 + s)
     check_fused_linear(1, 300, 96, torch.float32, "cpu", norm=True, residual=True, silu=True)  # defaults
+    # the batch-1 defaults of plain linears: 4 rows, K tiles of 512 / 2048 (ragged last tile)
+    check_fused_linear(1, 50, 160, torch.float32, "cpu", norm=True, residual=True, bias=True)
+    check_fused_linear(1, 20, 2100, torch.float16, "cpu")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+CPU_GROUPS = {"fused_linear": _cpu_cases}
+
+
+@needs_triton
 def test_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    run_interpreter(__file__, CPU_GROUPS)
 
 
 if __name__ == "__main__":
-    assert os.environ.get("TRITON_INTERPRET") == "1", "run through test_interpreter"
-    _cpu_cases()
-    print("ok")
+    sys.exit(run_cpu_groups(CPU_GROUPS, sys.argv[1:]))

@@ -108,6 +108,32 @@ def test_chunked_prefill_mixed_with_decodes_matches_hf(pair):
         assert s.token_ids[-max_new:] == greedy_hf
 
 
+def test_batch1_fused_route_matches_hf(pair, monkeypatch):
+    """Batch-1 decode steps through the fused route (on CUDA: one GEMV kernel with the norm before it
+    and silu * up after it; here fused_linear's reference, forced on for one-row batches): the
+    residual stream, the biases and the gate/up halves are threaded as in the unfused layers."""
+    from pagedeploy.runtime import model as model_module
+    runner, hf, config = pair
+    calls = []
+
+    def route(x, linear):
+        calls.append(x.shape[0])
+        return x.shape[0] == 1 and type(linear) is Linear
+    monkeypatch.setattr(model_module, "use_gemv", route)
+    pool = BlockPool(NUM_BLOCKS, seed=4)
+    seq = FakeSeq(prompts(config["vocab_size"], lengths=(11,), seed=5)[0])
+    rows = []
+    for step in range(6):   # the prompt, then one token at a time
+        n = len(seq.token_ids) - seq.num_computed_tokens
+        pool.grow(seq, len(seq.token_ids), BS)
+        got = step_all_rows(runner, [Item(seq, n)])[0]
+        rows.append(got)
+        seq.token_ids.append(int(got[-1].argmax()))
+    assert 1 in calls
+    expected = hf_logits(hf, seq.token_ids)[: seq.num_computed_tokens]
+    torch.testing.assert_close(torch.cat(rows), expected, atol=ATOL, rtol=0)
+
+
 def test_prefix_cache_hit_matches_hf(pair):
     """A second sequence reuses the first one's full prefix blocks and computes only its tail,
     batched with a fresh prompt."""
