@@ -1,0 +1,65 @@
+"""Batch-1 decode tok/s of both H100 profiles under several GEMV tile rules, in one run (so machine-
+to-machine spread, a few % on this device, does not decide between them). Each rule gets a fresh
+engine (its CUDA graphs bake the tiles in), the bench's warm-up, then REPS `deploy bench --batch-1`
+requests (128-token prompt, 256 new tokens). Run on the device machine.
+Usage: python3 scripts/gpu_b1_ab.py [REPS]
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+
+import torch
+import triton
+
+from pagedeploy.kernels import triton_gemv as gemv
+from pagedeploy.launcher.bench import BATCH1_OUTPUT, BATCH1_PROMPT, _warm_up_ours, batch1_ours, make_workload
+from pagedeploy.runtime.engine import LLMEngine
+from pagedeploy.runtime.llm import engine_config_from_profile
+
+DEFAULT = gemv.default_config
+
+
+def rows8(M, N, K, silu_mul, device):
+    """The first rule: 8 rows by 512 K (256 with silu), K split while < 2 programs per SM."""
+    block_k = 256 if silu_mul or M > 1 else 512
+    tiles, steps, split = triton.cdiv(N, 8), triton.cdiv(K, block_k), 1
+    while tiles * split < 2 * gemv._num_sms(device) and 2 * split <= steps:
+        split *= 2
+    return gemv.GemvConfig(8, block_k, split)
+
+
+def wide_mid_k(M, N, K, silu_mul, device):
+    """4 rows by 2048 K for plain linears with 2048 <= K <= 3072, the first rule elsewhere."""
+    if M == 1 and not silu_mul and 2048 <= K <= 3072:
+        return gemv.GemvConfig(4, 2048, 1)
+    return rows8(M, N, K, silu_mul, device)
+
+
+RULES = {"default": DEFAULT, "8x512": rows8, "4x2048 mid-K only": wide_mid_k}
+
+
+def main(reps: int) -> None:
+    table = []
+    for profile in ("profiles/qwen3-0.6b-h100.yaml", "profiles/llama-3-8b-h100.yaml"):
+        for name, rule in RULES.items():
+            gemv.default_config = rule
+            engine = LLMEngine(engine_config_from_profile(profile))
+            _warm_up_ours(engine)
+            request = make_workload(1, (BATCH1_PROMPT, BATCH1_PROMPT), (BATCH1_OUTPUT, BATCH1_OUTPUT), 0,
+                                    engine.config.spec.vocab_size)[0]
+            speeds = [batch1_ours(engine, request).decode_tok_s for _ in range(reps)]
+            table.append((profile.split("/")[-1], name, speeds))
+            print(f"{table[-1][0]:24s} {name:18s} " + " ".join(f"{s:7.1f}" for s in speeds), flush=True)
+            del engine
+            gc.collect()
+            torch.cuda.empty_cache()
+    gemv.default_config = DEFAULT
+    print("\nprofile                  rule               median decode tok/s (min-max)")
+    for profile, name, speeds in table:
+        print(f"{profile:24s} {name:18s} {statistics.median(speeds):8.1f} ({min(speeds):.1f}-{max(speeds):.1f})")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
