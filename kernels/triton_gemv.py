@@ -169,15 +169,15 @@ def _num_sms(device: torch.device) -> int:
 
 
 def default_config(M: int, N: int, K: int, silu_mul: bool, device: torch.device) -> GemvConfig:
-    """From the H100 sweeps at M=1 inside CUDA graphs (docs/PERF.md, run 12). A plain linear takes 4
-    rows a program, unsplit, in K tiles of 512 below K = 2048 (Qwen3-0.6B qkv: 4.1 us), 2048 up to
-    3072 (its o and down: 2.6 and 3.5 us, from 4.5 and 5.7 with 8 x 512 tiles) and 1024 above
-    (Llama-3-8B qkv and down: 19.1 and 40.2 us, from 20.8 and 41.0): a program's weights come in a
-    few large loads, the first before it waits on the previous kernel. gate_up (two weights) and
-    M > 1: 8 rows by 16 KB of weights, K split in powers of two only while there are fewer than 2
-    programs per SM."""
-    if M == 1 and not silu_mul:
-        return GemvConfig(4, 512 if K < 2048 else 2048 if K <= 3072 else 1024, 1)
+    """Tiles from the H100 sweeps at M=1 inside CUDA graphs, checked end to end (docs/PERF.md, run 12).
+    A plain linear with 2048 <= K <= 3072 (Qwen3-0.6B's o and down) takes 4 rows by 2048 K a
+    program, unsplit (2.6 and 3.5 us, from 4.5 and 5.7 with 8 x 512 tiles), above that 4 by 1024
+    (Llama-3-8B's qkv, o and down: 19.1, 12.5 and 40.2 us, from 20.8, 12.6 and 41.0): a program's
+    weights come in a few large loads, the first before it waits on the previous kernel. Otherwise
+    (smaller K, gate_up's two weights, M > 1): 8 rows by 16 KB of weights (512 K, or 256 K of gate
+    and of up), K split in powers of two only while there are fewer than 2 programs per SM."""
+    if M == 1 and not silu_mul and K >= 2048:
+        return GemvConfig(4, 2048 if K <= 3072 else 1024, 1)
     block_k = 256 if silu_mul or M > 1 else 512
     while block_k > 64 and K % block_k and K < 4 * block_k:   # small K: less padding
         block_k //= 2

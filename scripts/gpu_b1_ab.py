@@ -30,20 +30,22 @@ def rows8(M, N, K, silu_mul, device):
     return gemv.GemvConfig(8, block_k, split)
 
 
-def wide_mid_k(M, N, K, silu_mul, device):
-    """4 rows by 2048 K for plain linears with 2048 <= K <= 3072, the first rule elsewhere."""
-    if M == 1 and not silu_mul and 2048 <= K <= 3072:
-        return gemv.GemvConfig(4, 2048, 1)
-    return rows8(M, N, K, silu_mul, device)
+def narrow_gate_up(M, N, K, silu_mul, device):
+    """The default, but gate_up in K tiles of 128 for K >= 4096 (the Llama-3-8B sweep's best)."""
+    if M == 1 and silu_mul and K >= 4096:
+        return gemv.GemvConfig(8, 128, 1)
+    return DEFAULT(M, N, K, silu_mul, device)
 
 
-RULES = {"default": DEFAULT, "8x512": rows8, "4x2048 mid-K only": wide_mid_k}
+RULES = {"default": DEFAULT, "8x512": rows8, "gate_up 8x128 (K>=4096)": narrow_gate_up}
 
 
 def main(reps: int) -> None:
     table = []
     for profile in ("profiles/qwen3-0.6b-h100.yaml", "profiles/llama-3-8b-h100.yaml"):
         for name, rule in RULES.items():
+            if "qwen" in profile and name.startswith("gate_up"):
+                continue   # same tiles as the default for Qwen3-0.6B (K = 1024)
             gemv.default_config = rule
             engine = LLMEngine(engine_config_from_profile(profile))
             _warm_up_ours(engine)
@@ -51,14 +53,14 @@ def main(reps: int) -> None:
                                     engine.config.spec.vocab_size)[0]
             speeds = [batch1_ours(engine, request).decode_tok_s for _ in range(reps)]
             table.append((profile.split("/")[-1], name, speeds))
-            print(f"{table[-1][0]:24s} {name:18s} " + " ".join(f"{s:7.1f}" for s in speeds), flush=True)
+            print(f"{table[-1][0]:24s} {name:24s} " + " ".join(f"{s:7.1f}" for s in speeds), flush=True)
             del engine
             gc.collect()
             torch.cuda.empty_cache()
     gemv.default_config = DEFAULT
     print("\nprofile                  rule               median decode tok/s (min-max)")
     for profile, name, speeds in table:
-        print(f"{profile:24s} {name:18s} {statistics.median(speeds):8.1f} ({min(speeds):.1f}-{max(speeds):.1f})")
+        print(f"{profile:24s} {name:24s} {statistics.median(speeds):8.1f} ({min(speeds):.1f}-{max(speeds):.1f})")
 
 
 if __name__ == "__main__":
