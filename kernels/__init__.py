@@ -97,15 +97,10 @@ def fused_linear(x, weight, bias=None, **fusions):
     return fn(x, weight, bias, **fusions)
 
 
-ARGMAX_MAX_ROWS = 4   # Triton's argmax for up to this many rows, torch's reduction above
-
-
 def argmax(logits):
     """int64 [B]: each row's largest value's index, the first among equals, of logits [B, V] (as
-    `logits.argmax(-1)`, which is the reference; rows free of NaN). The Triton kernel takes small
-    batches only: torch reduces a lone row in one block (26 us for Llama-3's 128,256 logits), but
-    at 256 rows it is the faster one (docs/PERF.md, run 12)."""
-    if logits.is_cuda and logits.shape[0] <= ARGMAX_MAX_ROWS:
+    `logits.argmax(-1)`, which is the reference; rows free of NaN)."""
+    if logits.is_cuda:
         fn = _triton("argmax", None)
         if fn is not None:
             return fn(logits)

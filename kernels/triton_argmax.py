@@ -1,9 +1,8 @@
-"""Row-wise argmax of logits for greedy sampling at small batches: torch's reduction takes one
-block per row (26 us for one 128,256-wide row on the H100, 0.4% of a Llama-3-8B batch-1 step; docs/
-PERF.md run 12). Here each row is cut into chunks, one program a chunk, and the last program of a row
-to finish (an arrival counter) picks the winner: the largest value, the first index among equals, as
-torch.argmax does (rows are assumed free of NaN). At hundreds of rows each program walks its chunk
-block by block and torch is faster; kernels.argmax sends those to torch.
+"""Row-wise argmax of logits, for greedy sampling: torch's reduction takes one block per row at a
+small batch (26 us for one 128,256-wide row on the H100, 0.4% of a Llama-3-8B batch-1 step; docs/PERF.md
+run 12). Here each row is cut into chunks, one program a chunk, and the last program of a row to
+finish (an arrival counter) picks the winner: the largest value, the first index among equals, as
+torch.argmax does (rows are assumed free of NaN).
 """
 from __future__ import annotations
 
