@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import importlib
 
-import torch
-
 from .reference import (apply_rotary_ref, fused_linear_ref, paged_attention_ref,
                         qk_norm_rope_store_ref, rms_norm_ref, silu_and_mul_ref, store_kv_ref)
 
@@ -107,14 +105,7 @@ def argmax(logits):
     return logits.argmax(dim=-1)
 
 
-def warm_up_argmax(vocab_size, dtype, device):
-    """Compile the greedy argmax for the logits dtypes sampling meets (CUDA only)."""
-    if device.type == "cuda":
-        for dt in {dtype, torch.float32}:
-            argmax(torch.zeros(1, vocab_size, dtype=dt, device=device))
-
-
 __all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary", "qk_norm_rope_store",
-           "silu_and_mul", "fused_linear", "argmax", "warm_up_argmax", "GEMV_MAX_ROWS", "warm_up_attention", "store_kv_ref", "paged_attention_ref",
+           "silu_and_mul", "fused_linear", "argmax", "GEMV_MAX_ROWS", "warm_up_attention", "store_kv_ref", "paged_attention_ref",
            "rms_norm_ref", "apply_rotary_ref", "qk_norm_rope_store_ref", "silu_and_mul_ref",
            "fused_linear_ref"]

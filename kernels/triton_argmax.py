@@ -6,8 +6,6 @@ torch.argmax does (rows are assumed free of NaN).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -15,13 +13,11 @@ import triton.language as tl
 from .triton_launch import arrival_counters, pdl_launch, pdl_supported, wait_previous
 
 _BLOCK = 2048
-_MAX_SPLITS = 64
 
 
-# The split count is a run-time value, so one compiled variant serves every batch size.
-@triton.jit(do_not_specialize=["splits", "chunk"])
-def _argmax_kernel(x_ptr, val_ws, idx_ws, counters, out_ptr, V, stride_x, chunk, splits,
-                   MAX_SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+@triton.jit
+def _argmax_kernel(x_ptr, val_ws, idx_ws, counters, out_ptr, V, stride_x, chunk,
+                   SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_previous(PDL)
     row, part = tl.program_id(0), tl.program_id(1)
     start = part * chunk
@@ -36,29 +32,16 @@ def _argmax_kernel(x_ptr, val_ws, idx_ws, counters, out_ptr, V, stride_x, chunk,
         better = m > best_val   # strict: an earlier block keeps a tie
         best_idx = tl.where(better, b + tl.argmax(v, 0), best_idx)
         best_val = tl.maximum(best_val, m)
-    tl.store(val_ws + row * splits + part, best_val)
-    tl.store(idx_ws + row * splits + part, best_idx)
+    tl.store(val_ws + row * SPLITS + part, best_val)
+    tl.store(idx_ws + row * SPLITS + part, best_idx)
     tl.debug_barrier()   # the candidate is written before the release below
-    if tl.atomic_add(counters + row, 1) == splits - 1:   # acq_rel, gpu scope
-        parts = tl.arange(0, MAX_SPLITS)
-        ok = parts < splits
-        vals = tl.load(val_ws + row * splits + parts, mask=ok, other=float("-inf"), cache_modifier=".cg")
-        idxs = tl.load(idx_ws + row * splits + parts, mask=ok, other=V, cache_modifier=".cg")
+    if tl.atomic_add(counters + row, 1) == SPLITS - 1:   # acq_rel, gpu scope
+        parts = tl.arange(0, SPLITS)
+        vals = tl.load(val_ws + row * SPLITS + parts, cache_modifier=".cg")
+        idxs = tl.load(idx_ws + row * SPLITS + parts, cache_modifier=".cg")
         top = tl.max(vals, 0)
         tl.store(out_ptr + row, tl.min(tl.where(vals == top, idxs, V), 0).to(tl.int64))
         tl.atomic_xchg(counters + row, 0)   # re-armed for the next launch (graph replays)
-
-
-@functools.lru_cache(maxsize=None)
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_sms(device: torch.device) -> int:
-    """~2 programs per SM is the aim; the CPU interpreter gets a small number (splits > 1 run)."""
-    if device.type != "cuda":
-        return 4
-    return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -68,8 +51,9 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     out = torch.empty(B, dtype=torch.int64, device=logits.device)
     if B == 0:
         return out
+    sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 4
     splits = 1
-    while B * splits < 2 * _num_sms(logits.device) and splits < _MAX_SPLITS and splits * _BLOCK < V:
+    while B * splits < 2 * sms and splits < 64 and splits * _BLOCK < V:   # ~2 programs per SM
         splits *= 2
     chunk = triton.cdiv(triton.cdiv(V, splits), _BLOCK) * _BLOCK
     counters = arrival_counters(logits.device)
@@ -77,7 +61,7 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     vals = torch.empty(B * splits, dtype=torch.float32, device=logits.device)
     idxs = torch.empty(B * splits, dtype=torch.int32, device=logits.device)
     pdl = pdl_supported(logits.device)
-    _argmax_kernel[(B, splits)](logits, vals, idxs, counters, out, V, logits.stride(0), chunk, splits,
-                                MAX_SPLITS=_MAX_SPLITS, BLOCK=_BLOCK, PDL=pdl, num_warps=4,
+    _argmax_kernel[(B, splits)](logits, vals, idxs, counters, out, V, logits.stride(0), chunk,
+                                SPLITS=splits, BLOCK=_BLOCK, PDL=pdl, num_warps=4,
                                 **(pdl_launch(logits.device) if pdl else {}))
     return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pagedeploy.kernels import warm_up_argmax, warm_up_attention
+from pagedeploy.kernels import warm_up_attention
 from pagedeploy.runtime.config import EngineConfig
 from pagedeploy.runtime.cuda_graphs import DecodeGraphs
 from pagedeploy.runtime.loader import load_model, torch_dtype
@@ -55,7 +55,6 @@ class ModelRunner:
         self.swap_cache = swap_pool.result() if swap_pool else None
         warm_up_attention(spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim,
                           config.block_size, self.kv_cache.dtype, self.device, spec.sliding_window)
-        warm_up_argmax(spec.vocab_size, torch_dtype(config.dtype), self.device)
         self.graphs = self._capture_graphs() if self._use_graphs() else None
 
     def _use_graphs(self) -> bool:

@@ -3,8 +3,7 @@ as torch's reduction instead of ours), in one run (so machine-
 to-machine spread, a few % on this device, does not decide between them). Each rule gets a fresh
 engine (its CUDA graphs bake the tiles in), the bench's warm-up, then REPS `deploy bench --batch-1`
 requests (128-token prompt, 256 new tokens). Run on the device machine.
-Usage: python3 scripts/gpu_b1_ab.py [REPS] [--workload]   (--workload: the offline workload's output
-tok/s instead, for the rules that matter above batch 4; prompts repeat, so later reps hit the prefix cache)
+Usage: python3 scripts/gpu_b1_ab.py [REPS]
 """
 from __future__ import annotations
 
@@ -16,8 +15,7 @@ import torch
 import triton
 
 from pagedeploy.kernels import triton_gemv as gemv
-from pagedeploy.launcher.bench import (BATCH1_OUTPUT, BATCH1_PROMPT, _warm_up_ours, batch1_ours, make_workload,
-                                      run_ours)
+from pagedeploy.launcher.bench import BATCH1_OUTPUT, BATCH1_PROMPT, _warm_up_ours, batch1_ours, make_workload
 from pagedeploy.runtime import sampler
 from pagedeploy.runtime.engine import LLMEngine
 from pagedeploy.runtime.llm import engine_config_from_profile
@@ -44,37 +42,31 @@ def narrow_gate_up(M, N, K, silu_mul, device):
 
 RULES = {"default": DEFAULT, "8x512": rows8, "gate_up 8x128 (K>=4096)": narrow_gate_up,
          "torch argmax": DEFAULT}   # the sampler's greedy argmax as torch's reduction
-WORKLOAD_RULES = ("default", "torch argmax")   # what differs at batch sizes above 4
 
 
-def main(reps: int, workload: bool) -> None:
+def main(reps: int) -> None:
     table = []
     for profile in ("profiles/qwen3-0.6b-h100.yaml", "profiles/llama-3-8b-h100.yaml"):
         for name, rule in RULES.items():
-            if ("qwen" in profile and name.startswith("gate_up")) or (workload and name not in WORKLOAD_RULES):
-                continue   # same tiles as the default for Qwen3-0.6B (K = 1024); batch-1 tiles
+            if "qwen" in profile and name.startswith("gate_up"):
+                continue   # same tiles as the default for Qwen3-0.6B (K = 1024)
             gemv.default_config = rule
             sampler.argmax = (lambda x: x.argmax(dim=-1)) if name == "torch argmax" else ARGMAX
             engine = LLMEngine(engine_config_from_profile(profile))
             _warm_up_ours(engine)
             request = make_workload(1, (BATCH1_PROMPT, BATCH1_PROMPT), (BATCH1_OUTPUT, BATCH1_OUTPUT), 0,
                                     engine.config.spec.vocab_size)[0]
-            if workload:   # nano-vllm's offline workload, output tok/s
-                work = make_workload(256, (100, 1024), (100, 1024), 0, engine.config.spec.vocab_size)
-                speeds = [run_ours(engine, work, None, True, "offline").output_tok_s for _ in range(reps)]
-            else:
-                speeds = [batch1_ours(engine, request).decode_tok_s for _ in range(reps)]
+            speeds = [batch1_ours(engine, request).decode_tok_s for _ in range(reps)]
             table.append((profile.split("/")[-1], name, speeds))
             print(f"{table[-1][0]:24s} {name:24s} " + " ".join(f"{s:7.1f}" for s in speeds), flush=True)
             del engine
             gc.collect()
             torch.cuda.empty_cache()
     gemv.default_config, sampler.argmax = DEFAULT, ARGMAX
-    print(f"\nprofile                  rule               median {'output' if workload else 'decode'} tok/s (min-max)")
+    print("\nprofile                  rule               median decode tok/s (min-max)")
     for profile, name, speeds in table:
         print(f"{profile:24s} {name:24s} {statistics.median(speeds):8.1f} ({min(speeds):.1f}-{max(speeds):.1f})")
 
 
 if __name__ == "__main__":
-    args = [a for a in sys.argv[1:] if a != "--workload"]
-    main(int(args[0]) if args else 5, "--workload" in sys.argv)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 5)
