@@ -21,7 +21,6 @@ _TRITON = {  # function name -> module of the same-signature Triton implementati
     "qk_norm_rope_store": "triton_fused",
     "silu_and_mul": "triton_fused",
     "fused_linear": "triton_gemv",
-    "argmax": "triton_argmax",
 }
 _resolved: dict = {}
 
@@ -95,17 +94,7 @@ def fused_linear(x, weight, bias=None, **fusions):
     return fn(x, weight, bias, **fusions)
 
 
-def argmax(logits):
-    """int64 [B]: each row's largest value's index, the first among equals, of logits [B, V] (as
-    `logits.argmax(-1)`, which is the reference; rows free of NaN)."""
-    if logits.is_cuda:
-        fn = _triton("argmax", None)
-        if fn is not None:
-            return fn(logits)
-    return logits.argmax(dim=-1)
-
-
 __all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary", "qk_norm_rope_store",
-           "silu_and_mul", "fused_linear", "argmax", "GEMV_MAX_ROWS", "warm_up_attention", "store_kv_ref", "paged_attention_ref",
+           "silu_and_mul", "fused_linear", "GEMV_MAX_ROWS", "warm_up_attention", "store_kv_ref", "paged_attention_ref",
            "rms_norm_ref", "apply_rotary_ref", "qk_norm_rope_store_ref", "silu_and_mul_ref",
            "fused_linear_ref"]

@@ -1,5 +1,4 @@
-"""Batch-1 decode tok/s of both H100 profiles under several GEMV tile rules (and the greedy argmax
-as torch's reduction instead of ours), in one run (so machine-
+"""Batch-1 decode tok/s of both H100 profiles under several GEMV tile rules, in one run (so machine-
 to-machine spread, a few % on this device, does not decide between them). Each rule gets a fresh
 engine (its CUDA graphs bake the tiles in), the bench's warm-up, then REPS `deploy bench --batch-1`
 requests (128-token prompt, 256 new tokens). Run on the device machine.
@@ -16,12 +15,10 @@ import triton
 
 from pagedeploy.kernels import triton_gemv as gemv
 from pagedeploy.launcher.bench import BATCH1_OUTPUT, BATCH1_PROMPT, _warm_up_ours, batch1_ours, make_workload
-from pagedeploy.runtime import sampler
 from pagedeploy.runtime.engine import LLMEngine
 from pagedeploy.runtime.llm import engine_config_from_profile
 
 DEFAULT = gemv.default_config
-ARGMAX = sampler.argmax
 
 
 def rows8(M, N, K, silu_mul, device):
@@ -40,8 +37,7 @@ def narrow_gate_up(M, N, K, silu_mul, device):
     return DEFAULT(M, N, K, silu_mul, device)
 
 
-RULES = {"default": DEFAULT, "8x512": rows8, "gate_up 8x128 (K>=4096)": narrow_gate_up,
-         "torch argmax": DEFAULT}   # the sampler's greedy argmax as torch's reduction
+RULES = {"default": DEFAULT, "8x512": rows8, "gate_up 8x128 (K>=4096)": narrow_gate_up}
 
 
 def main(reps: int) -> None:
@@ -51,7 +47,6 @@ def main(reps: int) -> None:
             if "qwen" in profile and name.startswith("gate_up"):
                 continue   # same tiles as the default for Qwen3-0.6B (K = 1024)
             gemv.default_config = rule
-            sampler.argmax = (lambda x: x.argmax(dim=-1)) if name == "torch argmax" else ARGMAX
             engine = LLMEngine(engine_config_from_profile(profile))
             _warm_up_ours(engine)
             request = make_workload(1, (BATCH1_PROMPT, BATCH1_PROMPT), (BATCH1_OUTPUT, BATCH1_OUTPUT), 0,
@@ -62,7 +57,7 @@ def main(reps: int) -> None:
             del engine
             gc.collect()
             torch.cuda.empty_cache()
-    gemv.default_config, sampler.argmax = DEFAULT, ARGMAX
+    gemv.default_config = DEFAULT
     print("\nprofile                  rule               median decode tok/s (min-max)")
     for profile, name, speeds in table:
         print(f"{profile:24s} {name:24s} {statistics.median(speeds):8.1f} ({min(speeds):.1f}-{max(speeds):.1f})")
