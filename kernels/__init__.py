@@ -95,6 +95,6 @@ def fused_linear(x, weight, bias=None, **fusions):
 
 
 __all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary", "qk_norm_rope_store",
-           "silu_and_mul", "fused_linear", "GEMV_MAX_ROWS", "warm_up_attention", "store_kv_ref", "paged_attention_ref",
-           "rms_norm_ref", "apply_rotary_ref", "qk_norm_rope_store_ref", "silu_and_mul_ref",
-           "fused_linear_ref"]
+           "silu_and_mul", "fused_linear", "GEMV_MAX_ROWS", "warm_up_attention", "store_kv_ref",
+           "paged_attention_ref", "rms_norm_ref", "apply_rotary_ref", "qk_norm_rope_store_ref",
+           "silu_and_mul_ref", "fused_linear_ref"]

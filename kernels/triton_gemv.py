@@ -194,25 +194,30 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """(y, residual_out) for x [M <= GEMV_MAX_ROWS, K] (docs/CONTRACTS.md, "fused_linear")."""
     M, K = x.shape
     rows_out = weight.shape[0] // 2 if silu_mul else weight.shape[0]
-    assert M <= GEMV_MAX_ROWS and weight.shape[1] == K and x.stride(-1) == 1 and weight.stride(-1) == 1
+    assert M <= GEMV_MAX_ROWS and weight.shape[1] == K and x.stride(-1) == 1
+    assert weight.stride(-1) == 1
     assert weight.dtype == x.dtype and (norm_weight is None or norm_weight.dtype == x.dtype)
     cfg = config or default_config(M, rows_out, K, silu_mul, x.device)
     y = torch.empty(M, rows_out, dtype=x.dtype, device=x.device)
     norm = norm_weight is not None
     r = residual if residual is not None else x
-    r_out = torch.empty(M, K, dtype=x.dtype, device=x.device) if norm and residual is not None else (x if norm else None)
-    ws = y
+    r_out = None   # rms_norm's residual out: x + residual, or x itself without a residual
+    if norm:
+        r_out = torch.empty(M, K, dtype=x.dtype, device=x.device) if residual is not None else x
+    grid = (triton.cdiv(rows_out, cfg.block_n), cfg.split_k)
+    counters, ws = arrival_counters(x.device), y
     if cfg.split_k > 1:
+        assert grid[0] <= counters.numel(), (grid, counters.numel())
         ws = torch.empty(cfg.split_k * triton.next_power_of_2(M) * rows_out * (2 if silu_mul else 1),
                          dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(rows_out, cfg.block_n), cfg.split_k)
     k_tiles = triton.cdiv(triton.cdiv(K, cfg.split_k), cfg.block_k)
     pdl = pdl_supported(x.device) if cfg.pdl else 0
     _gemv_kernel[grid](
         x, r, norm_weight if norm else x, weight, bias if bias is not None else x, y,
-        r_out if r_out is not None else x, ws, arrival_counters(x.device), M, rows_out, K, eps,
+        r_out if r_out is not None else x, ws, counters, M, rows_out, K, eps,
         k_tiles, cfg.split_k, x.stride(0), r.stride(0), y.stride(0), weight.stride(0),
         ROWS=triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NORM=norm,
         RESIDUAL=norm and residual is not None, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
-        USE_SPLIT=cfg.split_k > 1, PDL=pdl, num_warps=cfg.num_warps, **(pdl_launch(x.device) if pdl else {}))
+        USE_SPLIT=cfg.split_k > 1, PDL=pdl, num_warps=cfg.num_warps,
+        **(pdl_launch(x.device) if pdl else {}))
     return y, r_out

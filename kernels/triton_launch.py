@@ -25,7 +25,11 @@ import triton.language as tl
 
 # 2: wait, then let the next kernel launch at once; 1: wait only (the next launches as this one
 # ends); 0: no PDL. For measuring (docs/PERF.md) and as a way out should a driver misbehave.
-PDL_MODE = int(os.environ.get("PAGEDEPLOY_PDL", "2"))
+_mode = os.environ.get("PAGEDEPLOY_PDL", "2")
+if _mode not in ("0", "1", "2"):
+    raise ValueError(f"PAGEDEPLOY_PDL={_mode!r} is not one of 0, 1, 2: unset it, or 0 to turn "
+                     "programmatic dependent launch off")
+PDL_MODE = int(_mode)
 
 
 @functools.lru_cache(maxsize=None)

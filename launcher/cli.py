@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
 
 import typer
@@ -23,11 +24,26 @@ EXIT_FITS, EXIT_USER_ERROR, EXIT_DOES_NOT_FIT = 0, 2, 3
 SET_HELP = "Override a profile key, e.g. --set max_model_len=8192 (repeatable)."
 
 
+# Environment switches the runtime reads, with their allowed values and what to do instead.
+ENV_CHOICES = {
+    "PAGEDEPLOY_PDL": (("0", "1", "2"), "unset it, or 0 to turn programmatic dependent launch off"),
+}
+
+
+def check_environment() -> None:
+    """A bad switch is a user mistake, reported before any work (the kernels would raise later)."""
+    for name, (choices, fix) in ENV_CHOICES.items():
+        value = os.environ.get(name)
+        if value is not None and value not in choices:
+            raise UserError(f"{name}={value!r} is not one of {', '.join(choices)}", fix)
+
+
 def user_errors(command):
     """Every UserError becomes one line on stderr and exit code 2."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
+            check_environment()
             return command(*args, **kwargs)
         except UserError as e:
             typer.echo(f"error: {e.one_line()}", err=True)

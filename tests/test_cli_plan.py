@@ -163,3 +163,11 @@ def test_up_and_bench_forward_to_their_modules(monkeypatch):
     result = invoke("bench", CPU_DEFAULT, "--requests", "8", "--concurrency=4")
     assert result.exit_code == 0, result.output
     assert calls["bench"] == (CPU_DEFAULT, ["--requests", "8", "--concurrency=4"])
+
+
+def test_bad_environment_switch_is_one_line_and_exit_2(monkeypatch):
+    monkeypatch.setenv("PAGEDEPLOY_PDL", "yes")
+    result = invoke("plan", CPU_DEFAULT)
+    assert result.exit_code == 2
+    assert "PAGEDEPLOY_PDL='yes' is not one of 0, 1, 2" in result.output
+    assert "Traceback" not in result.output
