@@ -118,7 +118,8 @@ def qk_norm_rope_store(qkv: torch.Tensor, q_norm_weight: torch.Tensor | None,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_H=block_h,
         BLOCK_KH=triton.next_power_of_2(num_kv_heads), BLOCK_HALF=block_half,
         HAS_Q_NORM=q_norm_weight is not None, HAS_K_NORM=k_norm_weight is not None, PDL=pdl,
-        num_warps=min(8, max(1, block_h * block_half // 256)), **(pdl_launch(qkv.device) if pdl else {}))
+        num_warps=min(8, max(1, block_h * block_half // 256)),
+        **(pdl_launch(qkv.device) if pdl else {}))
     return q
 
 

@@ -2,7 +2,8 @@
 
 1. Correctness, random weights, float32: greedy tokens of our engine on CUDA (CUDA graphs on, and
    eager; tokens read one step late, the CUDA default, and at once; one prompt at a time, which
-   takes the batch-1 fused-GEMV path) equal our engine on the CPU reference path and HF transformers `generate` on CUDA, for
+   takes the batch-1 fused-GEMV path) equal our engine on the CPU reference path and HF
+   transformers `generate` on CUDA, for
    tiny Qwen3 / Llama-3 (llama3 rope) / Qwen2 (bias) / Mistral (window) configs and a Qwen3 with
    real head sizes. Also bf16 on CUDA vs HF bf16 (reported as the share of matching tokens).
 2. The plan's CUDA-graph term against the measured pool of a Qwen3-0.6B runner.
@@ -151,7 +152,8 @@ def main() -> int:
         print(r["model"] + " | " + " | ".join(str(v) for k, v in r.items() if k != "model"))
     print(memory)
     ok = all(r["cuda graphs == cpu"] and r["cuda eager == cpu"] and r["cuda sync == cpu"]
-             and r["cuda batch-1 == cpu"] and r["seeded sampling repeats"] and r["cuda fp32 == hf cuda"] for r in rows)
+             and r["cuda batch-1 == cpu"] and r["seeded sampling repeats"]
+             and r["cuda fp32 == hf cuda"] for r in rows)
     print("E2E", "PASS" if ok else "FAIL")
     return 0 if ok else 1
 
