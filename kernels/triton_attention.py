@@ -19,12 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_launch import arrival_counters, pdl_launch, pdl_supported, wait_previous
+from .triton_launch import arrival_counters, num_sms, pdl_launch, pdl_supported, wait_previous
 
 _LOG2E = 1.4426950408889634
 # Running-max start: finite, so a row with every key masked gets exp2(-inf - m) = 0, never NaN.
 _NEG_BIG = tl.constexpr(-1.0e30)
-_SMS: dict[int, int] = {}
 
 
 @triton.jit
@@ -163,22 +162,13 @@ def _merge_splits(part_out, part_lse, out_ptr, q_begin, q0, q_len, kh, stride_ot
                      o.to(out_ptr.dtype.element_ty))
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 8  # the CPU interpreter: any small number exercises the split path
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SMS:
-        _SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SMS[index]
-
-
 def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device,
                   min_chunk: int = 64, max_splits: int = 64) -> int:
     """Context chunks per (sequence, kv head): enough programs for ~2 per SM, >= min_chunk tokens
     each, rounded down to a power of two. On the H100 sweep (docs/PERF.md, "Kernels") this picks the
     fastest or within 0.7 us of it: B=1 ctx 512 -> 8, ctx 4096 -> 32; B=64 (512 programs) -> 1."""
     programs = num_seqs * num_kv_heads
-    want = triton.cdiv(2 * _num_sms(device), programs)
+    want = triton.cdiv(2 * num_sms(device, interpreter=8), programs)
     splits = min(want, triton.cdiv(max_context, min_chunk), max_splits)
     return 1 if splits <= 1 else 1 << (splits.bit_length() - 1)
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from . import GEMV_MAX_ROWS
-from .triton_launch import arrival_counters, pdl_launch, pdl_supported, wait_previous
+from .triton_launch import arrival_counters, num_sms, pdl_launch, pdl_supported, wait_previous
 
 
 @dataclass(frozen=True)
@@ -162,27 +162,27 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, r_out_ptr, ws_ptr, l
                  SILU_MUL, HAS_BIAS)
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4   # the CPU interpreter: small, so tests exercise split-K
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def default_config(M: int, N: int, K: int, silu_mul: bool, device: torch.device) -> GemvConfig:
     """Tiles from the H100 sweeps at M=1 inside CUDA graphs, checked end to end (docs/PERF.md, run 12).
     A plain linear with 2048 <= K <= 3072 (Qwen3-0.6B's o and down) takes 4 rows by 2048 K a
     program, unsplit (2.6 and 3.5 us, from 4.5 and 5.7 with 8 x 512 tiles), above that 4 by 1024
     (Llama-3-8B's qkv, o and down: 19.1, 12.5 and 40.2 us, from 20.8, 12.6 and 41.0): a program's
     weights come in a few large loads, the first before it waits on the previous kernel. Otherwise
-    (smaller K, gate_up's two weights, M > 1): 8 rows by 16 KB of weights (512 K, or 256 K of gate
-    and of up), K split in powers of two only while there are fewer than 2 programs per SM."""
+    (smaller K, gate_up's two weights, M > 1): `split_tiles`."""
     if M == 1 and not silu_mul and K >= 2048:
         return GemvConfig(4, 2048 if K <= 3072 else 1024, 1)
+    return split_tiles(M, N, K, silu_mul, device)
+
+
+def split_tiles(M: int, N: int, K: int, silu_mul: bool, device: torch.device) -> GemvConfig:
+    """8 rows by 16 KB of weights (512 K, or 256 K of gate and of up), K split in powers of two only
+    while there are fewer than 2 programs per SM (the first rule of run 12, still the best below
+    K = 2048 and for gate_up)."""
     block_k = 256 if silu_mul or M > 1 else 512
     while block_k > 64 and K % block_k and K < 4 * block_k:   # small K: less padding
         block_k //= 2
     tiles, steps, split = triton.cdiv(N, 8), triton.cdiv(K, block_k), 1
-    while tiles * split < 2 * _num_sms(device) and 2 * split <= steps:
+    while tiles * split < 2 * num_sms(device, interpreter=4) and 2 * split <= steps:
         split *= 2
     return GemvConfig(8, block_k, split)
 

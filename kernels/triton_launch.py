@@ -37,13 +37,27 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def num_sms(device: torch.device, interpreter: int) -> int:
+    """Streaming multiprocessors of a CUDA device, for sizing grids; elsewhere (the CPU interpreter)
+    `interpreter`, a small stand-in chosen by the caller so that its tests exercise splitting."""
+    return _sm_count(_index(device)) if device.type == "cuda" else interpreter
+
+
 def pdl_supported(device: torch.device) -> int:
     """The PDL mode kernels for `device` compile with: 0 unless it has the griddepcontrol
     instructions (Hopper and later)."""
     if device.type != "cuda" or PDL_MODE == 0:
         return 0
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return PDL_MODE if _capability(index) >= (9, 0) else 0
+    return PDL_MODE if _capability(_index(device)) >= (9, 0) else 0
 
 
 def pdl_launch(device: torch.device) -> dict:

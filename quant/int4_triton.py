@@ -28,12 +28,11 @@ TRITON_INTERPRET=1 (tests do, at small sizes, with fp32 or fp16 x: the interpret
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import triton
 
-from pagedeploy.kernels.triton_launch import arrival_counters
+from pagedeploy.kernels.triton_launch import arrival_counters, num_sms
 
 from .int4 import Int4Weight
 from .int4_kernels import _int4_dequant_kernel, _int4_dot_kernel, _int4_fma_kernel, _x_prep_kernel
@@ -60,11 +59,6 @@ class KernelConfig:
 
 # ---- launch -------------------------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _split(tiles: int, steps: int, sms: int, waves: float) -> int:
     """K splits (a power of two, each >= one K step) until there are `waves` programs per SM."""
     split = 1
@@ -77,7 +71,7 @@ def default_config(M: int, N: int, K: int, group: int, device: torch.device) -> 
     """Launch shapes by (M, N, K) class, fixed ahead of time from the GPU sweeps of PERF.md (issue 6, P3)
     rather than autotuned at run time. Per M: fma for 1-2 rows, the dot GEMV (16-row tile, W as the
     MMA's A operand) up to 16, the dot GEMM (32-row tiles) below DENSE_MIN_M, then dequantize + cuBLAS."""
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 4
+    sms = num_sms(device, interpreter=4)
     steps = triton.cdiv(K, 128)
     if M >= DENSE_MIN_M:
         return KernelConfig("dense")

@@ -11,7 +11,6 @@ import statistics
 import sys
 
 import torch
-import triton
 
 from pagedeploy.kernels import triton_gemv as gemv
 from pagedeploy.launcher.bench import BATCH1_OUTPUT, BATCH1_PROMPT, _warm_up_ours, batch1_ours, make_workload
@@ -21,15 +20,6 @@ from pagedeploy.runtime.llm import engine_config_from_profile
 DEFAULT = gemv.default_config
 
 
-def rows8(M, N, K, silu_mul, device):
-    """The first rule: 8 rows by 512 K (256 with silu), K split while < 2 programs per SM."""
-    block_k = 256 if silu_mul or M > 1 else 512
-    tiles, steps, split = triton.cdiv(N, 8), triton.cdiv(K, block_k), 1
-    while tiles * split < 2 * gemv._num_sms(device) and 2 * split <= steps:
-        split *= 2
-    return gemv.GemvConfig(8, block_k, split)
-
-
 def narrow_gate_up(M, N, K, silu_mul, device):
     """The default, but gate_up in K tiles of 128 for K >= 4096 (the Llama-3-8B sweep's best)."""
     if M == 1 and silu_mul and K >= 4096:
@@ -37,7 +27,8 @@ def narrow_gate_up(M, N, K, silu_mul, device):
     return DEFAULT(M, N, K, silu_mul, device)
 
 
-RULES = {"default": DEFAULT, "8x512": rows8, "gate_up 8x128 (K>=4096)": narrow_gate_up}
+RULES = {"default": DEFAULT, "8x512": gemv.split_tiles,   # the first rule, everywhere
+         "gate_up 8x128 (K>=4096)": narrow_gate_up}
 
 
 def main(reps: int) -> None:

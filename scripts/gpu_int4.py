@@ -384,7 +384,7 @@ def main() -> int:
     else:
         import triton
         log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}, "
-            f"{K4._num_sms(0)} SMs")
+            f"{torch.cuda.get_device_properties(0).multi_processor_count} SMs")
         jobs = check_jobs() + [("time", M, N, K, None) for M in MS for N, K in SHAPES.values()]
         if args.sweep:
             jobs += [("time", *job) for job in sweep_jobs()]
