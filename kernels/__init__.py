@@ -12,6 +12,7 @@ from .reference import (apply_rotary_ref, fused_linear_ref, paged_attention_ref,
                         qk_norm_rope_store_ref, rms_norm_ref, silu_and_mul_ref, store_kv_ref)
 
 GEMV_MAX_ROWS = 4   # rows of x up to which fused_linear has a Triton kernel (cuBLAS wins above)
+ARGMAX_MAX_ROWS = 4  # rows up to which argmax splits rows across programs (torch's wins above)
 
 _TRITON = {  # function name -> module of the same-signature Triton implementation
     "store_kv": "triton_cache",
@@ -21,6 +22,7 @@ _TRITON = {  # function name -> module of the same-signature Triton implementati
     "qk_norm_rope_store": "triton_fused",
     "silu_and_mul": "triton_fused",
     "fused_linear": "triton_gemv",
+    "argmax": "triton_argmax",
 }
 _resolved: dict = {}
 
@@ -94,7 +96,17 @@ def fused_linear(x, weight, bias=None, **fusions):
     return fn(x, weight, bias, **fusions)
 
 
+def argmax(logits):
+    """int64 [B]: each row's largest value's index, the first among equals, of logits [B, V] (as
+    `logits.argmax(-1)`, which is the reference; rows free of NaN). Triton for a few CUDA rows."""
+    if logits.is_cuda and logits.shape[0] <= ARGMAX_MAX_ROWS:
+        fn = _triton("argmax", None)
+        if fn is not None:
+            return fn(logits)
+    return logits.argmax(dim=-1)
+
+
 __all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary", "qk_norm_rope_store",
-           "silu_and_mul", "fused_linear", "GEMV_MAX_ROWS", "warm_up_attention", "store_kv_ref",
+           "silu_and_mul", "fused_linear", "argmax", "GEMV_MAX_ROWS", "ARGMAX_MAX_ROWS", "warm_up_attention", "store_kv_ref",
            "paged_attention_ref", "rms_norm_ref", "apply_rotary_ref", "qk_norm_rope_store_ref",
            "silu_and_mul_ref", "fused_linear_ref"]

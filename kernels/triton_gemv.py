@@ -91,7 +91,8 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, r_out_ptr, ws_ptr, l
                  M, N, K, eps, k_tiles, split_k, stride_xm, stride_rm, stride_ym, stride_wn,
                  ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  NORM: tl.constexpr, RESIDUAL: tl.constexpr, SILU_MUL: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, PDL: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
+                 PDL: tl.constexpr):
     """Grid (N tiles, K splits): y[:M, tile] = act(sum over the split's K of x' W^T)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -137,6 +138,17 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, r_out_ptr, ws_ptr, l
     yu = yg
     if SILU_MUL:
         yu = tl.sum(acc_u, 2)
+    _finish(yg, yu, rows, offs_n, mask_m, mask_n, N, b_ptr, y_ptr, stride_ym, ws_ptr, lock_ptr,
+            pid_n, pid_k, split_k, ROWS, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
+
+
+@triton.jit
+def _finish(yg, yu, rows, offs_n, mask_m, mask_n, N, b_ptr, y_ptr, stride_ym, ws_ptr, lock_ptr,
+            pid_n, pid_k, split_k, ROWS: tl.constexpr, SILU_MUL: tl.constexpr,
+            HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, SPLITS: tl.constexpr):
+    """Store a program's fp32 sums [ROWS, BLOCK_N] (gate and up for SILU_MUL); with split-K the
+    last program of the tile to arrive first sums the partials (SPLITS: split_k rounded up to a
+    power of two). It loads them all at once: one at a time, each would wait for L2 in turn."""
     if USE_SPLIT:
         n_out = 2 * N if SILU_MUL else N
         part = ws_ptr + rows[:, None] * n_out + offs_n[None, :]
@@ -147,13 +159,13 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, r_out_ptr, ws_ptr, l
         tl.debug_barrier()   # every thread's partial is written before the release below
         arrived = tl.atomic_add(lock_ptr + pid_n, 1)   # acq_rel, gpu scope
         if arrived == split_k - 1:
-            yg = tl.zeros([ROWS, BLOCK_N], tl.float32)
-            yu = yg
-            for s in range(split_k):   # fixed order: deterministic
-                yg += tl.load(part + s * ROWS * n_out, mask=pmask, other=0.0, cache_modifier=".cg")
-                if SILU_MUL:
-                    yu += tl.load(part + s * ROWS * n_out + N, mask=pmask, other=0.0,
-                                  cache_modifier=".cg")
+            sp = tl.arange(0, SPLITS)[:, None, None]
+            parts = part[None, :, :] + sp * ROWS * n_out
+            smask = (sp < split_k) & pmask[None, :, :]
+            # a fixed tree over the splits: deterministic
+            yg = tl.sum(tl.load(parts, mask=smask, other=0.0, cache_modifier=".cg"), 0)
+            if SILU_MUL:
+                yu = tl.sum(tl.load(parts + N, mask=smask, other=0.0, cache_modifier=".cg"), 0)
             _store_y(yg, yu, rows, offs_n, mask_m, mask_n, N, b_ptr, y_ptr, stride_ym,
                      SILU_MUL, HAS_BIAS)
             tl.atomic_xchg(lock_ptr + pid_n, 0)   # re-armed for the next launch (graph replays)
@@ -218,6 +230,7 @@ def fused_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         k_tiles, cfg.split_k, x.stride(0), r.stride(0), y.stride(0), weight.stride(0),
         ROWS=triton.next_power_of_2(M), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, NORM=norm,
         RESIDUAL=norm and residual is not None, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
-        USE_SPLIT=cfg.split_k > 1, PDL=pdl, num_warps=cfg.num_warps,
+        USE_SPLIT=cfg.split_k > 1, SPLITS=triton.next_power_of_2(cfg.split_k), PDL=pdl,
+        num_warps=cfg.num_warps,
         **(pdl_launch(x.device) if pdl else {}))
     return y, r_out

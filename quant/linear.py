@@ -70,10 +70,19 @@ class QuantLinear(nn.Module):
         if self.method != "int4":
             from .bnb import bnb_matmul
             return bnb_matmul(x, w, self.bias)
+        if self.uses_gemv(x):
+            from .int4_gemv import int4_gemv
+            return int4_gemv(x, w, self.bias)[0]
         if x.is_cuda:
             from .int4_triton import int4_matmul
             return int4_matmul(x, w, self.bias)
         return int4_matmul_reference(x, w, self.bias)
+
+    def uses_gemv(self, x: torch.Tensor) -> bool:
+        """Batch-1 decode of an int4 weight on CUDA goes through int4_gemv (packed fp16 math, the
+        norm before and the activation after it fused by the model's norm_linear)."""
+        return (self.method == "int4" and x.is_cuda and x.dim() == 2 and x.shape[0] == 1
+                and x.dtype in (torch.float16, torch.bfloat16) and x.stride(-1) == 1)
 
     def weight_bytes(self) -> int:
         """Exact bytes of the stored weight: packed codes plus scales/zeros or absmax (no bias)."""

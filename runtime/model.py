@@ -16,6 +16,7 @@ from torch import nn
 from pagedeploy.kernels import (fused_linear, paged_attention, qk_norm_rope_store, rms_norm,
                                 silu_and_mul)
 from pagedeploy.launcher.model_spec import ModelSpec
+from pagedeploy.quant.linear import QuantLinear
 from pagedeploy.runtime.cpu_weights import PackedWeight
 
 # HF checkpoint name piece -> (our fused parameter's name piece, shard index)
@@ -71,9 +72,13 @@ def use_gemv(x: torch.Tensor, linear: nn.Module) -> bool:
 def norm_linear(norm: "RMSNorm", linear: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
                 silu_mul: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """linear(norm(x + residual)), silu(gate) * up of it when silu_mul, and the new residual."""
-    if use_gemv(x, linear) and norm.weight.dtype == x.dtype:
-        return fused_linear(x, linear.weight, linear.bias, norm_weight=norm.weight, eps=norm.eps,
-                            residual=residual, silu_mul=silu_mul)
+    fusions = dict(norm_weight=norm.weight, eps=norm.eps, residual=residual, silu_mul=silu_mul)
+    if norm.weight.dtype == x.dtype:
+        if use_gemv(x, linear):
+            return fused_linear(x, linear.weight, linear.bias, **fusions)
+        if isinstance(linear, QuantLinear) and linear.uses_gemv(x):
+            from pagedeploy.quant.int4_gemv import int4_gemv
+            return int4_gemv(x, linear.qweight, linear.bias, **fusions)
     x, residual = norm(x, residual)
     y = linear(x)
     return (silu_and_mul(y) if silu_mul else y), residual

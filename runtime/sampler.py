@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedeploy.kernels import argmax
+
 from .outputs import TokenLogprob
 from .sequence import Sequence
 
@@ -68,7 +70,7 @@ class Sampler:
         assert logits.dim() == 2 and logits.shape[0] == len(seqs), "one logits row per sequence"
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         if self.argmax_only(seqs):
-            token_ids = logits.argmax(dim=-1)
+            token_ids = argmax(logits)
         else:
             logits = logits.float()
             logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
@@ -90,7 +92,7 @@ def _copy_to_host(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torc
 
 def _sample(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     greedy = torch.tensor([s.params.greedy for s in seqs])
-    out = logits.argmax(dim=-1)
+    out = argmax(logits)
     if bool(greedy.all()):
         return out
     rows = (~greedy).nonzero().flatten()

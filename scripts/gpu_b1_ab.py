@@ -1,7 +1,8 @@
-"""Batch-1 decode tok/s of both H100 profiles under several GEMV tile rules, in one run (so machine-
-to-machine spread, a few % on this device, does not decide between them). Each rule gets a fresh
-engine (its CUDA graphs bake the tiles in), the bench's warm-up, then REPS `deploy bench --batch-1`
-requests (128-token prompt, 256 new tokens). Run on the device machine.
+"""Batch-1 decode tok/s of both H100 profiles under rival choices, in one run (so machine-to-machine
+spread, a few % on this device, does not decide between them): the greedy argmax as Triton's split
+kernel (the default at up to kernels.ARGMAX_MAX_ROWS rows) or torch's reduction. Each choice gets a
+fresh engine, the bench's warm-up, then REPS `deploy bench --batch-1` requests (128-token prompt,
+256 new tokens). Run on the device machine.
 Usage: python3 scripts/gpu_b1_ab.py [REPS]
 """
 from __future__ import annotations
@@ -12,32 +13,20 @@ import sys
 
 import torch
 
-from pagedeploy.kernels import triton_gemv as gemv
 from pagedeploy.launcher.bench import BATCH1_OUTPUT, BATCH1_PROMPT, _warm_up_ours, batch1_ours, make_workload
+from pagedeploy.runtime import sampler
 from pagedeploy.runtime.engine import LLMEngine
 from pagedeploy.runtime.llm import engine_config_from_profile
 
-DEFAULT = gemv.default_config
-
-
-def narrow_gate_up(M, N, K, silu_mul, device):
-    """The default, but gate_up in K tiles of 128 for K >= 4096 (the Llama-3-8B sweep's best)."""
-    if M == 1 and silu_mul and K >= 4096:
-        return gemv.GemvConfig(8, 128, 1)
-    return DEFAULT(M, N, K, silu_mul, device)
-
-
-RULES = {"default": DEFAULT, "8x512": gemv.split_tiles,   # the first rule, everywhere
-         "gate_up 8x128 (K>=4096)": narrow_gate_up}
+ARGMAX = sampler.argmax
+RULES = {"default": ARGMAX, "torch argmax": lambda x: x.argmax(dim=-1)}
 
 
 def main(reps: int) -> None:
     table = []
     for profile in ("profiles/qwen3-0.6b-h100.yaml", "profiles/llama-3-8b-h100.yaml"):
         for name, rule in RULES.items():
-            if "qwen" in profile and name.startswith("gate_up"):
-                continue   # same tiles as the default for Qwen3-0.6B (K = 1024)
-            gemv.default_config = rule
+            sampler.argmax = rule
             engine = LLMEngine(engine_config_from_profile(profile))
             _warm_up_ours(engine)
             request = make_workload(1, (BATCH1_PROMPT, BATCH1_PROMPT), (BATCH1_OUTPUT, BATCH1_OUTPUT), 0,
@@ -48,7 +37,7 @@ def main(reps: int) -> None:
             del engine
             gc.collect()
             torch.cuda.empty_cache()
-    gemv.default_config = DEFAULT
+    sampler.argmax = ARGMAX
     print("\nprofile                  rule               median decode tok/s (min-max)")
     for profile, name, speeds in table:
         print(f"{profile:24s} {name:24s} {statistics.median(speeds):8.1f} ({min(speeds):.1f}-{max(speeds):.1f})")

@@ -257,6 +257,29 @@ def test_silu_and_mul_gpu(dtype, inter):
     check_silu_and_mul(300, inter, dtype, "cuda", strided=inter != 3072)
 
 
+# --------------------------------------------------------------------------- argmax
+
+def check_argmax(b, v, dtype, device, seed=0):
+    """Random rows with planted ties (the first index must win) and a row of -inf (index 0)."""
+    from pagedeploy.kernels.triton_argmax import argmax
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, v, generator=gen).to(device, dtype)
+    for r in range(0, b, 2):   # three equal maxima: in different chunks or in one chunk
+        cols = torch.randperm(v, generator=gen)[:3].sort().values
+        x[r, cols] = 100.0
+    if b > 1:
+        x[-1] = float("-inf")
+    out = argmax(x)
+    assert out.dtype == torch.int64 and torch.equal(out, x.argmax(dim=-1)), (b, v, dtype)
+
+
+@pytest.mark.parametrize("b,v", [(1, 128256), (1, 151936), (3, 49152), (256, 128256), (64, 1000)])
+@on_gpu
+def test_argmax_gpu(b, v):
+    check_argmax(b, v, torch.bfloat16, "cuda")
+    check_argmax(b, v, torch.float32, "cuda", seed=1)
+
+
 # --------------------------------------------------------------------------- CPU interpreter
 
 CPU_GROUPS = {  # small sizes for the interpreter (~1e4x slower than the GPU)
@@ -275,6 +298,8 @@ CPU_GROUPS = {  # small sizes for the interpreter (~1e4x slower than the GPU)
         for norm in (False, True) for dt in (torch.float32, torch.float16)]
     + [check_qk_norm_rope_store(9, 6, 2, 64, 16, norm, torch.float32, "cpu", seed=7,
                                 cache_dtype=torch.float16) for norm in (False, True)],
+    "argmax": lambda: [check_argmax(b, v, torch.float32, "cpu", seed=s)
+                       for s, (b, v) in enumerate([(1, 5000), (3, 300), (9, 4097), (2, 2048)])],
     "silu_and_mul": lambda: [check_silu_and_mul(5, inter, dt, "cpu", strided=inter != 48)
                              for inter in (48, 96, 1536) for dt in (torch.float32, torch.float16)],
 }

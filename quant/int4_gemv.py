@@ -1,0 +1,319 @@
+"""Batch-1 decode linears on int4 weights in packed half precision: y = x W^T for one row of x.
+
+The fma kernel (int4_kernels.py) decodes each weight into fp32 and spends about 4.5 instructions
+per weight (SASS, docs/PERF.md): issue-bound at 1.9 TB/s, below HBM. Here each int32 word of 8
+codes becomes four half2 registers holding codes (j, j + 4), one shift and one LOP3 each (the code
+ORed into the mantissa of fp16 1024); one fma.rn.f16x2 turns (1024 + code) into code * scale,
+exactly rounded, and one more multiplies by the matching pair of x and accumulates: about 2
+instructions per weight. Each accumulator sums at most 16 products (four groups) in fp16 before it is
+added into fp32; the zero's term (zero * the word's sum of x) is added in fp32.
+
+x comes as those pairs of fp16 (and each word's x sum, fp32): `_pack_x_kernel` writes them, after
+the residual add and RMSNorm when the linear has them in front (rounded as `rms_norm` rounds, so
+the pairs hold exactly what the unfused path would feed the linear, in fp16), or the GEMV packs
+its own tile of a plain x (o_proj and down_proj, whose inputs need no norm).
+
+Also fused, as in kernels/triton_gemv.py: bias, silu(gate) * up for gate_up weights, split-K
+reduced in-launch, programmatic dependent launch (the first weight tiles load before the wait).
+Under TRITON_INTERPRET=1 (CPU tests) inline PTX cannot run: the same kernels compute in fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedeploy.kernels.triton_gemv import _finish, _rstd, _x_tile
+from pagedeploy.kernels.triton_launch import (arrival_counters, num_sms, pdl_launch, pdl_supported,
+                                              wait_previous)
+
+from .int4 import Int4Weight
+
+
+@dataclass(frozen=True)
+class Int4GemvConfig:
+    block_n: int = 64      # output rows per program (gate_up: gate and up rows each)
+    split_k: int = 1
+    num_warps: int = 4
+
+
+# ---- device helpers -------------------------------------------------------------------------------
+
+@triton.jit
+def _pair(lo, hi, F16X2: tl.constexpr):
+    """int32 holding fp16(hi) << 16 | fp16(lo), from fp32 values."""
+    if F16X2:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    lo16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi16 = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return lo16 | (hi16 << 16)
+
+
+@triton.jit
+def _half(p, HIGH: tl.constexpr):
+    """fp32 of one fp16 half of an int32 pair (the interpreter's path)."""
+    bits = (p >> 16) if HIGH else p
+    return (bits & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _half2(v):
+    """fp16 v in both halves of an int32 (a scale as the f16x2 operand)."""
+    bits = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return bits | (bits << 16)
+
+
+@triton.jit
+def _x_pairs(xp_ptr, xw_ptr, c, ok, KW):
+    """The four x pairs (x[8c + j], x[8c + j + 4]) and the sums of x at words c, from
+    _pack_x_kernel's output (a thread's words are consecutive: one 16-byte load per pair)."""
+    return (tl.load(xp_ptr + c, mask=ok, other=0), tl.load(xp_ptr + KW + c, mask=ok, other=0),
+            tl.load(xp_ptr + 2 * KW + c, mask=ok, other=0), tl.load(xp_ptr + 3 * KW + c, mask=ok, other=0),
+            tl.load(xw_ptr + c, mask=ok, other=0.0))
+
+
+@triton.jit
+def _codes_times_x(words, s2, m2, p0, p1, p2, p3, acc16):
+    """acc16 (half2) += sum over j < 4 of (code j, code j + 4) * scale * x pair j, in fp16."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t0, t1, t2, t3, v;
+        lop3.b32 t0, $1, 0x000f000f, 0x64006400, 0xea;
+        shr.u32 v, $1, 4;
+        lop3.b32 t1, v, 0x000f000f, 0x64006400, 0xea;
+        shr.u32 v, $1, 8;
+        lop3.b32 t2, v, 0x000f000f, 0x64006400, 0xea;
+        shr.u32 v, $1, 12;
+        lop3.b32 t3, v, 0x000f000f, 0x64006400, 0xea;
+        fma.rn.f16x2 t0, t0, $2, $3;
+        fma.rn.f16x2 t1, t1, $2, $3;
+        fma.rn.f16x2 t2, t2, $2, $3;
+        fma.rn.f16x2 t3, t3, $2, $3;
+        fma.rn.f16x2 $0, t0, $4, $8;
+        fma.rn.f16x2 $0, t1, $5, $0;
+        fma.rn.f16x2 $0, t2, $6, $0;
+        fma.rn.f16x2 $0, t3, $7, $0;
+        }""",
+        "=r,r,r,r,r,r,r,r,r", [words, s2, m2, p0, p1, p2, p3, acc16], dtype=tl.int32, is_pure=True,
+        pack=1)
+
+
+@triton.jit
+def _flush(acc16, acc32):
+    """acc32 + the two fp16 halves of acc16."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .f16 l, h;
+        .reg .f32 a, b;
+        mov.b32 {l, h}, $1;
+        cvt.f32.f16 a, l;
+        cvt.f32.f16 b, h;
+        add.f32 a, a, b;
+        add.f32 $0, $2, a;
+        }""",
+        "=f,r,f", [acc16, acc32], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _codes_times_x_f32(words, s, p0, p1, p2, p3, acc32):
+    """The fp32 form of _codes_times_x (the interpreter's path)."""
+    acc32 = _pair_times_x_f32(words, 0, s, p0, acc32)
+    acc32 = _pair_times_x_f32(words, 1, s, p1, acc32)
+    acc32 = _pair_times_x_f32(words, 2, s, p2, acc32)
+    return _pair_times_x_f32(words, 3, s, p3, acc32)
+
+
+@triton.jit
+def _pair_times_x_f32(words, j: tl.constexpr, s, p, acc32):
+    lo = ((words >> (4 * j)) & 0xF).to(tl.float32)
+    hi = ((words >> (4 * j + 16)) & 0xF).to(tl.float32)
+    return acc32 + (lo * s) * _half(p, False) + (hi * s) * _half(p, True)
+
+
+# ---- kernels --------------------------------------------------------------------------------------
+
+@triton.jit
+def _pack_x_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, xp_ptr, xw_ptr, K, eps,
+                   NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr,
+                   RSTD_BLOCK: tl.constexpr, F16X2: tl.constexpr, PDL: tl.constexpr):
+    """Grid (words / BLOCK_C): x (after residual add + RMSNorm) as the GEMV's fp16 pairs,
+    xp[j, c] = (x[8c + j], x[8c + j + 4]) for j < 4, and word sums xw[c] (fp32)."""
+    wait_previous(PDL)
+    rows = tl.arange(0, 1)
+    rstd = tl.zeros([1], tl.float32)
+    if NORM:   # each program reads the whole row for 1/rms (from L2; RSTD_BLOCK wide loads)
+        rstd = _rstd(x_ptr, r_ptr, r_out_ptr, rows, rows < 1, K, eps, K, K, tl.program_id(0) == 0,
+                     1, RSTD_BLOCK, RESIDUAL)
+    k = tl.program_id(0) * BLOCK_C * 8 + tl.arange(0, BLOCK_C * 8)
+    x = _x_tile(x_ptr, r_ptr, nw_ptr, rows, k, (k < K)[None, :], k < K, rstd, K, K, NORM, RESIDUAL)
+    x = tl.reshape(x, [BLOCK_C, 2, 4])              # [c, j // 4, j % 4]
+    lo, hi = tl.split(tl.permute(x, [0, 2, 1]))     # [c, j] for j < 4 and j + 4
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = (c < K // 8)[:, None]
+    tl.store(xp_ptr + c[:, None] + tl.arange(0, 4)[None, :] * (K // 8), _pair(lo, hi, F16X2), mask=ok)
+    tl.store(xw_ptr + c[:, None], tl.sum(lo + hi, 1, keep_dims=True), mask=ok)
+
+
+@triton.jit
+def _load_block(row, t, c_end, mask_n, col, GW: tl.constexpr, EVEN: tl.constexpr):
+    """The four [BLOCK_N, GW] word tiles of a block starting at word t."""
+    mask = mask_n[:, None]
+    return (tl.load(row + t, mask=mask & ((t + col < c_end) | EVEN)[None, :], other=0),
+            tl.load(row + t + GW, mask=mask & ((t + GW + col < c_end) | EVEN)[None, :], other=0),
+            tl.load(row + t + 2 * GW, mask=mask & ((t + 2 * GW + col < c_end) | EVEN)[None, :], other=0),
+            tl.load(row + t + 3 * GW, mask=mask & ((t + 3 * GW + col < c_end) | EVEN)[None, :], other=0))
+
+
+@triton.jit
+def _group(words, t, s_row, z_row, offs_n, mask_n, c_end, xp_ptr, xw_ptr, KW, h, acc,
+           GW: tl.constexpr, F16X2: tl.constexpr, EVEN: tl.constexpr):
+    """One group's tile (words t .. t + GW of each row) into h (fp16 pairs) or acc (fp32)."""
+    c = t + tl.arange(0, GW)
+    ok = (c < c_end) | EVEN
+    p0, p1, p2, p3, xw = _x_pairs(xp_ptr, xw_ptr, c, ok, KW)
+    g_ok = mask_n if EVEN else mask_n & (offs_n * 0 + t < c_end)   # a 1-D mask: the interpreter needs it
+    s = tl.load(s_row + t // GW, mask=g_ok, other=0.0).to(tl.float32)[:, None]
+    acc += tl.load(z_row + t // GW, mask=g_ok, other=0.0).to(tl.float32)[:, None] * xw[None, :]
+    if F16X2:
+        h = _codes_times_x(words, _half2(s), _half2(s * -1024.0), p0[None, :], p1[None, :], p2[None, :],
+                           p3[None, :], h)
+    else:
+        acc = _codes_times_x_f32(words, s, p0[None, :], p1[None, :], p2[None, :], p3[None, :], acc)
+    return h, acc
+
+
+@triton.jit
+def _block(w0, w1, w2, w3, t, s_row, z_row, offs_n, mask_n, c_end, xp_ptr, xw_ptr, KW, acc,
+           GW: tl.constexpr, F16X2: tl.constexpr, EVEN: tl.constexpr):
+    """A block of four groups into acc: summed in fp16 pairs, then added in fp32."""
+    h = tl.zeros(w0.shape, tl.int32)
+    h, acc = _group(w0, t, s_row, z_row, offs_n, mask_n, c_end, xp_ptr, xw_ptr, KW, h, acc,
+                    GW, F16X2, EVEN)
+    h, acc = _group(w1, t + GW, s_row, z_row, offs_n, mask_n, c_end, xp_ptr, xw_ptr, KW, h, acc,
+                    GW, F16X2, EVEN)
+    h, acc = _group(w2, t + 2 * GW, s_row, z_row, offs_n, mask_n, c_end, xp_ptr, xw_ptr, KW, h,
+                    acc, GW, F16X2, EVEN)
+    h, acc = _group(w3, t + 3 * GW, s_row, z_row, offs_n, mask_n, c_end, xp_ptr, xw_ptr, KW, h,
+                    acc, GW, F16X2, EVEN)
+    if F16X2:
+        acc = _flush(h, acc)
+    return acc
+
+
+@triton.jit(do_not_specialize=["split_k"])
+def _int4_gemv_kernel(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
+                      N, KW, groups, words_per_split, split_k,
+                      GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                      SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
+                      SPLITS: tl.constexpr, F16X2: tl.constexpr, EVEN: tl.constexpr,
+                      PDL: tl.constexpr):
+    """Grid (N tiles, K splits). A program walks its rows' K split in blocks of four groups, each
+    group a [BLOCK_N, GROUP / 8 words] tile with one scale and zero per row (1-D loads that share the
+    tile's layout: no layout conversions in the loop), and keeps the next block in flight."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    GW: tl.constexpr = GROUP // 8   # words per group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = (offs_n < N) | EVEN   # EVEN: whole tiles only, the masks fold away
+    col = tl.arange(0, GW)
+    c_start = pid_k * words_per_split
+    c_end = tl.minimum(c_start + words_per_split, KW)
+    row_g = w_ptr + offs_n.to(tl.int64)[:, None] * KW + col[None, :]
+    row_u = w_ptr + (offs_n + N).to(tl.int64)[:, None] * KW + col[None, :]
+    s_g, z_g = s_ptr + offs_n * groups, z_ptr + offs_n * groups
+    s_u, z_u = s_g + N * groups, z_g + N * groups
+    # The weights do not depend on the previous kernel: ask for the first block before waiting on it.
+    g0, g1, g2, g3 = _load_block(row_g, c_start, c_end, mask_n, col, GW, EVEN)
+    u0, u1, u2, u3 = g0, g1, g2, g3
+    if SILU_MUL:
+        u0, u1, u2, u3 = _load_block(row_u, c_start, c_end, mask_n, col, GW, EVEN)
+    wait_previous(PDL)
+    acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
+    acc_u = acc_g
+    for t in range(c_start, c_end, 4 * GW):
+        # The next block is in flight meanwhile; past the split's end the last one again (no mask).
+        t_next = tl.minimum(t + 4 * GW, c_end - 4 * GW) if EVEN else t + 4 * GW
+        n0, n1, n2, n3 = _load_block(row_g, t_next, c_end, mask_n, col, GW, EVEN)
+        if SILU_MUL:
+            m0, m1, m2, m3 = _load_block(row_u, t_next, c_end, mask_n, col, GW, EVEN)
+        acc_g = _block(g0, g1, g2, g3, t, s_g, z_g, offs_n, mask_n, c_end, xp_ptr, xw_ptr, KW,
+                       acc_g, GW, F16X2, EVEN)
+        g0, g1, g2, g3 = n0, n1, n2, n3
+        if SILU_MUL:
+            acc_u = _block(u0, u1, u2, u3, t, s_u, z_u, offs_n, mask_n, c_end, xp_ptr, xw_ptr, KW,
+                           acc_u, GW, F16X2, EVEN)
+            u0, u1, u2, u3 = m0, m1, m2, m3
+    yg = tl.sum(acc_g, 1)[None, :]
+    yu = yg
+    if SILU_MUL:
+        yu = tl.sum(acc_u, 1)[None, :]
+    rows = tl.arange(0, 1)
+    _finish(yg, yu, rows, offs_n, rows < 1, mask_n, N, b_ptr, y_ptr, N, ws_ptr, lock_ptr,
+            pid_n, pid_k, split_k, 1, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
+
+
+# ---- launch ---------------------------------------------------------------------------------------
+
+def default_config(N: int, K: int, group: int, silu_mul: bool, device: torch.device) -> Int4GemvConfig:
+    """64-row tiles; K split in powers of two while there are fewer than 2 programs per SM (gate_up's
+    counted twice: two weight streams each) and each split keeps at least two blocks of four groups
+    (one in flight while the other is summed). From the H100 sweep of docs/PERF.md (run 14): the
+    fastest or within 3% for Llama-3-8B's qkv, o, gate_up and down."""
+    blocks, split = triton.cdiv(K, group * 4), 1
+    programs = triton.cdiv(N, 64) * (2 if silu_mul else 1)
+    while programs * split < 2 * num_sms(device, interpreter=4) and 4 * split <= blocks:
+        split *= 2
+    return Int4GemvConfig(64, split)
+
+
+def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, *,
+              norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+              residual: torch.Tensor | None = None, silu_mul: bool = False,
+              config: Int4GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(act(rmsnorm(x + residual) W^T + b), residual out) for x [1, K] on CUDA (or the interpreter);
+    the fusions as in kernels.fused_linear (docs/CONTRACTS.md). Two launches: x packed, then the GEMV."""
+    N2, K = w.shape
+    N = N2 // 2 if silu_mul else N2
+    assert x.shape == (1, K) and x.stride(-1) == 1, (x.shape, K)
+    cfg = config or default_config(N, K, w.group_size, silu_mul, x.device)
+    xp, xw, r_out = pack_x(x, norm_weight, eps, residual)
+    pdl = pdl_supported(x.device)
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    step = w.group_size // 8 * 4   # words a split is a multiple of: whole blocks of four groups
+    words_per_split = triton.cdiv(triton.cdiv(K // 8, step), cfg.split_k) * step
+    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    counters, ws = arrival_counters(x.device), y
+    if cfg.split_k > 1:
+        assert grid[0] <= counters.numel(), (grid, counters.numel())
+        ws = torch.empty(cfg.split_k * N2, dtype=torch.float32, device=x.device)
+    _int4_gemv_kernel[grid](
+        xp, xw, w.packed, w.scales, w.zeros, bias if bias is not None else x, y, ws, counters,
+        N, K // 8, K // w.group_size, words_per_split, cfg.split_k, GROUP=w.group_size,
+        BLOCK_N=cfg.block_n, SILU_MUL=silu_mul,
+        HAS_BIAS=bias is not None, USE_SPLIT=cfg.split_k > 1, SPLITS=triton.next_power_of_2(cfg.split_k),
+        F16X2=x.is_cuda,
+        EVEN=N % cfg.block_n == 0 and words_per_split * cfg.split_k == K // 8,
+        PDL=pdl, num_warps=cfg.num_warps, **(pdl_launch(x.device) if pdl else {}))
+    return y, r_out
+
+
+def pack_x(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+           residual: torch.Tensor | None = None):
+    """(xp, xw, residual out): x [1, K], after the residual add and RMSNorm when norm_weight is given,
+    as the GEMV's fp16 pairs [4, K / 8] (int32) and word sums [K / 8] (fp32)."""
+    K = x.shape[1]
+    norm = norm_weight is not None
+    r_out = None   # rms_norm's residual out: x + residual, or x itself without a residual
+    if norm:
+        r_out = torch.empty_like(x) if residual is not None else x
+    xp = torch.empty(4, K // 8, dtype=torch.int32, device=x.device)
+    xw = torch.empty(K // 8, dtype=torch.float32, device=x.device)
+    pdl = pdl_supported(x.device)
+    _pack_x_kernel[(triton.cdiv(K // 8, 64),)](
+        x, residual if residual is not None else x, norm_weight if norm else x,
+        r_out if r_out is not None else x, xp, xw, K, eps, NORM=norm,
+        RESIDUAL=norm and residual is not None, BLOCK_C=64, RSTD_BLOCK=min(4096, triton.next_power_of_2(K)),
+        F16X2=x.is_cuda, PDL=pdl, num_warps=4, **(pdl_launch(x.device) if pdl else {}))
+    return xp, xw, r_out

@@ -1,0 +1,150 @@
+"""Issue 6, P3 at batch 1: the packed-fp16 int4 GEMV (quant/int4_gemv.py) against the route it
+replaces (rms_norm, the fma kernel, silu_and_mul), kernel by kernel and end to end, in one run.
+
+Kernels: Llama-3-8B's four decode linears as the model runs them (norm in front of qkv and gate_up,
+silu * up after gate_up), each route captured in a CUDA graph over enough weight copies to overflow
+L2 (PDL applies inside graphs), median microseconds per call; bf16 fused_linear for scale. Then
+`deploy bench --batch-1` decode tok/s of Llama-3-8B dims with int4 through the new route, the old
+route (QuantLinear.uses_gemv off) and bf16, a fresh engine each, REPS requests.
+Usage (device machine): python3 scripts/gpu_int4_b1.py [REPS] [--kernels-only]
+"""
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+
+import torch
+
+from gpu_common import RunLog
+from gpu_int4 import L2_BYTES, random_int4, time_calls
+
+from pagedeploy.kernels import rms_norm, silu_and_mul
+from pagedeploy.kernels import triton_launch as launch
+from pagedeploy.kernels.triton_gemv import fused_linear
+from pagedeploy.quant import int4_gemv as G
+from pagedeploy.quant.int4_triton import int4_matmul
+from pagedeploy.quant.linear import QuantLinear
+
+log = RunLog("int4_b1.log")
+SHAPES = {  # name: (rows out, K, norm, silu)
+    "qkv": (6144, 4096, True, False), "o": (4096, 4096, False, False),
+    "gate_up": (14336, 4096, True, True), "down": (4096, 14336, False, False),
+}
+
+
+def variants(n: int, k: int, silu: bool) -> dict:
+    """Launch shapes to time per linear: rows a program (and warps) and K splits."""
+    out = {"default": G.default_config(n, k, 128, silu, torch.device("cuda"))}
+    for bn, nw in ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8)):
+        for split in (1, 2, 4, 8):
+            out[f"bn{bn} s{split}"] = G.Int4GemvConfig(bn, split, nw)
+    return out
+
+
+def gemv_only(x, w, silu: bool):
+    """The GEMV launch of int4_gemv alone, on x packed once beforehand."""
+    if id(x) not in _PACKED:
+        _PACKED[id(x)] = G.pack_x(x)
+    real = G.pack_x
+    G.pack_x = lambda *a, **k: _PACKED[id(x)]
+    try:
+        return G.int4_gemv(x, w, silu_mul=silu)
+    finally:
+        G.pack_x = real
+
+
+_PACKED: dict = {}
+
+
+def copies(nbytes: int) -> int:
+    return max(1, min(64, -(-2 * L2_BYTES // nbytes)))
+
+
+def kernel_table() -> dict:
+    bf = torch.bfloat16
+    x = torch.randn(1, 14336, device="cuda").to(bf)
+    res = torch.randn(1, 4096, device="cuda").to(bf)
+    nw = (1 + 0.1 * torch.randn(4096, device="cuda")).to(bf)
+    table = {}
+    for name, (n, k, norm, silu) in SHAPES.items():
+        rows = 2 * n if silu else n
+        ws = [random_int4(rows, k, seed=i) for i in range(copies(rows * k // 2))]
+        xk = x[:, :k]
+        fus = dict(norm_weight=nw, eps=1e-6, residual=res, silu_mul=silu) if norm else dict(silu_mul=silu)
+
+        def old(w):
+            h = rms_norm(xk, nw, 1e-6, res)[0] if norm else xk
+            y = int4_matmul(h, w)
+            return silu_and_mul(y) if silu else y
+        row = {"old": time_calls([lambda w=w: old(w) for w in ws])}
+        pack_args = (nw, 1e-6, res) if norm else ()
+        row["pack"] = time_calls([lambda: G.pack_x(xk, *pack_args)] * len(ws))
+        row["gemv only"] = time_calls([lambda w=w: gemv_only(xk, w, silu) for w in ws])
+        launch.PDL_MODE = 0
+        row["no pdl"] = time_calls([lambda w=w: G.int4_gemv(xk, w, **fus) for w in ws])
+        launch.PDL_MODE = 2
+        for vname, cfg in variants(n, k, silu).items():
+            row[vname] = time_calls([lambda w=w: G.int4_gemv(xk, w, config=cfg, **fus) for w in ws])
+            a, b = G.int4_gemv(xk, ws[0], config=cfg, **fus)[0].float(), old(ws[0]).float()
+            row[vname + " err"] = ((a - b).norm() / b.norm()).item()
+        wb = [torch.randn(rows, k, device="cuda").to(bf) for _ in range(copies(2 * rows * k))]
+        row["bf16"] = time_calls([lambda w=w: fused_linear(xk, w, **fus) for w in wb])
+        table[name] = row
+        log(f"{name:8s} " + " ".join(f"{key}={v:.4g}" for key, v in row.items()))
+        del ws, wb
+        torch.cuda.empty_cache()
+    return table
+
+
+def end_to_end(reps: int) -> list:
+    from pagedeploy.launcher.bench import (BATCH1_OUTPUT, BATCH1_PROMPT, _warm_up_ours, batch1_ours,
+                                           make_workload)
+    from pagedeploy.runtime.engine import LLMEngine
+    from pagedeploy.runtime.llm import engine_config_from_profile
+
+    rows, uses = [], QuantLinear.uses_gemv
+    for name, quant, route in (("int4 new", "int4", uses), ("int4 old", "int4", lambda self, x: False),
+                               ("bf16", "none", uses)):
+        QuantLinear.uses_gemv = route
+        config = engine_config_from_profile("profiles/llama-3-8b-h100.yaml",
+                                            overrides=[f"quantization={quant}"])
+        engine = LLMEngine(config)
+        _warm_up_ours(engine)
+        request = make_workload(1, (BATCH1_PROMPT, BATCH1_PROMPT), (BATCH1_OUTPUT, BATCH1_OUTPUT), 0,
+                                engine.config.spec.vocab_size)[0]
+        speeds = [batch1_ours(engine, request).decode_tok_s for _ in range(reps)]
+        rows.append((name, speeds))
+        log(f"{name:10s} " + " ".join(f"{s:7.1f}" for s in speeds))
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    QuantLinear.uses_gemv = uses
+    return rows
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    table = kernel_table()
+    log("\nus per call (CUDA graph, L2 overflowed); the best variant per shape")
+    for name, row in table.items():
+        times = {key: v for key, v in row.items()
+                 if not key.endswith("err") and key not in ("old", "bf16", "pack", "gemv only", "no pdl")}
+        best = min(times, key=times.get)
+        log(f"{name:8s} old {row['old']:7.2f}  default {row['default']:7.2f}  best {times[best]:7.2f} ({best})"
+            f"  bf16 {row['bf16']:7.2f}  pack alone {row['pack']:5.2f}  GEMV alone {row['gemv only']:6.2f}"
+            f"  default without PDL {row['no pdl']:6.2f}")
+    for col in ("old", "default", "bf16"):
+        log(f"layer {col}: {sum(row[col] for row in table.values()):.2f} us")
+    if "--kernels-only" in sys.argv:
+        return
+    rows = end_to_end(int(args[0]) if args else 3)
+    log("\nLlama-3-8B dims, batch-1 decode tok/s, median (min-max)")
+    bf16 = statistics.median(rows[-1][1])
+    for name, speeds in rows:
+        med = statistics.median(speeds)
+        log(f"{name:10s} {med:7.1f} ({min(speeds):.1f}-{max(speeds):.1f})  {med / bf16:.2f}x bf16")
+
+
+if __name__ == "__main__":
+    main()

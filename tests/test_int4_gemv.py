@@ -1,0 +1,146 @@
+"""int4_gemv (quant/int4_gemv.py), the batch-1 int4 linear with its fusions, against the unfused
+torch reference (rms_norm_ref, int4_matmul_reference, silu_and_mul_ref) on random inputs.
+
+Both are measured against the exact product (fp32 input, fp32 dequantized weight): the kernel must
+come within 1.5x of the reference's own error, which rounds each weight to the model dtype, and for
+fp16 models of the bf16 reference's (the kernel rounds code * scale to fp16 and sums up to 16
+products in fp16: about as exact as bf16 weights, less than fp16 ones). Full sizes on a CUDA GPU
+(marked `gpu`); small ones on the CPU under TRITON_INTERPRET=1 in a child process
+(kernel_checks.py), where the kernel computes in fp32 instead of packed fp16 (no inline PTX there).
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from kernel_checks import needs_triton, on_gpu, rel_err, run_cpu_groups, run_interpreter
+
+from pagedeploy.kernels.reference import fused_linear_ref, rms_norm_ref, silu_and_mul_ref
+from pagedeploy.quant.int4 import dequantize_int4, int4_matmul_reference, quantize_int4
+
+
+def make_case(n, k, group, dtype, device, *, silu, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = 2 * n if silu else n
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen)).to(device, dtype)
+    w = quantize_int4(torch.randn(rows, k, generator=gen) * k ** -0.5, group).to(device)
+    return dict(w=w, x=randn(1, k), residual=randn(1, k, scale=3.0), bias=randn(rows),
+                norm_weight=1.0 + randn(k, scale=0.2))
+
+
+def ref_error(t, b, kw, exact, dtype) -> float:
+    """The unfused reference's error in `dtype` (it rounds each weight to it)."""
+    cast = {key: (v.to(dtype) if isinstance(v, torch.Tensor) else v) for key, v in kw.items()}
+    x = t["x"].to(dtype)
+    if cast["norm_weight"] is not None:
+        x = rms_norm_ref(x, cast["norm_weight"], 1e-6, cast["residual"])[0]
+    y = int4_matmul_reference(x, t["w"], None if b is None else b.to(dtype))
+    return rel_err(silu_and_mul_ref(y) if kw["silu_mul"] else y, exact)
+
+
+def check_int4_gemv(n, k, group, dtype, device, *, norm=False, residual=False, silu=False,
+                    bias=False, config=None, seed=0, repeat=2):
+    from pagedeploy.quant.int4_gemv import Int4GemvConfig, int4_gemv
+    t = make_case(n, k, group, dtype, device, silu=silu, seed=seed)
+    b = t["bias"] if bias else None
+    kw = dict(norm_weight=t["norm_weight"] if norm else None, eps=1e-6,
+              residual=t["residual"] if residual else None, silu_mul=silu)
+    cfg = Int4GemvConfig(**config) if config else None
+    before = t["x"].clone(), t["residual"].clone()
+    f32 = {key: (v.float() if isinstance(v, torch.Tensor) else v) for key, v in kw.items()}
+    exact, _ = fused_linear_ref(t["x"].float(), dequantize_int4(t["w"]).float(),
+                                None if b is None else b.float(), **f32)
+    budget = 1.5 * max(ref_error(t, b, kw, exact, dtype), ref_error(t, b, kw, exact, torch.bfloat16)) + 1e-4
+    for _ in range(repeat):   # twice: split-K arrival counters must re-arm
+        out, r_out = int4_gemv(t["x"], t["w"], b, config=cfg, **kw)
+        assert out.shape == (1, n) and out.dtype == dtype and torch.isfinite(out).all()
+        err = rel_err(out, exact)
+        assert err <= budget, (n, k, group, dtype, norm, residual, silu, bias, config, err, budget)
+    assert torch.equal(t["x"], before[0]) and torch.equal(t["residual"], before[1])
+    if not norm:
+        assert r_out is None
+    elif residual:   # the residual stream is the sum rounded to the model dtype, exactly
+        assert torch.equal(r_out, (t["x"].float() + t["residual"].float()).to(dtype))
+    else:
+        assert r_out is t["x"]
+    return err / budget
+
+
+# --------------------------------------------------------------------------- GPU
+
+SHAPES = {  # name: (n, k, group, norm, silu) of decode linears
+    "llama qkv": (6144, 4096, 128, True, False), "llama o": (4096, 4096, 128, False, False),
+    "llama gate_up": (14336, 4096, 128, True, True), "llama down": (4096, 14336, 128, False, False),
+    "qwen gate_up": (3072, 1024, 128, True, True), "smollm2 qkv g64": (960, 576, 64, True, False),
+    "gguf down g32": (576, 1536, 32, False, False), "odd": (1000, 1024, 128, True, True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@on_gpu
+def test_int4_gemv_gpu(shape, dtype):
+    n, k, group, norm, silu = SHAPES[shape]
+    check_int4_gemv(n, k, group, dtype, "cuda", norm=norm, residual=norm, silu=silu,
+                    bias=shape == "odd", seed=n)
+
+
+@pytest.mark.parametrize("config", [dict(split_k=1), dict(split_k=8, block_n=32),
+                                    dict(split_k=3), dict(split_k=2, block_n=128, num_warps=8)])
+@on_gpu
+def test_int4_gemv_configs_gpu(config):
+    check_int4_gemv(2048, 4096, 128, torch.bfloat16, "cuda", bias=True, config=config)
+    check_int4_gemv(1024, 4096, 128, torch.bfloat16, "cuda", norm=True, residual=True, silu=True,
+                    config=config)
+
+
+@on_gpu
+def test_int4_gemv_graph_replay_gpu():
+    """Split-K and PDL inside a CUDA graph: fresh inputs, replayed twice, equal to eager calls."""
+    from pagedeploy.quant.int4_gemv import Int4GemvConfig, int4_gemv
+    t = make_case(2048, 4096, 128, torch.bfloat16, "cuda", silu=True, seed=5)
+    down = make_case(4096, 2048, 128, torch.bfloat16, "cuda", silu=False, seed=6)["w"]
+    x = t["x"].clone()
+    kw = dict(norm_weight=t["norm_weight"], eps=1e-6, residual=t["residual"], silu_mul=True)
+    cfg = Int4GemvConfig(split_k=8)
+
+    def layer():
+        act, r_out = int4_gemv(x, t["w"], config=cfg, **kw)
+        return int4_gemv(act, down, config=Int4GemvConfig(split_k=4))[0], r_out
+    layer()   # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, r_out = layer()
+    for _ in range(2):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        expect, r_expect = layer()
+        assert torch.equal(out, expect) and torch.equal(r_out, r_expect)
+
+
+# --------------------------------------------------------------------------- CPU interpreter
+
+def _cpu_cases() -> None:
+    f16 = torch.float16   # the kernel's x pairs are fp16: bf16 and fp16 models only (numpy: no bf16)
+    check_int4_gemv(40, 256, 128, f16, "cpu", bias=True, config=dict(block_n=16))
+    check_int4_gemv(32, 1024, 128, f16, "cpu", config=dict(block_n=16, split_k=2))       # EVEN
+    check_int4_gemv(24, 768, 32, f16, "cpu", norm=True, residual=True, silu=True, bias=True,
+                    config=dict(block_n=16, split_k=3))
+    check_int4_gemv(48, 576, 64, f16, "cpu", norm=True, bias=True, config=dict(block_n=32, split_k=2))
+    check_int4_gemv(16, 640, 128, f16, "cpu", silu=True, config=dict(block_n=16))
+    check_int4_gemv(64, 1024, 128, f16, "cpu", norm=True, residual=True, silu=True)   # defaults
+
+
+CPU_GROUPS = {"int4_gemv": _cpu_cases}
+
+
+@needs_triton
+def test_interpreter():
+    run_interpreter(__file__, CPU_GROUPS)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cpu_groups(CPU_GROUPS, sys.argv[1:]))
