@@ -36,9 +36,9 @@ SHAPES = {  # name: (rows out, K, norm, silu)
 def variants(n: int, k: int, silu: bool) -> dict:
     """Launch shapes to time per linear: rows a program (and warps) and K splits."""
     out = {"default": G.default_config(n, k, 128, silu, torch.device("cuda"))}
-    for bn, nw in ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8)):
+    for bn, nw in ((32, 2), (64, 4), (64, 8)):
         for split in (1, 2, 4, 8):
-            out[f"bn{bn} s{split}"] = G.Int4GemvConfig(bn, split, nw)
+            out[f"bn{bn} w{nw} s{split}"] = G.Int4GemvConfig(bn, split, nw)
     return out
 
 

@@ -125,6 +125,33 @@ def test_greedy_generate_is_deterministic_and_equals_the_dequantized_model(runne
     assert all(len(ids) == 8 for ids in first)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["qwen2", "llama3", "qwen3"])
+@torch.inference_mode()
+def test_int4_batch1_decode_on_cuda_equals_the_dequantized_model(family):
+    """One sequence decoding on CUDA takes quant/int4_gemv (x packed with the norm fused, silu * up
+    after gate_up, biases): its logits equal the dequantized twin's (bf16, the unfused layers) within
+    bf16 rounding, token after token."""
+    config = replace(engine_config(family, "int4"), device="cuda", dtype="bfloat16")
+    runner = ModelRunner(config)
+    twin = dequantized_twin(config, runner)
+    prompt = torch.randint(0, config.spec.vocab_size, (9,), generator=torch.Generator().manual_seed(8))
+    rows = {}
+    for key, r in (("q", runner), ("twin", twin)):
+        pool, seq, out = BlockPool(r.config.num_blocks, seed=1), FakeSeq(prompt.tolist()), []
+        for _ in range(4):   # the prompt, then three one-token steps
+            n = len(seq.token_ids) - seq.num_computed_tokens
+            pool.grow(seq, len(seq.token_ids), BS)
+            out.append(r.execute([Item(seq, n)])[-1:].float())
+            seq.num_computed_tokens = len(seq.token_ids)
+            seq.token_ids.append(int(out[-1].argmax()))
+        rows[key] = torch.cat(out)
+    got, want = rows["q"], rows["twin"]
+    assert want.abs().max() > 0.05
+    assert (got - want).norm() <= 2e-2 * want.norm(), ((got - want).norm() / want.norm()).item()
+
+
 def stored_bytes(model: torch.nn.Module) -> int:
     """What the runtime holds as weights: QuantLinear storage plus every dense parameter."""
     quantized = sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantLinear))
