@@ -1,17 +1,19 @@
-"""`python scripts/gpu_int4.py --aot`: compile the int4 fma and dot kernels for sm_90a on a machine
-without a GPU and count, from the SASS, the instructions of the hottest loop per weight (the figure
-the kernel notes in docs/PERF.md quote), with registers and spills."""
+"""`python scripts/gpu_int4.py --aot`: compile the int4 kernels (the fma and dot kernels of
+int4_triton.py, the batch-1 GEMV of int4_gemv.py) for sm_90a on a machine without a GPU and count,
+from the SASS, the instructions of the hottest loop per weight (the figure the kernel notes in
+docs/PERF.md quote), with registers and spills."""
 from __future__ import annotations
 
 from gpu_common import RunLog, compile_for_h100, triton_bin_dir
 
+from pagedeploy.quant import int4_gemv as G4
 from pagedeploy.quant import int4_triton as K4
 
 log = RunLog("int4.log")
 
 
 def aot() -> int:
-    """Compile the fma and dot kernels for sm_90a (Triton's own ptxas) and print registers, spills and
+    """Compile the fma, dot and GEMV kernels for sm_90a (Triton's own ptxas) and print registers, spills and
     the instructions of the hottest loop per weight (from the SASS): no GPU needed."""
     import re
     import subprocess
@@ -20,7 +22,8 @@ def aot() -> int:
 
     bin_dir = triton_bin_dir()
     ptrs = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-            "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+            "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "xp_ptr": "*i32",
+            "xw_ptr": "*fp32"}
     div16 = ("N", "KW", "groups", "words_per_split", "stride_xm", "stride_ym")
     common = dict(GROUP=128, USE_SPLIT=True, HAS_BIAS=False)
     fma = ((1, 128, 1, 4), (1, 256, 1, 4), (1, 64, 2, 2), (2, 256, 1, 4))
@@ -29,6 +32,9 @@ def aot() -> int:
     variants += [(K4._int4_dot_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, GROUP_M=8, SWAP_AB=sw, FOLD=True,
                                             PRECISION="tf32"), nw, bn * 128)
                  for bm, bn, nw, sw in ((16, 128, 4, True), (32, 128, 4, False), (32, 128, 4, True))]
+    gemv = dict(GROUP=128, SPLITS=4, F16X2=True, PDL=2, EVEN=True, USE_SPLIT=True, HAS_BIAS=False)
+    variants += [(G4._int4_gemv_kernel, dict(gemv, BLOCK_N=bn, SILU_MUL=silu), nw, bn * 512 * (2 if silu else 1))
+                 for bn, nw, silu in ((64, 4, False), (64, 4, True), (32, 4, False))]
     for fn, consts, nw, weights_per_step in variants:
         consts = {**common, **consts}
         args = [n for n in fn.arg_names if n not in consts]
