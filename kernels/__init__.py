@@ -107,6 +107,6 @@ def argmax(logits):
 
 
 __all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary", "qk_norm_rope_store",
-           "silu_and_mul", "fused_linear", "argmax", "GEMV_MAX_ROWS", "ARGMAX_MAX_ROWS", "warm_up_attention", "store_kv_ref",
-           "paged_attention_ref", "rms_norm_ref", "apply_rotary_ref", "qk_norm_rope_store_ref",
-           "silu_and_mul_ref", "fused_linear_ref"]
+           "silu_and_mul", "fused_linear", "argmax", "GEMV_MAX_ROWS", "ARGMAX_MAX_ROWS",
+           "warm_up_attention", "store_kv_ref", "paged_attention_ref", "rms_norm_ref",
+           "apply_rotary_ref", "qk_norm_rope_store_ref", "silu_and_mul_ref", "fused_linear_ref"]

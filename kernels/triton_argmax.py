@@ -53,7 +53,8 @@ def argmax(logits: torch.Tensor) -> torch.Tensor:
     if B == 0:
         return out
     splits = 1
-    while B * splits < 2 * num_sms(logits.device, interpreter=4) and splits < 64 and splits * _BLOCK < V:   # ~2 programs per SM
+    sms = num_sms(logits.device, interpreter=4)
+    while B * splits < 2 * sms and splits < 64 and splits * _BLOCK < V:   # ~2 programs per SM
         splits *= 2
     chunk = triton.cdiv(triton.cdiv(V, splits), _BLOCK) * _BLOCK
     counters = arrival_counters(logits.device)

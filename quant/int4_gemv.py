@@ -4,17 +4,19 @@ The fma kernel (int4_kernels.py) decodes each weight into fp32 and spends about 
 per weight (SASS, docs/PERF.md): issue-bound at 1.9 TB/s, below HBM. Here each int32 word of 8
 codes becomes four half2 registers holding codes (j, j + 4), one shift and one LOP3 each (the code
 ORed into the mantissa of fp16 1024); one fma.rn.f16x2 turns (1024 + code) into code * scale,
-exactly rounded, and one more multiplies by the matching pair of x and accumulates: about 2
-instructions per weight. Each accumulator sums at most 16 products (four groups) in fp16 before it is
-added into fp32; the zero's term (zero * the word's sum of x) is added in fp32.
+exactly rounded, and one more multiplies by the matching pair of x and accumulates: 2.7
+instructions per weight in the SASS, with the loads (run 14). Each accumulator sums at most 16
+products (four groups) in fp16 before they go into fp32; the zero's term (zero * the word's sum of
+x) is added in fp32.
 
-x comes as those pairs of fp16 (and each word's x sum, fp32): `_pack_x_kernel` writes them, after
-the residual add and RMSNorm when the linear has them in front (rounded as `rms_norm` rounds, so
-the pairs hold exactly what the unfused path would feed the linear, in fp16), or the GEMV packs
-its own tile of a plain x (o_proj and down_proj, whose inputs need no norm).
+x comes as those pairs of fp16 (and each word's x sum, fp32), written by a small first launch
+(`pack_x`), after the residual add and RMSNorm when the linear has them in front (rounded as
+`rms_norm` rounds, so the pairs hold what the unfused path feeds the linear; bf16 to fp16 is exact
+for |x| < 65504, which decoder activations stay well under). Packing inside the GEMV instead cost
+more than the launch (docs/PERF.md, run 14).
 
 Also fused, as in kernels/triton_gemv.py: bias, silu(gate) * up for gate_up weights, split-K
-reduced in-launch, programmatic dependent launch (the first weight tiles load before the wait).
+reduced in-launch, programmatic dependent launch (the first block of weights loads before the wait).
 Under TRITON_INTERPRET=1 (CPU tests) inline PTX cannot run: the same kernels compute in fp32.
 """
 from __future__ import annotations

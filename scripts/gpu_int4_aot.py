@@ -33,7 +33,8 @@ def aot() -> int:
                                             PRECISION="tf32"), nw, bn * 128)
                  for bm, bn, nw, sw in ((16, 128, 4, True), (32, 128, 4, False), (32, 128, 4, True))]
     gemv = dict(GROUP=128, SPLITS=4, F16X2=True, PDL=2, EVEN=True, USE_SPLIT=True, HAS_BIAS=False)
-    variants += [(G4._int4_gemv_kernel, dict(gemv, BLOCK_N=bn, SILU_MUL=silu), nw, bn * 512 * (2 if silu else 1))
+    variants += [(G4._int4_gemv_kernel, dict(gemv, BLOCK_N=bn, SILU_MUL=silu), nw,
+                  bn * 512 * (2 if silu else 1))
                  for bn, nw, silu in ((64, 4, False), (64, 4, True), (32, 4, False))]
     for fn, consts, nw, weights_per_step in variants:
         consts = {**common, **consts}

@@ -131,7 +131,8 @@ def main() -> None:
         times = {key: v for key, v in row.items()
                  if not key.endswith("err") and key not in ("old", "bf16", "pack", "gemv only", "no pdl")}
         best = min(times, key=times.get)
-        log(f"{name:8s} old {row['old']:7.2f}  default {row['default']:7.2f}  best {times[best]:7.2f} ({best})"
+        log(f"{name:8s} old {row['old']:7.2f}  default {row['default']:7.2f}  "
+            f"best {times[best]:7.2f} ({best})"
             f"  bf16 {row['bf16']:7.2f}  pack alone {row['pack']:5.2f}  GEMV alone {row['gemv only']:6.2f}"
             f"  default without PDL {row['no pdl']:6.2f}")
     for col in ("old", "default", "bf16"):
