@@ -262,7 +262,7 @@ def default_config(N: int, K: int, group: int, silu_mul: bool, device: torch.dev
     """64-row tiles; K split in powers of two while there are fewer than 2 programs per SM (gate_up's
     counted twice: two weight streams each) and each split keeps at least two blocks of four groups
     (one in flight while the other is summed). From the H100 sweep of docs/PERF.md (run 14): the
-    fastest or within 3% for Llama-3-8B's qkv, o, gate_up and down."""
+    fastest, or within 0.4% of it, for Llama-3-8B's qkv, o, gate_up and down."""
     blocks, split = triton.cdiv(K, group * 4), 1
     programs = triton.cdiv(N, 64) * (2 if silu_mul else 1)
     while programs * split < 2 * num_sms(device, interpreter=4) and 4 * split <= blocks:
