@@ -239,13 +239,12 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, ou
     grid0 = count if decode else num_tokens // (cfg["block_m"] // qg) + count
     assert num_splits & (num_splits - 1) == 0, num_splits
     part_out = part_lse = out  # placeholders, unused without splits
-    counters = arrival_counters(q.device)
+    counters = arrival_counters(q.device, grid0 * num_kv_heads if num_splits > 1 else 0)
     if num_splits > 1:  # decode tokens are the batch's first `count` tokens
         rows = count if decode else num_tokens
         part_out = torch.empty(rows * num_heads * num_splits * head_dim, dtype=torch.float32,
                                device=q.device)
         part_lse = torch.empty(rows * num_heads * num_splits, dtype=torch.float32, device=q.device)
-        assert grid0 * num_kv_heads <= counters.numel(), (grid0, num_kv_heads)
     seqs = slice(first, first + count)
     pdl = pdl_supported(q.device)
     launch = pdl_launch(q.device) if pdl else {}

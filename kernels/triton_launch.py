@@ -78,11 +78,14 @@ _COUNTERS = 1 << 16
 _counters_by_device: dict[torch.device, torch.Tensor] = {}
 
 
-def arrival_counters(device: torch.device) -> torch.Tensor:
+def arrival_counters(device: torch.device, needed: int = 0) -> torch.Tensor:
     """int32 counters, zero between launches, for kernels whose programs reduce in-launch (split-K,
     attention splits): each program bumps its output tile's counter, the last to arrive reduces and
     sets it back to zero (so no memset per launch, and CUDA-graph replays find them armed). Kernels
-    of one stream use them one after the other; PDL kernels touch them only after wait_previous."""
+    of one stream use them one after the other; PDL kernels touch them only after wait_previous.
+    `needed`: the tiles of the caller's launch, checked against the counters there are."""
     if device not in _counters_by_device:
         _counters_by_device[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
+    if needed > _COUNTERS:
+        raise ValueError(f"a launch of {needed} reducing tiles exceeds the {_COUNTERS} arrival counters")
     return _counters_by_device[device]

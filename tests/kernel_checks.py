@@ -49,6 +49,17 @@ def qkv_views(t: int, h: int, kh: int, d: int, dtype, device, gen):
     return qkv, q.view(t, h, d), k.view(t, kh, d), v.view(t, kh, d)
 
 
+def check_residual_out(r_out, x, residual, norm: bool) -> None:
+    """The residual stream a fused linear returns, as rms_norm returns it: nothing without a norm,
+    x itself without a residual, else x + residual rounded to the model dtype, exactly."""
+    if not norm:
+        assert r_out is None
+    elif residual is not None:
+        assert torch.equal(r_out, (x.float() + residual.float()).to(x.dtype))
+    else:
+        assert r_out is x
+
+
 # --------------------------------------------------------------------------- CPU interpreter
 
 CpuGroups = dict[str, Callable[[], object]]

@@ -14,7 +14,8 @@ import sys
 
 import pytest
 import torch
-from kernel_checks import needs_triton, on_gpu, rel_err, run_cpu_groups, run_interpreter
+from kernel_checks import (check_residual_out, needs_triton, on_gpu, rel_err, run_cpu_groups,
+                           run_interpreter)
 
 from pagedeploy.kernels.reference import fused_linear_ref, rms_norm_ref, silu_and_mul_ref
 from pagedeploy.quant.int4 import dequantize_int4, int4_matmul_reference, quantize_int4
@@ -60,12 +61,7 @@ def check_int4_gemv(n, k, group, dtype, device, *, norm=False, residual=False, s
         err = rel_err(out, exact)
         assert err <= budget, (n, k, group, dtype, norm, residual, silu, bias, config, err, budget)
     assert torch.equal(t["x"], before[0]) and torch.equal(t["residual"], before[1])
-    if not norm:
-        assert r_out is None
-    elif residual:   # the residual stream is the sum rounded to the model dtype, exactly
-        assert torch.equal(r_out, (t["x"].float() + t["residual"].float()).to(dtype))
-    else:
-        assert r_out is t["x"]
+    check_residual_out(r_out, t["x"], kw["residual"], norm)
     return err / budget
 
 

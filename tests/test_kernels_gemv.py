@@ -10,7 +10,8 @@ import sys
 
 import pytest
 import torch
-from kernel_checks import needs_triton, on_gpu, rel_err, run_cpu_groups, run_interpreter
+from kernel_checks import (check_residual_out, needs_triton, on_gpu, rel_err, run_cpu_groups,
+                           run_interpreter)
 
 from pagedeploy.kernels import reference as ref
 
@@ -49,12 +50,7 @@ def check_fused_linear(m, n, k, dtype, device, *, norm=False, residual=False, si
     err = rel_err(out, expect)
     assert err < GEMV_REL_TOL[dtype], (m, n, k, dtype, norm, residual, silu, bias, config, err)
     assert torch.equal(x, before[0]) and torch.equal(t["residual"], before[1])
-    if not norm:
-        assert r_out is None
-    elif residual:   # the residual stream is the sum rounded to the model dtype, exactly
-        assert torch.equal(r_out, (x.float() + t["residual"].float()).to(dtype))
-    else:
-        assert torch.equal(r_out, x)
+    check_residual_out(r_out, x, kw["residual"], norm)
     return err
 
 
