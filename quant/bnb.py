@@ -6,6 +6,7 @@ plan counts 0.5 + 4/64 B/param), two 4-bit codes per byte.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -69,7 +70,19 @@ def quantize_bnb(w: torch.Tensor, quant_type: str = "nf4", dtype: torch.dtype | 
 
 def dequantize_bnb(w: BnbWeight) -> torch.Tensor:
     bnb = import_bnb(w.quant_type)
-    return bnb.functional.dequantize_4bit(w.packed, w.state)
+    if not _rows_split_blocks(w):
+        return bnb.functional.dequantize_4bit(w.packed, w.state)
+    # bitsandbytes 0.50's native CPU kernel (seen on AVX-512 hosts) takes a row that ends inside a
+    # block as the start of a new block, and reads the wrong absmax from there on: as one flat row
+    # the blocks are bitsandbytes' own again.
+    state = copy.copy(w.state)
+    state.shape = torch.Size((math.prod(w.shape),))
+    return bnb.functional.dequantize_4bit(w.packed, state).view(w.shape)
+
+
+def _rows_split_blocks(w: BnbWeight) -> bool:
+    """On the CPU, a row of w is not a whole number of blocks (see dequantize_bnb)."""
+    return not w.packed.is_cuda and w.shape[1] % w.state.blocksize != 0
 
 
 def bnb_matmul(x: torch.Tensor, w: BnbWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,6 +91,8 @@ def bnb_matmul(x: torch.Tensor, w: BnbWeight, bias: torch.Tensor | None = None) 
     if w.state.dtype != x.dtype:   # the state decides the dequantized weight's dtype
         w.state.dtype = x.dtype
     bias = None if bias is None else bias.to(x.dtype)
+    if _rows_split_blocks(w):   # bitsandbytes' CPU matmul dequantizes them wrongly
+        return torch.nn.functional.linear(x, dequantize_bnb(w).to(x.dtype), bias)
     rows = dequant_chunk_rows(w, x)
     if rows >= w.shape[0]:
         return bnb.matmul_4bit(x, w.packed.t(), quant_state=w.state, bias=bias)
