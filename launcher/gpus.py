@@ -2,8 +2,8 @@
 
 Totals are what the CUDA driver reports (cudaMemGetInfo / torch.cuda.mem_get_info), which is below
 the nominal size and below nvidia-smi's figure: the planner's budget is a fraction of that total.
-The H100 figure was measured on our machine (79.18 GiB; nvidia-smi says 81,559 MiB); the others
-are nvidia-smi's MiB less the driver's reserve as users report it, so treat them as close, not exact.
+The H100 and H200 figures were measured on our machines (79.18 GiB where nvidia-smi says 81,559
+MiB; 139.80 GiB where it says 143,771 MiB); the others are nvidia-smi's MiB less the driver's reserve as users report it, so treat them as close, not exact.
 Bandwidths are the vendors' nominal figures (the measured copy rate is below them).
 
 No torch at import: detection imports torch lazily, and only when a GPU may exist.
@@ -59,7 +59,7 @@ CATALOG: dict[str, GpuSpec] = {g.name: g for g in [
     _gpu("a100-80gb", 81_050, 2.039),
     _gpu("h100-80gb", 81_080, 3.35),      # 79.18 GiB, measured with cudaMemGetInfo
     _gpu("h100-94gb", 95_320, 3.9),
-    _gpu("h200", 143_167, 4.8),
+    _gpu("h200", 143_155, 4.8),           # 139.80 GiB, measured with cudaMemGetInfo
     _gpu("b200", 182_624, 8.0),
 ]}
 
