@@ -160,20 +160,13 @@ def _pack_x_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, xp_ptr, xw_ptr, K, eps,
 
 
 @triton.jit
-def _load_block(row, t, run, c_end, mask_n, col, GW: tl.constexpr, EVEN: tl.constexpr):
+def _load_block(row, t, c_end, mask_n, col, GW: tl.constexpr, EVEN: tl.constexpr):
     """The four [BLOCK_N, GW] word tiles of a block starting at word t."""
     mask = mask_n[:, None]
-    return (tl.load(row + _at(t, run), mask=mask & ((t + col < c_end) | EVEN)[None, :], other=0),
-            tl.load(row + _at(t + GW, run), mask=mask & ((t + GW + col < c_end) | EVEN)[None, :], other=0),
-            tl.load(row + _at(t + 2 * GW, run), mask=mask & ((t + 2 * GW + col < c_end) | EVEN)[None, :], other=0),
-            tl.load(row + _at(t + 3 * GW, run), mask=mask & ((t + 3 * GW + col < c_end) | EVEN)[None, :], other=0))
-
-
-@triton.jit
-def _at(c, run):
-    """Offset of word c (a multiple of the run) from its row's start: runs of `run[0]` words, one
-    row's after another's (`run[1]` = run words x rows apart)."""
-    return (c // run[0]) * run[1] + c % run[0]
+    return (tl.load(row + t, mask=mask & ((t + col < c_end) | EVEN)[None, :], other=0),
+            tl.load(row + t + GW, mask=mask & ((t + GW + col < c_end) | EVEN)[None, :], other=0),
+            tl.load(row + t + 2 * GW, mask=mask & ((t + 2 * GW + col < c_end) | EVEN)[None, :], other=0),
+            tl.load(row + t + 3 * GW, mask=mask & ((t + 3 * GW + col < c_end) | EVEN)[None, :], other=0))
 
 
 @triton.jit
@@ -214,7 +207,7 @@ def _block(w0, w1, w2, w3, t, s_row, z_row, offs_n, mask_n, c_end, xp_ptr, xw_pt
 
 @triton.jit(do_not_specialize=["split_k"])
 def _int4_gemv_kernel(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
-                      N, KW, groups, words_per_split, split_k, row_stride, run_words, run_stride,
+                      N, KW, groups, words_per_split, split_k,
                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                       SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
                       SPLITS: tl.constexpr, F16X2: tl.constexpr, EVEN: tl.constexpr,
@@ -229,24 +222,24 @@ def _int4_gemv_kernel(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
     col = tl.arange(0, GW)
     c_start = pid_k * words_per_split
     c_end = tl.minimum(c_start + words_per_split, KW)
-    row_g = w_ptr + offs_n.to(tl.int64)[:, None] * row_stride + col[None, :]
-    row_u = w_ptr + (offs_n + N).to(tl.int64)[:, None] * row_stride + col[None, :]
+    row_g = w_ptr + offs_n.to(tl.int64)[:, None] * KW + col[None, :]
+    row_u = w_ptr + (offs_n + N).to(tl.int64)[:, None] * KW + col[None, :]
     s_g, z_g = s_ptr + offs_n * groups, z_ptr + offs_n * groups
     s_u, z_u = s_g + N * groups, z_g + N * groups
     # The weights do not depend on the previous kernel: ask for the first block before waiting on it.
-    g0, g1, g2, g3 = _load_block(row_g, c_start, (run_words, run_stride), c_end, mask_n, col, GW, EVEN)
+    g0, g1, g2, g3 = _load_block(row_g, c_start, c_end, mask_n, col, GW, EVEN)
     u0, u1, u2, u3 = g0, g1, g2, g3
     if SILU_MUL:
-        u0, u1, u2, u3 = _load_block(row_u, c_start, (run_words, run_stride), c_end, mask_n, col, GW, EVEN)
+        u0, u1, u2, u3 = _load_block(row_u, c_start, c_end, mask_n, col, GW, EVEN)
     wait_previous(PDL)
     acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
     acc_u = acc_g
     for t in range(c_start, c_end, 4 * GW):
         # The next block is in flight meanwhile; past the split's end the last one again (no mask).
         t_next = tl.minimum(t + 4 * GW, c_end - 4 * GW) if EVEN else t + 4 * GW
-        n0, n1, n2, n3 = _load_block(row_g, t_next, (run_words, run_stride), c_end, mask_n, col, GW, EVEN)
+        n0, n1, n2, n3 = _load_block(row_g, t_next, c_end, mask_n, col, GW, EVEN)
         if SILU_MUL:
-            m0, m1, m2, m3 = _load_block(row_u, t_next, (run_words, run_stride), c_end, mask_n, col, GW, EVEN)
+            m0, m1, m2, m3 = _load_block(row_u, t_next, c_end, mask_n, col, GW, EVEN)
         acc_g = _block(g0, g1, g2, g3, t, s_g, z_g, offs_n, mask_n, c_end, xp_ptr, xw_ptr, KW,
                        acc_g, GW, F16X2, EVEN)
         g0, g1, g2, g3 = n0, n1, n2, n3
@@ -280,7 +273,7 @@ def default_config(N: int, K: int, group: int, silu_mul: bool, device: torch.dev
 def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, *,
               norm_weight: torch.Tensor | None = None, eps: float = 0.0,
               residual: torch.Tensor | None = None, silu_mul: bool = False,
-              config: Int4GemvConfig | None = None, blocked: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+              config: Int4GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act(rmsnorm(x + residual) W^T + b), residual out) for x [1, K] on CUDA (or the interpreter);
     the fusions as in kernels.fused_linear (docs/CONTRACTS.md). Two launches: x packed, then the GEMV."""
     N2, K = w.shape
@@ -298,8 +291,7 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
         ws = torch.empty(cfg.split_k * N2, dtype=torch.float32, device=x.device)
     _int4_gemv_kernel[grid](
         xp, xw, w.packed, w.scales, w.zeros, bias if bias is not None else x, y, ws, counters,
-        N, K // 8, K // w.group_size, words_per_split, cfg.split_k,
-        blocked or K // 8, blocked or K // 8, (blocked or K // 8) * N2, GROUP=w.group_size,
+        N, K // 8, K // w.group_size, words_per_split, cfg.split_k, GROUP=w.group_size,
         BLOCK_N=cfg.block_n, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_SPLIT=cfg.split_k > 1, SPLITS=triton.next_power_of_2(cfg.split_k),
         F16X2=x.is_cuda,
