@@ -35,6 +35,7 @@ def build_engine_config(profile: Profile, spec: ModelSpec, plan: MemoryPlan) -> 
         enforce_eager=profile.enforce_eager or plan.device == "cpu" or plan.weights.cpu_bytes > 0,
         max_seq_len_to_capture=profile.max_seq_len_to_capture,
         quantization=profile.quantization,
+        quantize_lm_head=profile.quantize_lm_head,
         cpu_offload_bytes=plan.weights.cpu_bytes,
         seed=profile.seed,
         max_logprobs=profile.max_logprobs,

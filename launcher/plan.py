@@ -207,7 +207,8 @@ def quantized_tensor_bytes(out: int, inp: int, quantization: str, int4_group: in
 def plan_weights(profile: Profile, spec: ModelSpec, dtype: str,
                  offload: bool = True) -> WeightsPlan:
     """Per-GPU weight bytes and the whole layers cpu_offload_gb moves to CPU memory.
-    Embeddings, lm_head, norms and biases stay in the compute dtype; tensor parallelism divides
+    Embeddings, lm_head (unless quantize_lm_head), norms and biases stay in the compute dtype;
+    tensor parallelism divides
     the linear weights and the (vocab-parallel) embeddings, norms are replicated. On a CPU
     target there is nowhere to offload to (offload=False)."""
     wb, quant, tp = DTYPE_BYTES[dtype], profile.quantization, profile.tensor_parallel_size
@@ -218,14 +219,27 @@ def plan_weights(profile: Profile, spec: ModelSpec, dtype: str,
         layer_bytes.append(math.ceil(lin / tp) + small * wb)
         layer_scales.append(math.ceil(scales / tp))
     norm_params = spec.hidden_size
-    other_bytes = math.ceil((other - norm_params) * wb / tp) + norm_params * wb
+    head_delta, head_scales = lm_head_delta(profile, spec, wb)
+    other_bytes = (math.ceil((other - norm_params) * wb / tp) + norm_params * wb
+                   + math.ceil(head_delta / tp))
     offloaded, moved = offload_layers(layer_bytes, profile.cpu_offload_gb if offload else 0)
     total = sum(layer_bytes) + other_bytes
     return WeightsPlan(dtype=dtype, quantization=quant, total_bytes=total,
                        gpu_bytes=total - moved, cpu_bytes=moved, layers_offloaded=offloaded,
-                       quant_scale_bytes=sum(layer_scales[offloaded:]),
+                       quant_scale_bytes=sum(layer_scales[offloaded:]) + math.ceil(head_scales / tp),
                        staging_bytes=offload_staging_bytes(layer_bytes[:offloaded]),
                        layer_bytes=layer_bytes)
+
+
+def lm_head_delta(profile: Profile, spec: ModelSpec, dtype_bytes: int) -> tuple[int, int]:
+    """(bytes added, of which scale bytes) by quantize_lm_head: the 4-bit lm_head replaces the
+    dense one, or sits beside the embedding it was tied to (a lookup table cannot be 4-bit here)."""
+    if not (profile.quantize_lm_head and profile.quantization):
+        return 0, 0
+    out, inp = spec.vocab_size, spec.hidden_size
+    head = quantized_tensor_bytes(out, inp, profile.quantization, spec.int4_group)
+    dense = 0 if spec.tie_word_embeddings else out * inp * dtype_bytes
+    return head - dense, head - math.ceil(out * inp / 2)
 
 
 def cpu_packed_bytes(spec: ModelSpec) -> int:

@@ -69,6 +69,7 @@ class Profile:
     load_format: str = "auto"
     dtype: str = "auto"
     quantization: str | None = None
+    quantize_lm_head: bool = False
     kv_cache_dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_bytes: int | None = None
@@ -322,6 +323,9 @@ def check_semantics(profile: Profile) -> None:
                             f"({profile.max_num_seqs}), so a full decode batch cannot run",
                             f"raise max_num_batched_tokens to at least {profile.max_num_seqs} "
                             "or lower max_num_seqs")
+    if profile.quantize_lm_head and profile.quantization is None:
+        raise profile.error("quantize_lm_head", "true needs 4-bit weights, but quantization is not set",
+                            "set quantization: int4 (or nf4), or remove quantize_lm_head")
     if profile.gpu is not None:
         from .gpus import lookup_gpu
         try:

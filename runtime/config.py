@@ -39,6 +39,7 @@ class EngineConfig:
     enforce_eager: bool = True
     max_seq_len_to_capture: int = 8192
     quantization: str | None = None      # None | "nf4" | "fp4" | "int4"
+    quantize_lm_head: bool = False       # the lm_head in that format too
     cpu_offload_bytes: int = 0
     seed: int = 0
     max_logprobs: int = 20

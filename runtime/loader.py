@@ -55,6 +55,8 @@ def load_model(config: EngineConfig) -> LlamaForCausalLM:
         loader.fill_dummy(config.seed)
     else:
         loader.load(checkpoint_tensors(config), source=config.model_path)
+    if config.quantize_lm_head:
+        quantize_lm_head(model, config.quantization, torch_dtype(config.dtype), config.spec.int4_group)
     if device.type == "cpu":
         store_weights_input_major(model)   # 2-D parameters only: never the 4-bit buffers
         if offloader is None:   # (offloaded weights move through shared staging buffers)
@@ -204,11 +206,32 @@ def quantized_linear(linear: Linear, method: str, dtype: torch.dtype,
                      int4_group: int = INT4_GROUP_SIZE) -> QuantLinear:
     """The 4-bit copy of `linear`, fused q/k/v and gate/up kept as one weight: the forward splits
     the output by `shard_sizes`, so the replacement carries them."""
-    group = int4_group_size(linear.weight.shape[1], int4_group) if method == "int4" else None
-    quantized = quantize_weight(linear.weight.detach(), method, linear.bias, group, dtype=dtype)
+    quantized = quantized_weight(linear.weight.detach(), linear.bias, method, dtype, int4_group)
     quantized.shard_sizes = linear.shard_sizes
     linear.weight = None   # free the full-precision copy now, not when the layer is done
     return quantized
+
+
+def quantized_weight(weight: torch.Tensor, bias: torch.Tensor | None, method: str,
+                     dtype: torch.dtype, int4_group: int = INT4_GROUP_SIZE) -> QuantLinear:
+    """A QuantLinear of `weight` [out, in]; int4's group as the plan has it (int4_group_size)."""
+    group = int4_group_size(weight.shape[1], int4_group) if method == "int4" else None
+    return quantize_weight(weight, method, bias, group, dtype=dtype)
+
+
+@torch.no_grad()
+def quantize_lm_head(model: LlamaForCausalLM, method: str | None, dtype: torch.dtype,
+                     int4_group: int = INT4_GROUP_SIZE) -> QuantLinear:
+    """quantize_lm_head: the lm_head made 4-bit like the decoder linears. A tied model gets a 4-bit
+    copy of the embedding as its own lm_head; the embedding stays dense for the token lookups."""
+    if method is None:
+        raise ValueError("quantize_lm_head needs a quantization method")
+    if model.lm_head is None:
+        model.lm_head = quantized_weight(model.model.embed_tokens.weight.detach(), None, method,
+                                         dtype, int4_group)
+    else:
+        model.lm_head = quantized_linear(model.lm_head, method, dtype, int4_group)
+    return model.lm_head
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -192,6 +192,8 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        if isinstance(head, QuantLinear):   # quantize_lm_head
+            return head(hidden)
         if head.packed is not None:
             return head.packed(hidden, head.weight)
         return F.linear(hidden, head.weight)

@@ -76,6 +76,26 @@ def test_4bit_weights_keep_embeddings_and_norms_in_compute_dtype(quant, per_para
     assert weights.quant_scale_bytes == 32 * LLAMA8_LINEAR // {"nf4": 64, "int4": 128}[quant] * 4
 
 
+LLAMA8_HEAD_INT4 = 128256 * 4096 // 2 + 4 * 128256 * (4096 // 128)   # codes + fp16 scale, zero
+
+
+def test_quantize_lm_head_replaces_or_adds_the_4bit_head():
+    base = plan_weights(profile(model="llama-3-8b", quantization="int4"), spec("llama-3-8b"), "bfloat16")
+    head = plan_weights(profile(model="llama-3-8b", quantization="int4", quantize_lm_head=True),
+                        spec("llama-3-8b"), "bfloat16")
+    assert LLAMA8_HEAD_INT4 == 279_085_056
+    assert head.total_bytes == base.total_bytes - 128256 * 4096 * 2 + LLAMA8_HEAD_INT4
+    assert head.quant_scale_bytes == base.quant_scale_bytes + 4 * 128256 * 32
+    # SmolLM2's embedding is tied: it stays bf16 for the lookups and the 4-bit head comes beside
+    # it (hidden 576: int4 group 64, the largest of 128, 64, 32 that divides it)
+    smol = [plan_weights(profile(model="smollm2-135m-instruct", quantization="int4", quantize_lm_head=q),
+                         spec("smollm2-135m-instruct"), "bfloat16") for q in (False, True)]
+    assert smol[1].total_bytes - smol[0].total_bytes == 49152 * 576 // 2 + 4 * 49152 * 576 // 64
+    nf4 = [plan_weights(profile(model="llama-3-8b", quantization="nf4", quantize_lm_head=q),
+                        spec("llama-3-8b"), "bfloat16").total_bytes for q in (False, True)]
+    assert nf4[0] - nf4[1] == 128256 * 4096 * 2 - 128256 * 4096 * 9 // 16   # 0.5625 B a weight
+
+
 def test_cpu_offload_moves_whole_layers_from_layer_0():
     layer = LLAMA8_LINEAR * 2 + 2 * 4096 * 2                      # 436,224,000 bf16 bytes
     weights = plan_weights(profile(model="llama-3-8b", cpu_offload_gb=1.0), spec("llama-3-8b"),

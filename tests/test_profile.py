@@ -121,6 +121,8 @@ BAD = [
     ("model: qwen3-8b\ndtype: bfloat17\n", "dtype", 2, 8, "did you mean bfloat16"),
     ("model: qwen3-8b\ngpu: h100\n", "gpu", 2, 6, "did you mean h100-80gb"),
     ("model: qwen3-8b\ndevice: cpu\ngpu: l4\n", "gpu", 3, 6, "device is cpu"),
+    ("model: qwen3-8b\nquantize_lm_head: true\n", "quantize_lm_head", 2, 19,
+     "quantization is not set"),
     ("model: qwen3-8b\nmax_num_seqs: 512\nmax_num_batched_tokens: 256\n",
      "max_num_batched_tokens", 3, 25, "at least 512"),
     ("dtype: bfloat16\n", None, None, None, "'model' is missing"),
