@@ -3,7 +3,8 @@
 Totals are what the CUDA driver reports (cudaMemGetInfo / torch.cuda.mem_get_info), which is below
 the nominal size and below nvidia-smi's figure: the planner's budget is a fraction of that total.
 The H100 and H200 figures were measured on our machines (79.18 GiB where nvidia-smi says 81,559
-MiB; 139.80 GiB where it says 143,771 MiB); the others are nvidia-smi's MiB less the driver's reserve as users report it, so treat them as close, not exact.
+MiB; 139.80 GiB where it says 143,771 MiB); the others are nvidia-smi's MiB less the driver's
+reserve as users report it, so treat them as close, not exact.
 Bandwidths are the vendors' nominal figures (the measured copy rate is below them).
 
 No torch at import: detection imports torch lazily, and only when a GPU may exist.

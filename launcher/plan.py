@@ -39,6 +39,7 @@ class WeightsPlan:
     quant_scale_bytes: int        # part of gpu_bytes: 4-bit absmax / scales of on-device layers
     staging_bytes: int = 0        # GPU buffers the offloaded layers are copied into each forward
     packed_bytes: int = 0         # CPU float32: oneDNN-packed copies of the GEMM weights
+    lm_head_quantized: bool = False   # quantize_lm_head: the lm_head is 4-bit too
     layer_bytes: list[int] = field(repr=False, default_factory=list)
 
 
@@ -208,9 +209,8 @@ def plan_weights(profile: Profile, spec: ModelSpec, dtype: str,
                  offload: bool = True) -> WeightsPlan:
     """Per-GPU weight bytes and the whole layers cpu_offload_gb moves to CPU memory.
     Embeddings, lm_head (unless quantize_lm_head), norms and biases stay in the compute dtype;
-    tensor parallelism divides
-    the linear weights and the (vocab-parallel) embeddings, norms are replicated. On a CPU
-    target there is nowhere to offload to (offload=False)."""
+    tensor parallelism divides the linear weights and the (vocab-parallel) embeddings, norms are
+    replicated. On a CPU target there is nowhere to offload to (offload=False)."""
     wb, quant, tp = DTYPE_BYTES[dtype], profile.quantization, profile.tensor_parallel_size
     layers, other = spec.param_groups()
     layer_bytes, layer_scales = [], []
@@ -228,12 +228,13 @@ def plan_weights(profile: Profile, spec: ModelSpec, dtype: str,
                        gpu_bytes=total - moved, cpu_bytes=moved, layers_offloaded=offloaded,
                        quant_scale_bytes=sum(layer_scales[offloaded:]) + math.ceil(head_scales / tp),
                        staging_bytes=offload_staging_bytes(layer_bytes[:offloaded]),
+                       lm_head_quantized=bool(quant and profile.quantize_lm_head),
                        layer_bytes=layer_bytes)
 
 
 def lm_head_delta(profile: Profile, spec: ModelSpec, dtype_bytes: int) -> tuple[int, int]:
     """(bytes added, of which scale bytes) by quantize_lm_head: the 4-bit lm_head replaces the
-    dense one, or sits beside the embedding it was tied to (a lookup table cannot be 4-bit here)."""
+    dense one, or sits beside the embedding it was tied to (the token lookups stay dense)."""
     if not (profile.quantize_lm_head and profile.quantization):
         return 0, 0
     out, inp = spec.vocab_size, spec.hidden_size

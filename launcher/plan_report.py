@@ -28,7 +28,7 @@ def plan_to_json(p: MemoryPlan, profile: Profile, spec: ModelSpec) -> dict:
                     "total_bytes": w.total_bytes, "layers_offloaded": w.layers_offloaded,
                     "quantization": w.quantization, "quant_scale_bytes": w.quant_scale_bytes,
                     "staging_bytes": w.staging_bytes, "packed_bytes": w.packed_bytes,
-                    "dtype": w.dtype},
+                    "lm_head_quantized": w.lm_head_quantized, "dtype": w.dtype},
         "activation_peak_bytes": p.activation_peak_bytes,
         "cuda_context_bytes": p.cuda_context_bytes,
         "cuda_graph_bytes": p.cuda_graph_bytes,
@@ -91,6 +91,7 @@ def bar_legend() -> str:
 def term_rows(p: MemoryPlan, fixed_kv: bool) -> list[tuple[str, int, str]]:
     w, kv = p.weights, p.kv_cache
     quant = f", {w.quantization}" if w.quantization else ""
+    quant += " (lm_head too)" if w.lm_head_quantized else ""
     rows = [
         ("total memory", p.total_bytes, f"{p.gpu.name} ({p.gpu.source})"),
         ("budget", p.budget_bytes, "total (kv_cache_memory_bytes set)" if fixed_kv

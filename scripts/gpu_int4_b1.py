@@ -4,8 +4,9 @@ replaces (rms_norm, the fma kernel, silu_and_mul), kernel by kernel and end to e
 Kernels: Llama-3-8B's four decode linears as the model runs them (norm in front of qkv and gate_up,
 silu * up after gate_up), each route captured in a CUDA graph over enough weight copies to overflow
 L2 (PDL applies inside graphs), median microseconds per call; bf16 fused_linear for scale. Then
-`deploy bench --batch-1` decode tok/s of Llama-3-8B dims with int4 through the new route, the old
-route (QuantLinear.uses_gemv off) and bf16, a fresh engine each, REPS requests.
+`deploy bench --batch-1` decode tok/s of Llama-3-8B dims with int4 through the new route (also with
+quantize_lm_head), the old route (QuantLinear.uses_gemv off) and bf16, a fresh engine each, REPS
+requests.
 Usage (device machine): python3 scripts/gpu_int4_b1.py [REPS] [--kernels-only]
 """
 from __future__ import annotations
@@ -104,11 +105,13 @@ def end_to_end(reps: int) -> list:
     from pagedeploy.runtime.llm import engine_config_from_profile
 
     rows, uses = [], QuantLinear.uses_gemv
-    for name, quant, route in (("int4 new", "int4", uses), ("int4 old", "int4", lambda self, x: False),
-                               ("bf16", "none", uses)):
+    old_route = lambda self, x: False  # noqa: E731
+    for name, keys, route in (("int4 new", ["quantization=int4"], uses),
+                              ("int4 + head", ["quantization=int4", "quantize_lm_head=true"], uses),
+                              ("int4 old", ["quantization=int4"], old_route),
+                              ("bf16", ["quantization=none"], uses)):
         QuantLinear.uses_gemv = route
-        config = engine_config_from_profile("profiles/llama-3-8b-h100.yaml",
-                                            overrides=[f"quantization={quant}"])
+        config = engine_config_from_profile("profiles/llama-3-8b-h100.yaml", overrides=keys)
         engine = LLMEngine(config)
         _warm_up_ours(engine)
         request = make_workload(1, (BATCH1_PROMPT, BATCH1_PROMPT), (BATCH1_OUTPUT, BATCH1_OUTPUT), 0,
