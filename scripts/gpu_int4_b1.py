@@ -37,7 +37,7 @@ SHAPES = {  # name: (rows out, K, norm, silu)
 def variants(n: int, k: int, silu: bool) -> dict:
     """Launch shapes to time per linear: rows a program (and warps) and K splits."""
     out = {"default": G.default_config(n, k, 128, silu, torch.device("cuda"))}
-    for bn, nw in ((32, 2), (64, 4), (64, 8)):
+    for bn, nw in ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8)):
         for split in (1, 2, 4, 8):
             out[f"bn{bn} w{nw} s{split}"] = G.Int4GemvConfig(bn, split, nw)
     return out
@@ -85,6 +85,13 @@ def kernel_table() -> dict:
         launch.PDL_MODE = 0
         row["no pdl"] = time_calls([lambda w=w: G.int4_gemv(xk, w, **fus) for w in ws])
         launch.PDL_MODE = 2
+        if silu:   # gate_up as one 2N-row stream (137 registers, not 255), silu * up launched after
+            plain = dict(fus, silu_mul=False)
+            for bn, nw in ((32, 2), (32, 4), (64, 4)):
+                cfg = G.default_config(rows, k, 128, False, xk.device)
+                cfg = G.Int4GemvConfig(bn, cfg.split_k, nw)
+                row[f"2N bn{bn} w{nw} + silu_and_mul"] = time_calls(
+                    [lambda w=w: silu_and_mul(G.int4_gemv(xk, w, config=cfg, **plain)[0]) for w in ws])
         for vname, cfg in variants(n, k, silu).items():
             row[vname] = time_calls([lambda w=w: G.int4_gemv(xk, w, config=cfg, **fus) for w in ws])
             a, b = G.int4_gemv(xk, ws[0], config=cfg, **fus)[0].float(), old(ws[0]).float()
@@ -132,12 +139,15 @@ def main() -> None:
     log("\nus per call (CUDA graph, L2 overflowed); the best variant per shape")
     for name, row in table.items():
         times = {key: v for key, v in row.items()
-                 if not key.endswith("err") and key not in ("old", "bf16", "pack", "gemv only", "no pdl")}
+                 if not key.endswith("err") and not key.startswith("2N")
+                 and key not in ("old", "bf16", "pack", "gemv only", "no pdl")}
         best = min(times, key=times.get)
         log(f"{name:8s} old {row['old']:7.2f}  default {row['default']:7.2f}  "
             f"best {times[best]:7.2f} ({best})"
             f"  bf16 {row['bf16']:7.2f}  pack alone {row['pack']:5.2f}  GEMV alone {row['gemv only']:6.2f}"
             f"  default without PDL {row['no pdl']:6.2f}")
+        for key in (key for key in row if key.startswith("2N")):
+            log(f"{name:8s} {key} {row[key]:7.2f}")
     for col in ("old", "default", "bf16"):
         log(f"layer {col}: {sum(row[col] for row in table.values()):.2f} us")
     if "--kernels-only" in sys.argv:
