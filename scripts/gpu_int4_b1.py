@@ -7,7 +7,7 @@ L2 (PDL applies inside graphs), median microseconds per call; bf16 fused_linear 
 `deploy bench --batch-1` decode tok/s of Llama-3-8B dims with int4 through the new route (also with
 quantize_lm_head), the old route (QuantLinear.uses_gemv off) and bf16, a fresh engine each, REPS
 requests.
-Usage (device machine): python3 scripts/gpu_int4_b1.py [REPS] [--kernels-only]
+Usage (device machine): python3 scripts/gpu_int4_b1.py [REPS] [--kernels-only] [--shapes=gate_up,down]
 """
 from __future__ import annotations
 
@@ -69,6 +69,8 @@ def kernel_table() -> dict:
     nw = (1 + 0.1 * torch.randn(4096, device="cuda")).to(bf)
     table = {}
     for name, (n, k, norm, silu) in SHAPES.items():
+        if name not in ONLY:
+            continue
         rows = 2 * n if silu else n
         ws = [random_int4(rows, k, seed=i) for i in range(copies(rows * k // 2))]
         xk = x[:, :k]
@@ -87,10 +89,10 @@ def kernel_table() -> dict:
         launch.PDL_MODE = 2
         if silu:   # gate_up as one 2N-row stream (137 registers, not 255), silu * up launched after
             plain = dict(fus, silu_mul=False)
-            for bn, nw in ((32, 2), (32, 4), (64, 4)):
+            for bn, warps in ((32, 2), (32, 4), (64, 4)):
                 cfg = G.default_config(rows, k, 128, False, xk.device)
-                cfg = G.Int4GemvConfig(bn, cfg.split_k, nw)
-                row[f"2N bn{bn} w{nw} + silu_and_mul"] = time_calls(
+                cfg = G.Int4GemvConfig(bn, cfg.split_k, warps)
+                row[f"2N bn{bn} w{warps} + silu_and_mul"] = time_calls(
                     [lambda w=w: silu_and_mul(G.int4_gemv(xk, w, config=cfg, **plain)[0]) for w in ws])
         for vname, cfg in variants(n, k, silu).items():
             row[vname] = time_calls([lambda w=w: G.int4_gemv(xk, w, config=cfg, **fus) for w in ws])
@@ -131,6 +133,10 @@ def end_to_end(reps: int) -> list:
         torch.cuda.empty_cache()
     QuantLinear.uses_gemv = uses
     return rows
+
+
+ONLY = [a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--shapes=")] or [list(SHAPES)]
+ONLY = ONLY[0]
 
 
 def main() -> None:
