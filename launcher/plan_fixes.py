@@ -23,6 +23,9 @@ def find_fixes(profile: Profile, spec: ModelSpec, gpu: GpuSpec, p: MemoryPlan) -
         for quant in ("nf4", "int4"):
             fixes.append(change_fix(profile, spec, gpu, p, "quantization", quant,
                                     f"quantization: {quant}", "of weights"))
+    elif not profile.quantize_lm_head:
+        fixes.append(change_fix(profile, spec, gpu, p, "quantize_lm_head", True,
+                                "quantize_lm_head: true", "of lm_head (it costs quality)"))
     fixes += offload_fix(profile, spec, gpu, p)
     if p.cuda_graph_bytes:
         fixes.append(change_fix(profile, spec, gpu, p, "enforce_eager", True,

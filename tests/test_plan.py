@@ -177,6 +177,16 @@ def test_weights_over_budget_lists_fixes_that_replan():
     assert short.weights.layers_offloaded == moved - 1 and not short.fits
 
 
+def test_a_4bit_plan_that_does_not_fit_offers_the_4bit_head():
+    p = plan(profile(model="llama-3-8b", quantization="int4", gpu_memory_utilization=0.07),
+             spec("llama-3-8b"), H100)
+    fixes = {f.field: f for f in p.fixes}
+    assert not p.fits and "quantization" not in fixes
+    head = fixes["quantize_lm_head"]
+    assert head.frees_bytes == 128256 * 4096 * 2 - LLAMA8_HEAD_INT4
+    assert head.text.startswith("quantize_lm_head: true frees 0.72 GiB of lm_head (it costs quality)")
+
+
 def test_long_max_model_len_gets_the_largest_that_fits():
     gpu = lookup_gpu("rtx-4090")
     prof = profile(model="qwen3-8b", gpu_memory_utilization=0.8, max_model_len=40960)
