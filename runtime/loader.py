@@ -221,7 +221,7 @@ def quantized_weight(weight: torch.Tensor, bias: torch.Tensor | None, method: st
 
 @torch.no_grad()
 def quantize_lm_head(model: LlamaForCausalLM, method: str | None, dtype: torch.dtype,
-                     int4_group: int = INT4_GROUP_SIZE) -> QuantLinear:
+                     int4_group: int = INT4_GROUP_SIZE) -> None:
     """quantize_lm_head: the lm_head made 4-bit like the decoder linears. A tied model gets a 4-bit
     copy of the embedding as its own lm_head; the embedding stays dense for the token lookups."""
     if method is None:
@@ -231,7 +231,6 @@ def quantize_lm_head(model: LlamaForCausalLM, method: str | None, dtype: torch.d
                                          dtype, int4_group)
     else:
         model.lm_head = quantized_linear(model.lm_head, method, dtype, int4_group)
-    return model.lm_head
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -89,9 +89,9 @@ def kernel_table() -> dict:
         launch.PDL_MODE = 2
         if silu:   # gate_up as one 2N-row stream (137 registers, not 255), silu * up launched after
             plain = dict(fus, silu_mul=False)
+            split = G.default_config(rows, k, 128, False, xk.device).split_k
             for bn, warps in ((32, 2), (32, 4), (64, 4)):
-                cfg = G.default_config(rows, k, 128, False, xk.device)
-                cfg = G.Int4GemvConfig(bn, cfg.split_k, warps)
+                cfg = G.Int4GemvConfig(bn, split, warps)
                 row[f"2N bn{bn} w{warps} + silu_and_mul"] = time_calls(
                     [lambda w=w: silu_and_mul(G.int4_gemv(xk, w, config=cfg, **plain)[0]) for w in ws])
         for vname, cfg in variants(n, k, silu).items():
@@ -135,8 +135,15 @@ def end_to_end(reps: int) -> list:
     return rows
 
 
-ONLY = [a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--shapes=")] or [list(SHAPES)]
-ONLY = ONLY[0]
+def shapes_wanted() -> list[str]:
+    """--shapes=qkv,down: the linears to time (all four by default)."""
+    for arg in sys.argv:
+        if arg.startswith("--shapes="):
+            return arg.split("=", 1)[1].split(",")
+    return list(SHAPES)
+
+
+ONLY = shapes_wanted()
 
 
 def main() -> None:
@@ -155,7 +162,7 @@ def main() -> None:
         for key in (key for key in row if key.startswith("2N")):
             log(f"{name:8s} {key} {row[key]:7.2f}")
     for col in ("old", "default", "bf16"):
-        log(f"layer {col}: {sum(row[col] for row in table.values()):.2f} us")
+        log(f"{'+'.join(table)} {col}: {sum(row[col] for row in table.values()):.2f} us")
     if "--kernels-only" in sys.argv:
         return
     rows = end_to_end(int(args[0]) if args else 3)
