@@ -99,6 +99,17 @@ def _store_y(acc, offs_m, offs_n, mask, N, y_ptr, stride_ym, b_ptr, HAS_BIAS: tl
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program pid in grouped order: GROUP_M row tiles walk the column
+    tiles together (x tiles reused from L2)."""
+    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % rows_in_group, (pid % per_group) // rows_in_group
+
+
 # ---- kernels ----------------------------------------------------------------------------------------
 
 @triton.jit(do_not_specialize=["M", "groups", "split_k"])   # fewer compiled variants; no speed lost
@@ -162,12 +173,7 @@ def _int4_dot_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, l
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     BKW: tl.constexpr = BLOCK_K // 8
     DT: tl.constexpr = x_ptr.dtype.element_ty
-    num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n   # grouped order: GROUP_M row tiles walk the column tiles together
-    first_m = (pid // per_group) * GROUP_M
-    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_in_group
-    pid_n = (pid % per_group) // rows_in_group
+    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, BKW)
@@ -220,6 +226,60 @@ def _int4_dot_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, l
                     acc = tl.dot(xj, w, acc, input_precision=PRECISION)
     if SWAP_AB:
         acc = tl.trans(acc)
+    _epilogue(acc, offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, lock_ptr, pid, pid_k, split_k,
+              USE_SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def _unpack_words(words):
+    """[R, C] words -> [R, 8C] nibbles (int32) in K order, nibble j of word c at 8c + j. Nested
+    interleaves keep each word's eight nibbles in the thread that loaded it (a 3-D broadcast and
+    reshape spread them over threads and went through shared memory)."""
+    low = tl.interleave(tl.interleave(words & 0xF, (words >> 16) & 0xF),
+                        tl.interleave((words >> 8) & 0xF, (words >> 24) & 0xF))
+    high = tl.interleave(tl.interleave((words >> 4) & 0xF, (words >> 20) & 0xF),
+                         tl.interleave((words >> 12) & 0xF, (words >> 28) & 0xF))
+    return tl.interleave(low, high)
+
+
+@triton.jit(do_not_specialize=["M", "groups", "split_k"])
+def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr, M, N, KW, groups,
+                      words_per_split, split_k, stride_xm, stride_ym, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr,
+                      USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                      FOLD: tl.constexpr):
+    """Grid (M tiles * N tiles, K splits); group 128, one K step a group. The step's [16, BLOCK_N]
+    words become the [128, BLOCK_N] tile of exact codes MAGIC + c in x's own K order (nibble j of
+    word c is k = 8c + j), one dot with x as it is; the group's scale and zero then apply once to
+    the fp32 result, as in the dot kernel's fold. One dot of K = 128 instead of eight of K = 16, so
+    the codes reach the MMA in one shared-memory tile (not eight 2-byte layout conversions)."""
+    pid, pid_k = tl.program_id(0), tl.program_id(1)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    offs_c, offs_k = tl.arange(0, 16), tl.arange(0, 128)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    c_start = pid_k * words_per_split
+    c_end = tl.minimum(c_start + words_per_split, KW)
+    for c0 in tl.range(c_start, c_end, 16, num_stages=NUM_STAGES):
+        words = tl.load(w_ptr + offs_n[:, None] * KW + (c0 + offs_c)[None, :], mask=mask_n[:, None], other=0)
+        codes = _unpack_words(words)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (8 * c0 + offs_k)[None, :], mask=mask_m[:, None],
+                    other=0.0)
+        g = c0 // 16
+        s = tl.load(s_ptr + offs_n * groups + g, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + offs_n * groups + g, mask=mask_n, other=0.0).to(tl.float32)
+        if FOLD:
+            part = tl.dot(x, tl.trans(_magic(codes, DT)), input_precision=PRECISION)
+            z -= _magic_value(DT) * s
+            xsum = tl.sum(x.to(tl.float32), axis=1)
+            acc = tl.fma(tl.broadcast_to(z[None, :], acc.shape), tl.broadcast_to(xsum[:, None], acc.shape),
+                         tl.fma(part, tl.broadcast_to(s[None, :], acc.shape), acc))
+        else:   # the weight in x.dtype (rounded once, as the reference), the MMA accumulates
+            wd = tl.fma(_magic(codes, tl.float32), s[:, None], z[:, None]).to(DT)
+            acc = tl.dot(x, tl.trans(wd), acc, input_precision=PRECISION)
     _epilogue(acc, offs_m, offs_n, M, N, y_ptr, stride_ym, b_ptr, ws_ptr, lock_ptr, pid, pid_k, split_k,
               USE_SPLIT, HAS_BIAS)
 

@@ -294,6 +294,8 @@ _INTERPRETER_CASES = textwrap.dedent("""
         (9, 48, 256, 64, True, f32, C("dense")),
         (2, 40, 640, 128, True, bf16, C("fma", 2, 32, 128, 2, unroll=2)),       # ragged unrolled steps
         (20, 72, 640, 128, False, f16, C("dot", 32, 32, 128, 3, swap_ab=True)),
+        (20, 72, 640, 128, True, f16, C("gemm", 16, 32, 128, 3)),              # one dot a group, folded
+        (37, 40, 512, 128, True, f16, C("gemm", 32, 16, 128, 2, fold=False)),  # dequantized tile
     ]
     errs = []
     for M, N, K, group, has_bias, dtype, cfg in cases:
@@ -320,14 +322,17 @@ def test_triton_interpreter_matches_reference():
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     errs = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(errs) == 25 and max(errs) < 1, errs
+    assert len(errs) == 29 and max(errs) < 1, errs
 
 
 def test_triton_rejects_wrong_features():
     pytest.importorskip("triton")
-    from pagedeploy.quant.int4_triton import int4_matmul
+    from pagedeploy.quant.int4_triton import KernelConfig, int4_matmul
     with pytest.raises(ValueError, match="expects 128"):
         int4_matmul(torch.randn(2, 64), quantize_int4(torch.randn(8, 128, generator=_gen(23))))
+    with pytest.raises(ValueError, match="gemm needs group 128"):
+        int4_matmul(torch.randn(20, 128), quantize_int4(torch.randn(8, 128, generator=_gen(23)), 64),
+                    config=KernelConfig("gemm", 16, 16))
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -368,7 +373,10 @@ def test_triton_gpu_matches_reference(M, N, K, group):
     (2, dict(kind="fma", block_m=2, block_n=64)), (5, dict(kind="dot", swap_ab=True, split_k=4)),
     (16, dict(kind="dot", block_n=64, split_k=2)), (64, dict(kind="dot", block_m=64, split_k=2)),
     (100, dict(kind="dot", block_m=64, fold=False)), (130, dict(kind="dense")),
-    (40, dict(kind="dot", block_m=32, swap_ab=True, split_k=2))])
+    (40, dict(kind="dot", block_m=32, swap_ab=True, split_k=2)),
+    (64, dict(kind="gemm", block_m=64, block_n=128, split_k=2)),
+    (100, dict(kind="gemm", block_m=64, block_n=64, split_k=4, fold=False)),
+    (40, dict(kind="gemm", block_m=64, block_n=128, num_warps=8, fold=False))])
 def test_triton_gpu_each_path(M, cfg, dtype):
     from pagedeploy.quant.int4_triton import KernelConfig, int4_matmul
     w, x, bias, exact = _gpu_case(M, 2048, 4096, 128, dtype, M)
