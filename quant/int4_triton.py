@@ -45,6 +45,7 @@ from .int4_kernels import (_int4_dequant_kernel, _int4_dot_kernel, _int4_fma_ker
                            _x_prep_kernel)
 
 FMA_MAX_M = 2          # rows of x up to which CUDA cores beat tensor cores (GPU sweeps, PERF.md)
+DOT_MAX_M = 32         # rows up to which the dot kernel's one 32-row tile beats the gemm kernel's 64
 DENSE_MIN_M = 192      # rows of x from which dequantize + cuBLAS beats the fused GEMM
 DENSE_CHUNK_BYTES = 64 << 20   # dense path: scratch for the dequantized weight, a chunk of rows at a time
 
@@ -77,8 +78,8 @@ def _split(tiles: int, steps: int, sms: int, waves: float) -> int:
 def default_config(M: int, N: int, K: int, group: int, device: torch.device) -> KernelConfig:
     """Launch shapes by (M, N, K) class, fixed ahead of time from the GPU sweeps of PERF.md (issue 6, P3)
     rather than autotuned at run time. Per M: fma for 1-2 rows, the dot GEMV (16-row tile, W as the
-    MMA's A operand) up to 16, the gemm kernel (64- or 128-row tiles; the dot GEMM for groups other
-    than 128) below DENSE_MIN_M, then dequantize + cuBLAS. The gemm shapes and splits are the H200
+    MMA's A operand) up to 16, the dot GEMM (32-row tiles) up to DOT_MAX_M, the gemm kernel (64- or
+    128-row tiles; the dot GEMM for groups other than 128) below DENSE_MIN_M, then dequantize + cuBLAS. The gemm shapes and splits are the H200
     sweep's best per Llama-3-8B linear at M = 64 and 128 (docs/PERF.md, run 16)."""
     sms = num_sms(device, interpreter=4)
     steps = triton.cdiv(K, 128)
@@ -95,7 +96,7 @@ def default_config(M: int, N: int, K: int, group: int, device: torch.device) -> 
     if M <= 16:
         split = _split(triton.cdiv(N, 128), steps, sms, 1.5)
         return KernelConfig("dot", 16, 128, 128, split, num_warps=4, num_stages=3, swap_ab=True)
-    if group != 128:
+    if M <= DOT_MAX_M or group != 128:
         split = _split(triton.cdiv(M, 32) * triton.cdiv(N, 128), steps, sms, 1.5)
         return KernelConfig("dot", 32, 128, 128, split, num_warps=4, num_stages=3)
     if M <= 64:   # one row tile: each weight dequantized once; wide tiles where there are many

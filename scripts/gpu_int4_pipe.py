@@ -1,12 +1,15 @@
-"""Issue 6, P3 at batch 1: is the int4 GEMV bound by how its weights are loaded?
+"""Issue 6, P3 at batch 1: is the int4 GEMV bound by how its weights are loaded? (docs/PERF.md, run 16)
 
-1. Read bandwidth alone: a kernel that reads an int4 weight's words in the GEMV's tiles and only
+1. `--read`: read bandwidth alone. A kernel reads an int4 weight's words in the GEMV's tiles and only
    XORs them, loaded three ways: registers with the next block in flight (the shipped GEMV's way),
    Triton's software pipeline (cp.async into shared memory, STAGES deep) and TMA (a host tensor
-   descriptor, STAGES deep). GB/s against the 1 GiB device copy.
-2. The GEMV itself with its loads pipelined those ways (same math as quant/int4_gemv.py), against
-   the shipped kernel, per Llama-3-8B linear, in a CUDA graph over weight copies that overflow L2.
-Usage (device machine): python3 scripts/gpu_int4_pipe.py [--shapes=gate_up,down]
+   descriptor, STAGES deep).
+2. The GEMV with the shipped kernel's math, per Llama-3-8B linear, against the shipped kernel:
+   `v2` (each block's scales and zeros loaded with its weights, a block ahead; splits that fill
+   whole waves; STAGGER: gate_up's next up block asked for after the gate block is summed) and,
+   with `--pipe`, its loads left to Triton's pipeliner (cp.async or TMA).
+All in a CUDA graph over weight copies that overflow L2, µs per call.
+Usage (device machine): python3 scripts/gpu_int4_pipe.py [--read] [--pipe] [--shapes=gate_up,down]
 """
 from __future__ import annotations
 
