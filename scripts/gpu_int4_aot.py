@@ -1,5 +1,5 @@
-"""`python scripts/gpu_int4.py --aot`: compile the int4 kernels (the fma and dot kernels of
-int4_triton.py, the batch-1 GEMV of int4_gemv.py) for sm_90a on a machine without a GPU and count,
+"""`python scripts/gpu_int4.py --aot`: compile the int4 kernels (the fma, dot and gemm kernels
+of int4_triton.py, the batch-1 GEMV of int4_gemv.py) for sm_90a on a machine without a GPU and count,
 from the SASS, the instructions of the hottest loop per weight (the figure the kernel notes in
 docs/PERF.md quote), with registers and spills."""
 from __future__ import annotations
@@ -36,8 +36,12 @@ def aot() -> int:
     variants += [(G4._int4_gemv_kernel, dict(gemv, BLOCK_N=bn, SILU_MUL=silu), nw,
                   bn * 512 * (2 if silu else 1))
                  for bn, nw, silu in ((64, 4, False), (64, 4, True), (32, 4, False))]
+    variants += [(K4._int4_gemm_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, NUM_STAGES=3, PRECISION="tf32",
+                                             FOLD=fold), nw, bn * 128)
+                 for bm, bn, nw, fold in ((64, 128, 8, False), (64, 64, 4, False), (128, 128, 8, False),
+                                          (64, 128, 4, True))]
     for fn, consts, nw, weights_per_step in variants:
-        consts = {**common, **consts}
+        consts = {k: v for k, v in {**common, **consts}.items() if k in fn.arg_names}
         args = [n for n in fn.arg_names if n not in consts]
         kernel = compile_for_h100(fn, {n: ptrs.get(n, "i32") for n in args}, consts,
                                   [n for n in args if n in ptrs or n in div16], nw, 3)
