@@ -205,6 +205,37 @@ def _block(w0, w1, w2, w3, t, s_row, z_row, offs_n, mask_n, c_end, xp_ptr, xw_pt
     return acc
 
 
+@triton.jit
+def _program_rows(w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N: tl.constexpr,
+                  GW: tl.constexpr, EVEN: tl.constexpr):
+    """Program (pid_n, pid_k)'s rows and K split: offsets and mask of its rows, a group's word
+    columns, the split's words [c_start, c_end), word pointers of its gate rows and (gate_up) of the
+    up rows N further on, and those rows' scale and zero pointers."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = (offs_n < N) | EVEN   # EVEN: whole tiles only, the masks fold away
+    col = tl.arange(0, GW)
+    c_start = tl.program_id(1) * words_per_split
+    c_end = tl.minimum(c_start + words_per_split, KW)
+    row_g = w_ptr + offs_n.to(tl.int64)[:, None] * KW + col[None, :]
+    row_u = w_ptr + (offs_n + N).to(tl.int64)[:, None] * KW + col[None, :]
+    s_g, z_g = s_ptr + offs_n * groups, z_ptr + offs_n * groups
+    return offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_g + N * groups, z_g + N * groups
+
+
+@triton.jit
+def _store_rows(acc_g, acc_u, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, split_k,
+                SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
+                SPLITS: tl.constexpr):
+    """The rows' sums (gate and up tiles [BLOCK_N, words]) through kernels.triton_gemv._finish."""
+    yg = tl.sum(acc_g, 1)[None, :]
+    yu = yg
+    if SILU_MUL:
+        yu = tl.sum(acc_u, 1)[None, :]
+    rows = tl.arange(0, 1)
+    _finish(yg, yu, rows, offs_n, rows < 1, mask_n, N, b_ptr, y_ptr, N, ws_ptr, lock_ptr,
+            pid_n, pid_k, split_k, 1, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
+
+
 @triton.jit(do_not_specialize=["split_k"])
 def _int4_gemv_kernel(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
                       N, KW, groups, words_per_split, split_k,
@@ -217,15 +248,8 @@ def _int4_gemv_kernel(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
     tile's layout: no layout conversions in the loop), and keeps the next block in flight."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = GROUP // 8   # words per group
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = (offs_n < N) | EVEN   # EVEN: whole tiles only, the masks fold away
-    col = tl.arange(0, GW)
-    c_start = pid_k * words_per_split
-    c_end = tl.minimum(c_start + words_per_split, KW)
-    row_g = w_ptr + offs_n.to(tl.int64)[:, None] * KW + col[None, :]
-    row_u = w_ptr + (offs_n + N).to(tl.int64)[:, None] * KW + col[None, :]
-    s_g, z_g = s_ptr + offs_n * groups, z_ptr + offs_n * groups
-    s_u, z_u = s_g + N * groups, z_g + N * groups
+    offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
+        w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N, GW, EVEN)
     # The weights do not depend on the previous kernel: ask for the first block before waiting on it.
     g0, g1, g2, g3 = _load_block(row_g, c_start, c_end, mask_n, col, GW, EVEN)
     u0, u1, u2, u3 = g0, g1, g2, g3
@@ -247,13 +271,8 @@ def _int4_gemv_kernel(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
             acc_u = _block(u0, u1, u2, u3, t, s_u, z_u, offs_n, mask_n, c_end, xp_ptr, xw_ptr, KW,
                            acc_u, GW, F16X2, EVEN)
             u0, u1, u2, u3 = m0, m1, m2, m3
-    yg = tl.sum(acc_g, 1)[None, :]
-    yu = yg
-    if SILU_MUL:
-        yu = tl.sum(acc_u, 1)[None, :]
-    rows = tl.arange(0, 1)
-    _finish(yg, yu, rows, offs_n, rows < 1, mask_n, N, b_ptr, y_ptr, N, ws_ptr, lock_ptr,
-            pid_n, pid_k, split_k, 1, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
+    _store_rows(acc_g, acc_u, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, split_k,
+                SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
 
 
 # ---- launch ---------------------------------------------------------------------------------------

@@ -62,19 +62,28 @@ def copies(nbytes: int) -> int:
     return max(1, min(64, -(-2 * L2_BYTES // nbytes)))
 
 
-def kernel_table() -> dict:
+def linear_cases(only: list[str]):
+    """Per Llama-3-8B linear named in `only`, as the decoder runs it: (name, (rows out, K, norm,
+    silu), int4 weight copies that overflow L2, x [1, K], the norm's fusion arguments (empty without
+    a norm), the norm weight, the residual). x, residual and norm weight are random."""
     bf = torch.bfloat16
     x = torch.randn(1, 14336, device="cuda").to(bf)
     res = torch.randn(1, 4096, device="cuda").to(bf)
     nw = (1 + 0.1 * torch.randn(4096, device="cuda")).to(bf)
-    table = {}
     for name, (n, k, norm, silu) in SHAPES.items():
-        if name not in ONLY:
-            continue
+        if name in only:
+            rows = 2 * n if silu else n
+            ws = [random_int4(rows, k, seed=i) for i in range(copies(rows * k // 2))]
+            fus = dict(norm_weight=nw, eps=1e-6, residual=res) if norm else {}
+            yield name, (n, k, norm, silu), ws, x[:, :k], fus, nw, res
+
+
+def kernel_table() -> dict:
+    bf = torch.bfloat16
+    table = {}
+    for name, (n, k, norm, silu), ws, xk, fus, nw, res in linear_cases(ONLY):
         rows = 2 * n if silu else n
-        ws = [random_int4(rows, k, seed=i) for i in range(copies(rows * k // 2))]
-        xk = x[:, :k]
-        fus = dict(norm_weight=nw, eps=1e-6, residual=res, silu_mul=silu) if norm else dict(silu_mul=silu)
+        fus = dict(fus, silu_mul=silu)
 
         def old(w):
             h = rms_norm(xk, nw, 1e-6, res)[0] if norm else xk

@@ -21,10 +21,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from gpu_common import RunLog
-from gpu_int4 import random_int4, time_calls
-from gpu_int4_b1 import SHAPES, copies
+from gpu_int4 import time_calls
+from gpu_int4_b1 import SHAPES, copies, linear_cases, shapes_wanted
 
-from pagedeploy.kernels.triton_gemv import _finish
 from pagedeploy.kernels.triton_launch import arrival_counters, pdl_launch, wait_previous
 from pagedeploy.quant import int4_gemv as G
 
@@ -50,27 +49,19 @@ def _read_regs(w_ptr, out_ptr, KW, words_per_split, BLOCK_N: tl.constexpr, BW: t
 
 
 @triton.jit
-def _read_pipe(w_ptr, out_ptr, KW, words_per_split, BLOCK_N: tl.constexpr, BW: tl.constexpr,
-               STAGES: tl.constexpr):
+def _read_pipe(w_ptr, desc, out_ptr, KW, words_per_split, BLOCK_N: tl.constexpr, BW: tl.constexpr,
+               STAGES: tl.constexpr, TMA: tl.constexpr):
+    """The same reads in a loop Triton pipelines STAGES deep: cp.async, or TMA through `desc`."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ptr = w_ptr + rows.to(tl.int64)[:, None] * KW + tl.arange(0, BW)[None, :]
     c0 = pid_k * words_per_split
     acc = tl.zeros([BLOCK_N, BW], tl.int32)
     for t in tl.range(c0, c0 + words_per_split, BW, num_stages=STAGES):
-        acc ^= tl.load(ptr + t)
-    tl.atomic_xor(out_ptr + rows, tl.xor_sum(acc, 1))
-
-
-@triton.jit
-def _read_tma(desc, out_ptr, KW, words_per_split, BLOCK_N: tl.constexpr, BW: tl.constexpr,
-              STAGES: tl.constexpr):
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    c0 = pid_k * words_per_split
-    acc = tl.zeros([BLOCK_N, BW], tl.int32)
-    for t in tl.range(c0, c0 + words_per_split, BW, num_stages=STAGES):
-        acc ^= desc.load([pid_n * BLOCK_N, t])
+        if TMA:
+            acc ^= desc.load([pid_n * BLOCK_N, t])
+        else:
+            acc ^= tl.load(ptr + t)
     tl.atomic_xor(out_ptr + rows, tl.xor_sum(acc, 1))
 
 
@@ -92,12 +83,12 @@ def read_table() -> None:
                 tag = f"bn{bn} bw{bw} s{split}"
                 res[f"regs {tag}"] = time_calls([lambda w=w: _read_regs[grid](w, out, kw, wps, bn, bw)
                                                 for w in ws])
+                descs = [TensorDescriptor.from_tensor(w, [bn, bw]) for w in ws]
                 for st in (2, 3, 4, 6):
-                    res[f"pipe{st} {tag}"] = time_calls(
-                        [lambda w=w: _read_pipe[grid](w, out, kw, wps, bn, bw, st) for w in ws])
-                    descs = [TensorDescriptor.from_tensor(w, [bn, bw]) for w in ws]
-                    res[f"tma{st} {tag}"] = time_calls(
-                        [lambda d=d: _read_tma[grid](d, out, kw, wps, bn, bw, st) for d in descs])
+                    for tma in (False, True):
+                        res[f"{'tma' if tma else 'pipe'}{st} {tag}"] = time_calls(
+                            [lambda w=w, d=d: _read_pipe[grid](w, d, out, kw, wps, bn, bw, st, tma)
+                             for w, d in zip(ws, descs)])
         for kind in ("regs", "pipe", "tma"):
             best = min((key for key in res if key.startswith(kind)), key=res.get)
             log(f"read {name:8s} {kind:5s} best {res[best]:6.2f} us = {nbytes / res[best] / 1e3:6.0f} GB/s"
@@ -127,15 +118,8 @@ def _gemv_pipe(xp_ptr, xw_ptr, w_ptr, desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     """_int4_gemv_kernel's math; the loads left to Triton's pipeliner (cp.async or TMA)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = GROUP // 8
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = (offs_n < N) | EVEN
-    col = tl.arange(0, GW)
-    c_start = pid_k * words_per_split
-    c_end = tl.minimum(c_start + words_per_split, KW)
-    row_g = w_ptr + offs_n.to(tl.int64)[:, None] * KW + col[None, :]
-    row_u = w_ptr + (offs_n + N).to(tl.int64)[:, None] * KW + col[None, :]
-    s_g, z_g = s_ptr + offs_n * groups, z_ptr + offs_n * groups
-    s_u, z_u = s_g + N * groups, z_g + N * groups
+    offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = G._program_rows(
+        w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N, GW, EVEN)
     wait_previous(PDL)
     acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
     acc_u = acc_g
@@ -148,13 +132,8 @@ def _gemv_pipe(xp_ptr, xw_ptr, w_ptr, desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                                     TMA, EVEN)
             acc_u = G._block(u0, u1, u2, u3, t, s_u, z_u, offs_n, mask_n, c_end, xp_ptr, xw_ptr, KW,
                              acc_u, GW, True, EVEN)
-    yg = tl.sum(acc_g, 1)[None, :]
-    yu = yg
-    if SILU_MUL:
-        yu = tl.sum(acc_u, 1)[None, :]
-    rows = tl.arange(0, 1)
-    _finish(yg, yu, rows, offs_n, rows < 1, mask_n, N, b_ptr, y_ptr, N, ws_ptr, lock_ptr,
-            pid_n, pid_k, split_k, 1, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
+    G._store_rows(acc_g, acc_u, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, split_k,
+                  SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
 
 
 @triton.jit
@@ -199,15 +178,8 @@ def _gemv_v2(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr
     block only after the gate block is summed (32 fewer live registers a thread)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = GROUP // 8
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n >= 0
-    col = tl.arange(0, GW)
-    c_start = pid_k * words_per_split
-    c_end = tl.minimum(c_start + words_per_split, KW)
-    row_g = w_ptr + offs_n.to(tl.int64)[:, None] * KW + col[None, :]
-    row_u = w_ptr + (offs_n + N).to(tl.int64)[:, None] * KW + col[None, :]
-    s_g, z_g = s_ptr + offs_n * groups, z_ptr + offs_n * groups
-    s_u, z_u = s_g + N * groups, z_g + N * groups
+    offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = G._program_rows(
+        w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N, GW, True)
     g0, g1, g2, g3 = G._load_block(row_g, c_start, c_end, mask_n, col, GW, True)
     sg = _scales(s_g, z_g, c_start, GW)
     u0, u1, u2, u3 = g0, g1, g2, g3
@@ -235,13 +207,8 @@ def _gemv_v2(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr
             acc_u = _block_sz(u0, u1, u2, u3, t, su, xp_ptr, xw_ptr, KW, acc_u, GW)
             u0, u1, u2, u3 = m0, m1, m2, m3
             su = sm
-    yg = tl.sum(acc_g, 1)[None, :]
-    yu = yg
-    if SILU_MUL:
-        yu = tl.sum(acc_u, 1)[None, :]
-    rows = tl.arange(0, 1)
-    _finish(yg, yu, rows, offs_n, rows < 1, mask_n, N, b_ptr, y_ptr, N, ws_ptr, lock_ptr,
-            pid_n, pid_k, split_k, 1, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
+    G._store_rows(acc_g, acc_u, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, split_k,
+                  SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
 
 
 def _split_words(K: int, group: int, split_k: int) -> tuple[int, int]:
@@ -301,18 +268,8 @@ V2_SHAPES = {
 
 
 def gemv_table() -> dict:
-    bf = torch.bfloat16
-    x = torch.randn(1, 14336, device="cuda").to(bf)
-    res = torch.randn(1, 4096, device="cuda").to(bf)
-    nw = (1 + 0.1 * torch.randn(4096, device="cuda")).to(bf)
     table = {}
-    for name, (n, k, norm, silu) in SHAPES.items():
-        if name not in ONLY:
-            continue
-        rows = 2 * n if silu else n
-        ws = [random_int4(rows, k, seed=i) for i in range(copies(rows * k // 2))]
-        xk = x[:, :k]
-        fus = dict(norm_weight=nw, eps=1e-6, residual=res) if norm else {}
+    for name, (n, k, norm, silu), ws, xk, fus, _, _ in linear_cases(ONLY):
         ref = G.int4_gemv(xk, ws[0], silu_mul=silu, **fus)[0].float()
         row = {"shipped": time_calls([lambda w=w: G.int4_gemv(xk, w, silu_mul=silu, **fus) for w in ws])}
         jobs = []
@@ -343,13 +300,6 @@ def gemv_table() -> dict:
         del ws
         torch.cuda.empty_cache()
     return table
-
-
-def shapes_wanted() -> list[str]:
-    for arg in sys.argv:
-        if arg.startswith("--shapes="):
-            return arg.split("=", 1)[1].split(",")
-    return list(SHAPES)
 
 
 ONLY = shapes_wanted()
