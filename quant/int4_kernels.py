@@ -1,6 +1,6 @@
-"""The Triton device code of the int4 W4A16 matmul: nibble decoding, the fma (CUDA-core) and dot
-(tensor-core) kernels with their in-launch split-K reduction, the x permutation for the dot path and
-the dequantize kernel of the dense path. How and when each runs: int4_triton.py.
+"""The Triton device code of the int4 W4A16 matmul: nibble decoding, the fma (CUDA-core), dot and
+gemm (tensor-core) kernels with their in-launch split-K reduction, the x permutation for the dot path
+and the dequantize kernel of the dense path. How and when each runs: int4_triton.py.
 """
 from __future__ import annotations
 

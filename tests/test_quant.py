@@ -390,7 +390,7 @@ def test_triton_gpu_split_k_in_cuda_graph():
     """Decode steps are captured: split-K launches replay with fresh inputs, counters re-armed."""
     from pagedeploy.quant.int4_triton import default_config, int4_matmul
     w, _, _, _ = _gpu_case(1, 4096, 4096, 128, torch.bfloat16, 0)
-    xs = [torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16) for m in (1, 2, 8, 32)]
+    xs = [torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16) for m in (1, 2, 8, 32, 64)]
     assert any(default_config(x.shape[0], 4096, 4096, 128, x.device).split_k > 1 for x in xs)
     for x in xs:
         int4_matmul(x, w)
