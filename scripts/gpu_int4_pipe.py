@@ -145,25 +145,55 @@ def _scales(s_row, z_row, t, GW: tl.constexpr):
 
 
 @triton.jit
-def _group_sz(words, t, s, z, xp_ptr, xw_ptr, KW, h, acc, GW: tl.constexpr):
+def _codes_times_x_shift_free(words, s2, m2, p0, p1, p2, p3, acc16):
+    """G._codes_times_x with one shift a word instead of three: codes 1, 5 and 3, 7 are masked in
+    place (0x00f000f0), giving fp16 1024 + 16 code; the same fma gives 16 code s (exact: a power of
+    two times the rounded c s), and the x pairs of planes 1 and 3 come divided by 16."""
+    return tl.inline_asm_elementwise(
+        """{
+        .reg .b32 t0, t1, t2, t3, v;
+        lop3.b32 t0, $1, 0x000f000f, 0x64006400, 0xea;
+        lop3.b32 t1, $1, 0x00f000f0, 0x64006400, 0xea;
+        shr.u32 v, $1, 8;
+        lop3.b32 t2, v, 0x000f000f, 0x64006400, 0xea;
+        lop3.b32 t3, v, 0x00f000f0, 0x64006400, 0xea;
+        fma.rn.f16x2 t0, t0, $2, $3;
+        fma.rn.f16x2 t1, t1, $2, $3;
+        fma.rn.f16x2 t2, t2, $2, $3;
+        fma.rn.f16x2 t3, t3, $2, $3;
+        fma.rn.f16x2 $0, t0, $4, $8;
+        fma.rn.f16x2 $0, t1, $5, $0;
+        fma.rn.f16x2 $0, t2, $6, $0;
+        fma.rn.f16x2 $0, t3, $7, $0;
+        }""",
+        "=r,r,r,r,r,r,r,r,r", [words, s2, m2, p0, p1, p2, p3, acc16], dtype=tl.int32, is_pure=True,
+        pack=1)
+
+
+@triton.jit
+def _group_sz(words, t, s, z, xp_ptr, xw_ptr, KW, h, acc, GW: tl.constexpr, SHIFT_FREE: tl.constexpr):
     """G._group with the row's scale and zero already loaded."""
     c = t + tl.arange(0, GW)
     p0, p1, p2, p3, xw = G._x_pairs(xp_ptr, xw_ptr, c, c >= 0, KW)
     s = s.to(tl.float32)[:, None]
     acc += z.to(tl.float32)[:, None] * xw[None, :]
-    h = G._codes_times_x(words, G._half2(s), G._half2(s * -1024.0), p0[None, :], p1[None, :],
-                         p2[None, :], p3[None, :], h)
+    if SHIFT_FREE:
+        h = _codes_times_x_shift_free(words, G._half2(s), G._half2(s * -1024.0), p0[None, :],
+                                      p1[None, :], p2[None, :], p3[None, :], h)
+    else:
+        h = G._codes_times_x(words, G._half2(s), G._half2(s * -1024.0), p0[None, :], p1[None, :],
+                             p2[None, :], p3[None, :], h)
     return h, acc
 
 
 @triton.jit
-def _block_sz(w0, w1, w2, w3, t, sz, xp_ptr, xw_ptr, KW, acc, GW: tl.constexpr):
+def _block_sz(w0, w1, w2, w3, t, sz, xp_ptr, xw_ptr, KW, acc, GW: tl.constexpr, SHIFT_FREE: tl.constexpr):
     s0, s1, s2, s3, z0, z1, z2, z3 = sz
     h = tl.zeros(w0.shape, tl.int32)
-    h, acc = _group_sz(w0, t, s0, z0, xp_ptr, xw_ptr, KW, h, acc, GW)
-    h, acc = _group_sz(w1, t + GW, s1, z1, xp_ptr, xw_ptr, KW, h, acc, GW)
-    h, acc = _group_sz(w2, t + 2 * GW, s2, z2, xp_ptr, xw_ptr, KW, h, acc, GW)
-    h, acc = _group_sz(w3, t + 3 * GW, s3, z3, xp_ptr, xw_ptr, KW, h, acc, GW)
+    h, acc = _group_sz(w0, t, s0, z0, xp_ptr, xw_ptr, KW, h, acc, GW, SHIFT_FREE)
+    h, acc = _group_sz(w1, t + GW, s1, z1, xp_ptr, xw_ptr, KW, h, acc, GW, SHIFT_FREE)
+    h, acc = _group_sz(w2, t + 2 * GW, s2, z2, xp_ptr, xw_ptr, KW, h, acc, GW, SHIFT_FREE)
+    h, acc = _group_sz(w3, t + 3 * GW, s3, z3, xp_ptr, xw_ptr, KW, h, acc, GW, SHIFT_FREE)
     return G._flush(h, acc)
 
 
@@ -172,10 +202,11 @@ def _gemv_v2(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr
              N, KW, groups, words_per_split, split_k,
              GROUP: tl.constexpr, BLOCK_N: tl.constexpr, SILU_MUL: tl.constexpr,
              HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, SPLITS: tl.constexpr,
-             PDL: tl.constexpr, STAGGER: tl.constexpr):
+             PDL: tl.constexpr, STAGGER: tl.constexpr, SHIFT_FREE: tl.constexpr):
     """The shipped kernel (whole tiles, every split whole blocks and non-empty), with each block's
     scales and zeros loaded with its weights, a block ahead; STAGGER: gate_up asks for the next up
-    block only after the gate block is summed (32 fewer live registers a thread)."""
+    block only after the gate block is summed (32 fewer live registers a thread); SHIFT_FREE: one
+    shift a word (_codes_times_x_shift_free; x pairs from gemv_v2's shift_free packing)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = GROUP // 8
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = G._program_rows(
@@ -197,14 +228,14 @@ def _gemv_v2(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr
         if SILU_MUL and not STAGGER:
             m0, m1, m2, m3 = G._load_block(row_u, t_next, c_end, mask_n, col, GW, True)
             sm = _scales(s_u, z_u, t_next, GW)
-        acc_g = _block_sz(g0, g1, g2, g3, t, sg, xp_ptr, xw_ptr, KW, acc_g, GW)
+        acc_g = _block_sz(g0, g1, g2, g3, t, sg, xp_ptr, xw_ptr, KW, acc_g, GW, SHIFT_FREE)
         g0, g1, g2, g3 = n0, n1, n2, n3
         sg = sn
         if SILU_MUL:
             if STAGGER:
                 m0, m1, m2, m3 = G._load_block(row_u, t_next, c_end, mask_n, col, GW, True)
                 sm = _scales(s_u, z_u, t_next, GW)
-            acc_u = _block_sz(u0, u1, u2, u3, t, su, xp_ptr, xw_ptr, KW, acc_u, GW)
+            acc_u = _block_sz(u0, u1, u2, u3, t, su, xp_ptr, xw_ptr, KW, acc_u, GW, SHIFT_FREE)
             u0, u1, u2, u3 = m0, m1, m2, m3
             su = sm
     G._store_rows(acc_g, acc_u, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, split_k,
@@ -244,16 +275,19 @@ def gemv_pipe(x, w, desc, *, silu_mul, block_n, split_k, warps, tma, stages, nor
     return y
 
 
-def gemv_v2(x, w, *, silu_mul, block_n, split_k, warps, stagger, norm_weight=None, eps=0.0,
-            residual=None):
+def gemv_v2(x, w, *, silu_mul, block_n, split_k, warps, stagger, shift_free=False, norm_weight=None,
+            eps=0.0, residual=None):
     N, K, xp, xw, y, wps, split_k, grid, counters, ws = _launch_common(
         x, w, silu_mul, block_n, split_k, norm_weight, eps, residual)
     assert N % block_n == 0 and (K // 8) % (w.group_size // 2) == 0
+    if shift_free:   # planes 1 and 3 of the x pairs divided by 16 (exact: a power of two)
+        halves = xp.view(torch.float16).view(4, K // 8, 2)
+        halves[1::2] *= 1.0 / 16
     _gemv_v2[grid](xp, xw, w.packed, w.scales, w.zeros, x, y, ws, counters, N, K // 8,
                    K // w.group_size, wps, split_k, GROUP=w.group_size, BLOCK_N=block_n,
                    SILU_MUL=silu_mul, HAS_BIAS=False, USE_SPLIT=split_k > 1,
                    SPLITS=triton.next_power_of_2(split_k), PDL=2, STAGGER=stagger,
-                   num_warps=warps, **pdl_launch(x.device))
+                   SHIFT_FREE=shift_free, num_warps=warps, **pdl_launch(x.device))
     return y
 
 
@@ -277,6 +311,8 @@ def gemv_table() -> dict:
             for stagger in ((False, True) if silu else (False,)):
                 jobs.append((f"v2{' stagger' if stagger else ''} bn{bn} w{warps} s{split}", gemv_v2,
                              dict(block_n=bn, warps=warps, split_k=split, stagger=stagger), None))
+            jobs.append((f"v2 shift-free bn{bn} w{warps} s{split}", gemv_v2,
+                         dict(block_n=bn, warps=warps, split_k=split, stagger=False, shift_free=True), None))
         if PIPE:
             for bn, warps, split in V2_SHAPES[name][:2]:
                 descs = [TensorDescriptor.from_tensor(w.packed, [bn, 16]) for w in ws]
@@ -311,12 +347,15 @@ def main() -> None:
         read_table()
     table = gemv_table()
     log("\nus per call (CUDA graph, L2 overflowed): shipped GEMV vs the best pipelined variants")
-    total = {"shipped": 0.0, "v2": 0.0, "pipe": 0.0, "tma": 0.0}
+    kinds = {"v2": lambda k: k.startswith("v2") and "shift-free" not in k,
+             "shift-free": lambda k: "shift-free" in k, "pipe": lambda k: k.startswith("pipe"),
+             "tma": lambda k: k.startswith("tma")}
+    total = dict.fromkeys(["shipped", *kinds], 0.0)
     for name, row in table.items():
         line = f"{name:8s} shipped {row['shipped']:7.2f}"
         total["shipped"] += row["shipped"]
-        for kind in ("v2", "pipe", "tma"):
-            keys = [key for key in row if key.startswith(kind) and not key.endswith("err")]
+        for kind, wanted in kinds.items():
+            keys = [key for key in row if wanted(key) and not key.endswith("err")]
             if keys:
                 best = min(keys, key=row.get)
                 total[kind] += row[best]
