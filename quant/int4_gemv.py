@@ -140,9 +140,12 @@ def _pair_times_x_f32(words, j: tl.constexpr, s, p, acc32):
 @triton.jit
 def _pack_x_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, xp_ptr, xw_ptr, K, eps,
                    NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr,
-                   RSTD_BLOCK: tl.constexpr, F16X2: tl.constexpr, PDL: tl.constexpr):
+                   RSTD_BLOCK: tl.constexpr, F16X2: tl.constexpr, PDL: tl.constexpr,
+                   ODD_OVER_16: tl.constexpr = False):
     """Grid (words / BLOCK_C): x (after residual add + RMSNorm) as the GEMV's fp16 pairs,
-    xp[j, c] = (x[8c + j], x[8c + j + 4]) for j < 4, and word sums xw[c] (fp32)."""
+    xp[j, c] = (x[8c + j], x[8c + j + 4]) for j < 4, and word sums xw[c] (fp32). ODD_OVER_16: pairs
+    1 and 3 divided by 16 (a decode that leaves those codes times 16; scripts/gpu_int4_pipe.py),
+    exact but for |x| < 2^-10, whose sixteenths are fp16 subnormals."""
     wait_previous(PDL)
     rows = tl.arange(0, 1)
     rstd = tl.zeros([1], tl.float32)
@@ -155,8 +158,12 @@ def _pack_x_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, xp_ptr, xw_ptr, K, eps,
     lo, hi = tl.split(tl.permute(x, [0, 2, 1]))     # [c, j] for j < 4 and j + 4
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = (c < K // 8)[:, None]
+    xw = tl.sum(lo + hi, 1, keep_dims=True)
+    if ODD_OVER_16:
+        odd = tl.where(tl.arange(0, 4) % 2 == 1, 1.0 / 16, 1.0)[None, :]
+        lo, hi = lo * odd, hi * odd
     tl.store(xp_ptr + c[:, None] + tl.arange(0, 4)[None, :] * (K // 8), _pair(lo, hi, F16X2), mask=ok)
-    tl.store(xw_ptr + c[:, None], tl.sum(lo + hi, 1, keep_dims=True), mask=ok)
+    tl.store(xw_ptr + c[:, None], xw, mask=ok)
 
 
 @triton.jit
@@ -320,7 +327,7 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
 
 
 def pack_x(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-           residual: torch.Tensor | None = None):
+           residual: torch.Tensor | None = None, odd_over_16: bool = False):
     """(xp, xw, residual out): x [1, K], after the residual add and RMSNorm when norm_weight is given,
     as the GEMV's fp16 pairs [4, K / 8] (int32) and word sums [K / 8] (fp32)."""
     K = x.shape[1]
@@ -335,5 +342,5 @@ def pack_x(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float 
         x, residual if residual is not None else x, norm_weight if norm else x,
         r_out if r_out is not None else x, xp, xw, K, eps, NORM=norm,
         RESIDUAL=norm and residual is not None, BLOCK_C=64, RSTD_BLOCK=min(4096, triton.next_power_of_2(K)),
-        F16X2=x.is_cuda, PDL=pdl, num_warps=4, **(pdl_launch(x.device) if pdl else {}))
+        F16X2=x.is_cuda, PDL=pdl, ODD_OVER_16=odd_over_16, num_warps=4, **(pdl_launch(x.device) if pdl else {}))
     return xp, xw, r_out

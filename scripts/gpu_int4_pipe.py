@@ -249,10 +249,10 @@ def _split_words(K: int, group: int, split_k: int) -> tuple[int, int]:
     return wps, triton.cdiv(K // 8, wps)
 
 
-def _launch_common(x, w, silu_mul, block_n, split_k, norm_weight, eps, residual):
+def _launch_common(x, w, silu_mul, block_n, split_k, norm_weight, eps, residual, odd_over_16=False):
     N2, K = w.shape
     N = N2 // 2 if silu_mul else N2
-    xp, xw, _ = G.pack_x(x, norm_weight, eps, residual)
+    xp, xw, _ = G.pack_x(x, norm_weight, eps, residual, odd_over_16)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     wps, split_k = _split_words(K, w.group_size, split_k)
     grid = (triton.cdiv(N, block_n), split_k)
@@ -278,11 +278,8 @@ def gemv_pipe(x, w, desc, *, silu_mul, block_n, split_k, warps, tma, stages, nor
 def gemv_v2(x, w, *, silu_mul, block_n, split_k, warps, stagger, shift_free=False, norm_weight=None,
             eps=0.0, residual=None):
     N, K, xp, xw, y, wps, split_k, grid, counters, ws = _launch_common(
-        x, w, silu_mul, block_n, split_k, norm_weight, eps, residual)
+        x, w, silu_mul, block_n, split_k, norm_weight, eps, residual, odd_over_16=shift_free)
     assert N % block_n == 0 and (K // 8) % (w.group_size // 2) == 0
-    if shift_free:   # planes 1 and 3 of the x pairs divided by 16 (exact: a power of two)
-        halves = xp.view(torch.float16).view(4, K // 8, 2)
-        halves[1::2] *= 1.0 / 16
     _gemv_v2[grid](xp, xw, w.packed, w.scales, w.zeros, x, y, ws, counters, N, K // 8,
                    K // w.group_size, wps, split_k, GROUP=w.group_size, BLOCK_N=block_n,
                    SILU_MUL=silu_mul, HAS_BIAS=False, USE_SPLIT=split_k > 1,

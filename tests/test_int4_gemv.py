@@ -128,6 +128,20 @@ def _cpu_cases() -> None:
     check_int4_gemv(48, 576, 64, f16, "cpu", norm=True, bias=True, config=dict(block_n=32, split_k=2))
     check_int4_gemv(16, 640, 128, f16, "cpu", silu=True, config=dict(block_n=16))
     check_int4_gemv(64, 1024, 128, f16, "cpu", norm=True, residual=True, silu=True)   # defaults
+    _check_pack_odd_over_16()
+
+
+def _check_pack_odd_over_16() -> None:
+    """pack_x(odd_over_16=True): pairs 1 and 3 exactly a sixteenth of the plain packing, sums alike
+    (exact for |x| >= 2^-10; below, x / 16 is an fp16 subnormal and loses bits)."""
+    from pagedeploy.quant.int4_gemv import pack_x
+    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(7))
+    x = (x.sign() * (x.abs() + 2 ** -9)).to(torch.float16)
+    xp, xw, _ = pack_x(x)
+    xp16, xw16, _ = pack_x(x, odd_over_16=True)
+    plain, scaled = xp.view(torch.float16).view(4, -1, 2), xp16.view(torch.float16).view(4, -1, 2)
+    assert torch.equal(scaled[0::2], plain[0::2]) and torch.equal(scaled[1::2] * 16, plain[1::2])
+    assert torch.equal(xw16, xw)
 
 
 CPU_GROUPS = {"int4_gemv": _cpu_cases}
