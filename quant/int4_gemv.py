@@ -77,19 +77,26 @@ def _x_pairs(xp_ptr, xw_ptr, c, ok, KW):
             tl.load(xw_ptr + c, mask=ok, other=0.0))
 
 
-@triton.jit
-def _codes_times_x(words, s2, m2, p0, p1, p2, p3, acc16):
-    """acc16 (half2) += sum over j < 4 of (code j, code j + 4) * scale * x pair j, in fp16."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 t0, t1, t2, t3, v;
+# The codes of a word as four half2 (1024 + code j, 1024 + code j + 4), then code * scale and the
+# products with x's pairs; the decode is the part the two forms differ in.
+_DECODE = """
         lop3.b32 t0, $1, 0x000f000f, 0x64006400, 0xea;
         shr.u32 v, $1, 4;
         lop3.b32 t1, v, 0x000f000f, 0x64006400, 0xea;
         shr.u32 v, $1, 8;
         lop3.b32 t2, v, 0x000f000f, 0x64006400, 0xea;
         shr.u32 v, $1, 12;
-        lop3.b32 t3, v, 0x000f000f, 0x64006400, 0xea;
+        lop3.b32 t3, v, 0x000f000f, 0x64006400, 0xea;"""
+# Codes 1, 5 and 3, 7 masked in place (1024 + 16 code): one shift a word, not three; the fma then
+# gives 16 code s (exact: a power of two times the rounded c s), for pairs 1 and 3 of x over 16
+# (pack_x(odd_over_16=True)). Not the default yet: scripts/gpu_int4_pipe.py times it.
+_DECODE_SHIFT_FREE = """
+        lop3.b32 t0, $1, 0x000f000f, 0x64006400, 0xea;
+        lop3.b32 t1, $1, 0x00f000f0, 0x64006400, 0xea;
+        shr.u32 v, $1, 8;
+        lop3.b32 t2, v, 0x000f000f, 0x64006400, 0xea;
+        lop3.b32 t3, v, 0x00f000f0, 0x64006400, 0xea;"""
+_TIMES_X = """
         fma.rn.f16x2 t0, t0, $2, $3;
         fma.rn.f16x2 t1, t1, $2, $3;
         fma.rn.f16x2 t2, t2, $2, $3;
@@ -98,9 +105,20 @@ def _codes_times_x(words, s2, m2, p0, p1, p2, p3, acc16):
         fma.rn.f16x2 $0, t1, $5, $0;
         fma.rn.f16x2 $0, t2, $6, $0;
         fma.rn.f16x2 $0, t3, $7, $0;
-        }""",
-        "=r,r,r,r,r,r,r,r,r", [words, s2, m2, p0, p1, p2, p3, acc16], dtype=tl.int32, is_pure=True,
-        pack=1)
+        }"""
+_CODES_TIMES_X = tl.constexpr("{\n        .reg .b32 t0, t1, t2, t3, v;" + _DECODE + _TIMES_X)
+_CODES_TIMES_X_SHIFT_FREE = tl.constexpr("{\n        .reg .b32 t0, t1, t2, t3, v;" + _DECODE_SHIFT_FREE + _TIMES_X)
+
+
+@triton.jit
+def _codes_times_x(words, s2, m2, p0, p1, p2, p3, acc16, SHIFT_FREE: tl.constexpr = False):
+    """acc16 (half2) += sum over j < 4 of (code j, code j + 4) * scale * x pair j, in fp16."""
+    if SHIFT_FREE:
+        return tl.inline_asm_elementwise(_CODES_TIMES_X_SHIFT_FREE, "=r,r,r,r,r,r,r,r,r",
+                                         [words, s2, m2, p0, p1, p2, p3, acc16], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(_CODES_TIMES_X, "=r,r,r,r,r,r,r,r,r", [words, s2, m2, p0, p1, p2, p3, acc16],
+                                     dtype=tl.int32, is_pure=True, pack=1)
 
 
 @triton.jit

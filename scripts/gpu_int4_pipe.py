@@ -145,44 +145,14 @@ def _scales(s_row, z_row, t, GW: tl.constexpr):
 
 
 @triton.jit
-def _codes_times_x_shift_free(words, s2, m2, p0, p1, p2, p3, acc16):
-    """G._codes_times_x with one shift a word instead of three: codes 1, 5 and 3, 7 are masked in
-    place (0x00f000f0), giving fp16 1024 + 16 code; the same fma gives 16 code s (exact: a power of
-    two times the rounded c s), and the x pairs of planes 1 and 3 come divided by 16."""
-    return tl.inline_asm_elementwise(
-        """{
-        .reg .b32 t0, t1, t2, t3, v;
-        lop3.b32 t0, $1, 0x000f000f, 0x64006400, 0xea;
-        lop3.b32 t1, $1, 0x00f000f0, 0x64006400, 0xea;
-        shr.u32 v, $1, 8;
-        lop3.b32 t2, v, 0x000f000f, 0x64006400, 0xea;
-        lop3.b32 t3, v, 0x00f000f0, 0x64006400, 0xea;
-        fma.rn.f16x2 t0, t0, $2, $3;
-        fma.rn.f16x2 t1, t1, $2, $3;
-        fma.rn.f16x2 t2, t2, $2, $3;
-        fma.rn.f16x2 t3, t3, $2, $3;
-        fma.rn.f16x2 $0, t0, $4, $8;
-        fma.rn.f16x2 $0, t1, $5, $0;
-        fma.rn.f16x2 $0, t2, $6, $0;
-        fma.rn.f16x2 $0, t3, $7, $0;
-        }""",
-        "=r,r,r,r,r,r,r,r,r", [words, s2, m2, p0, p1, p2, p3, acc16], dtype=tl.int32, is_pure=True,
-        pack=1)
-
-
-@triton.jit
 def _group_sz(words, t, s, z, xp_ptr, xw_ptr, KW, h, acc, GW: tl.constexpr, SHIFT_FREE: tl.constexpr):
     """G._group with the row's scale and zero already loaded."""
     c = t + tl.arange(0, GW)
     p0, p1, p2, p3, xw = G._x_pairs(xp_ptr, xw_ptr, c, c >= 0, KW)
     s = s.to(tl.float32)[:, None]
     acc += z.to(tl.float32)[:, None] * xw[None, :]
-    if SHIFT_FREE:
-        h = _codes_times_x_shift_free(words, G._half2(s), G._half2(s * -1024.0), p0[None, :],
-                                      p1[None, :], p2[None, :], p3[None, :], h)
-    else:
-        h = G._codes_times_x(words, G._half2(s), G._half2(s * -1024.0), p0[None, :], p1[None, :],
-                             p2[None, :], p3[None, :], h)
+    h = G._codes_times_x(words, G._half2(s), G._half2(s * -1024.0), p0[None, :], p1[None, :],
+                         p2[None, :], p3[None, :], h, SHIFT_FREE)
     return h, acc
 
 
@@ -206,7 +176,7 @@ def _gemv_v2(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr
     """The shipped kernel (whole tiles, every split whole blocks and non-empty), with each block's
     scales and zeros loaded with its weights, a block ahead; STAGGER: gate_up asks for the next up
     block only after the gate block is summed (32 fewer live registers a thread); SHIFT_FREE: one
-    shift a word (_codes_times_x_shift_free; x pairs from gemv_v2's shift_free packing)."""
+    shift a word (int4_gemv._codes_times_x's SHIFT_FREE, x pairs from pack_x(odd_over_16=True))."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = GROUP // 8
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = G._program_rows(
