@@ -248,11 +248,13 @@ def _int4_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr
                       BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, NUM_STAGES: tl.constexpr,
                       USE_SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                       FOLD: tl.constexpr):
-    """Grid (M tiles * N tiles, K splits); group 128, one K step a group. The step's [16, BLOCK_N]
-    words become the [128, BLOCK_N] tile of exact codes MAGIC + c in x's own K order (nibble j of
-    word c is k = 8c + j), one dot with x as it is; the group's scale and zero then apply once to
-    the fp32 result, as in the dot kernel's fold. One dot of K = 128 instead of eight of K = 16, so
-    the codes reach the MMA in one shared-memory tile (not eight 2-byte layout conversions)."""
+    """Grid (M tiles * N tiles, K splits); group 128, one K step a group. The step's [BLOCK_N, 16]
+    words become a [BLOCK_N, 128] tile in x's own K order (nibble j of word c at k = 8c + j), so x
+    is read as it is. FOLD=False (the default dispatch): the tile is dequantized in fp32 (c s + z),
+    rounded once to x.dtype and multiplied into the MMA's accumulator. FOLD=True: exact codes
+    MAGIC + c go through the MMA and the group's scale and zero apply once to its fp32 result, as
+    in the dot kernel. One dot of K = 128 a group instead of eight of K = 16: the tile reaches the
+    MMA in 16-byte shared-memory stores, not the eight 2-byte layout conversions of the dot kernel."""
     pid, pid_k = tl.program_id(0), tl.program_id(1)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     pid_m, pid_n = _tile_ids(pid, M, N, BLOCK_M, BLOCK_N, GROUP_M)

@@ -8,11 +8,12 @@ Four paths, picked by M (rows of x) in `default_config`:
   into the mantissa of 2^23 (no int->float conversion, which runs at 1/8 of the FMA rate on sm_90),
   one fma with the scale takes 2^23 s off exactly, one fma accumulates; nibble j stays in place and x
   is pre-scaled by 16^-j instead of shifting each weight. The zero term is z * sum_j x_j, once a word.
-- "dot" (small M; medium M with groups other than 128): tensor cores. Each nibble plane j of a [BLOCK_K/8, BLOCK_N] word tile is
-  one `tl.dot` against the matching x columns 8c + j (contiguous: a small first launch permutes x to
-  plane order and sums it per group). With `fold`, the dot takes exact codes (magic-number bf16/fp16
-  values MAGIC + code) and the group's scale and zero are applied once to the tile's fp32 result:
-  s * dot(x, MAGIC + c) + (z - MAGIC s) * sum(x) = dot(x, c s + z).
+- "dot" (small M; medium M with groups other than 128): tensor cores. Each nibble plane j of a
+  [BLOCK_K/8, BLOCK_N] word tile is one `tl.dot` against the matching x columns 8c + j (contiguous:
+  a small first launch permutes x to plane order and sums it per group). With `fold`, the dot takes
+  exact codes (magic-number bf16/fp16 values MAGIC + code) and the group's scale and zero are
+  applied once to the tile's fp32 result: s * dot(x, MAGIC + c) + (z - MAGIC s) * sum(x) =
+  dot(x, c s + z).
 - "gemm" (medium M, group 128): tensor cores, one K step a group. The step's words become a
   [BLOCK_N, 128] tile of weights dequantized to x.dtype in registers (nibbles unpacked in x's K
   order by nested interleaves, so x needs no permutation), one wgmma with x as it is, accumulating
@@ -28,8 +29,8 @@ per call: safe inside CUDA graphs on one stream (two streams must not run split 
 
 Results equal `int4_matmul_reference` up to fp32 rounding: the reference rounds each weight to
 x.dtype (so does the gemm path's default, fold=False), the fma path and folded dots never round the
-weight at all. On the CPU this runs only under
-TRITON_INTERPRET=1 (tests do, at small sizes, with fp32 or fp16 x: the interpreter cannot dot bf16).
+weight at all. On the CPU this runs only under TRITON_INTERPRET=1 (tests do, at small sizes, with
+fp32 or fp16 x: the interpreter cannot dot bf16).
 """
 from __future__ import annotations
 
@@ -53,14 +54,14 @@ DENSE_CHUNK_BYTES = 64 << 20   # dense path: scratch for the dequantized weight,
 @dataclass(frozen=True)
 class KernelConfig:
     kind: str                 # "fma", "dot", "gemm" or "dense"
-    block_m: int = 16         # fma: 1 or 2 (>= M); dot: >= 16
+    block_m: int = 16         # fma: 1 or 2 (>= M); dot, gemm: >= 16
     block_n: int = 64
     block_k: int = 128        # dot: >= 128 (each plane's dot needs K >= 16)
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
     swap_ab: bool = False     # dot: W tile as the MMA's A operand, the M rows as its N
-    fold: bool = True         # dot, gemm: scale/zero after each group's dot (dot: needs group % block_k == 0)
+    fold: bool = True         # dot, gemm: scale/zero after each group's dot (dot: group % block_k == 0)
     unroll: int = 1           # fma: sub-tiles of block_k per loop step
     group_m: int = 8          # dot: row tiles that walk the column tiles together (L2 reuse)
 
@@ -79,8 +80,9 @@ def default_config(M: int, N: int, K: int, group: int, device: torch.device) -> 
     """Launch shapes by (M, N, K) class, fixed ahead of time from the GPU sweeps of PERF.md (issue 6, P3)
     rather than autotuned at run time. Per M: fma for 1-2 rows, the dot GEMV (16-row tile, W as the
     MMA's A operand) up to 16, the dot GEMM (32-row tiles) up to DOT_MAX_M, the gemm kernel (64- or
-    128-row tiles; the dot GEMM for groups other than 128) below DENSE_MIN_M, then dequantize + cuBLAS. The gemm shapes and splits are the H200
-    sweep's best per Llama-3-8B linear at M = 64 and 128 (docs/PERF.md, run 16)."""
+    128-row tiles; the dot GEMM for groups other than 128) below DENSE_MIN_M, then dequantize +
+    cuBLAS. The gemm shapes and splits are the H200 sweep's best per Llama-3-8B linear at M = 64
+    and 128 (docs/PERF.md, run 16)."""
     sms = num_sms(device, interpreter=4)
     steps = triton.cdiv(K, 128)
     if M >= DENSE_MIN_M:
