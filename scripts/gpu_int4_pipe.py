@@ -6,8 +6,9 @@
    descriptor, STAGES deep).
 2. The GEMV with the shipped kernel's math, per Llama-3-8B linear, against the shipped kernel:
    `v2` (each block's scales and zeros loaded with its weights, a block ahead; splits that fill
-   whole waves; STAGGER: gate_up's next up block asked for after the gate block is summed) and,
-   with `--pipe`, its loads left to Triton's pipeliner (cp.async or TMA).
+   whole waves; STAGGER: gate_up's next up block asked for after the gate block is summed), `v2
+   shift-free` (one shift a word to decode the codes, not three) and, with `--pipe`, its loads left
+   to Triton's pipeliner (cp.async or TMA).
 All in a CUDA graph over weight copies that overflow L2, µs per call.
 Usage (device machine): python3 scripts/gpu_int4_pipe.py [--read] [--pipe] [--shapes=gate_up,down]
 """
