@@ -16,10 +16,11 @@ import triton
 
 import gpu_int4 as T
 
+from pagedeploy.kernels.triton_launch import num_sms
 from pagedeploy.quant import int4_triton as K4
 from pagedeploy.quant.int4_triton import KernelConfig as C
 
-SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+SHAPES = {name.split()[1]: nk for name, nk in T.SHAPES.items() if name.startswith("llama")}   # (N, K)
 BASES = [(64, 128, 8, 3), (64, 128, 8, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 256, 8, 3), (128, 128, 8, 3),
          (64, 128, 4, 3)]   # block_m, block_n, num_warps, num_stages
 ROWS = (17, 24, 32, 48, 64, 96, 128, 160, 191)
@@ -49,7 +50,7 @@ def sweep(ms: list[int], fold: bool) -> None:
 def rows() -> None:
     """The layer's four linears per M: the default dispatch, the dot GEMM it replaced above
     DOT_MAX_M (32-row tiles, its old launch rule) and bf16 cuBLAS."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = num_sms(torch.device("cuda"), interpreter=4)
     for M in ROWS:
         t = {"default": 0.0, "dot": 0.0, "bf16": 0.0}
         for N, K in SHAPES.values():
