@@ -39,6 +39,8 @@ class Int4GemvConfig:
     block_n: int = 64      # output rows per program (gate_up: gate and up rows each)
     split_k: int = 1
     num_warps: int = 4
+    mma: bool = False      # tensor cores fed from registers (int4_mma.py): group 128, whole tiles
+    ahead: int = 1         # mma: blocks of weights in flight while one is summed (1 or 2)
 
 
 # ---- device helpers -------------------------------------------------------------------------------
@@ -159,11 +161,14 @@ def _pair_times_x_f32(words, j: tl.constexpr, s, p, acc32):
 def _pack_x_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, xp_ptr, xw_ptr, K, eps,
                    NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr,
                    RSTD_BLOCK: tl.constexpr, F16X2: tl.constexpr, PDL: tl.constexpr,
-                   ODD_OVER_16: tl.constexpr = False):
+                   ODD_OVER_16: tl.constexpr = False, MMA: tl.constexpr = False):
     """Grid (words / BLOCK_C): x (after residual add + RMSNorm) as the GEMV's fp16 pairs,
     xp[j, c] = (x[8c + j], x[8c + j + 4]) for j < 4, and word sums xw[c] (fp32). ODD_OVER_16: pairs
-    1 and 3 divided by 16 (a decode that leaves those codes times 16; scripts/gpu_int4_pipe.py),
-    exact but for |x| < 2^-10, whose sixteenths are fp16 subnormals."""
+    1 and 3 divided by 16 (a decode that leaves those codes times 16: int4_mma.py), exact but for
+    |x| < 2^-10, whose sixteenths are fp16 subnormals. MMA (with ODD_OVER_16; int4_mma.py): the
+    pairs as int64 (pair 0 | pair 2 << 32, pair 1 | pair 3 << 32) at xp[0, c] and xp[1, c], an
+    MMA's B operand each, and instead of word sums, per 128 K, 1024 * the sum of the pairs as packed
+    at xw[g] and the sum of x at xw[groups + g] (the constants int4_mma takes off)."""
     wait_previous(PDL)
     rows = tl.arange(0, 1)
     rstd = tl.zeros([1], tl.float32)
@@ -180,8 +185,26 @@ def _pack_x_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, xp_ptr, xw_ptr, K, eps,
     if ODD_OVER_16:
         odd = tl.where(tl.arange(0, 4) % 2 == 1, 1.0 / 16, 1.0)[None, :]
         lo, hi = lo * odd, hi * odd
-    tl.store(xp_ptr + c[:, None] + tl.arange(0, 4)[None, :] * (K // 8), _pair(lo, hi, F16X2), mask=ok)
-    tl.store(xw_ptr + c[:, None], xw, mask=ok)
+    if MMA:   # BLOCK_C words are whole groups of 16
+        _store_mma_x(lo, hi, xw, xp_ptr, xw_ptr, c, K, BLOCK_C, F16X2)
+    else:
+        tl.store(xp_ptr + c[:, None] + tl.arange(0, 4)[None, :] * (K // 8), _pair(lo, hi, F16X2), mask=ok)
+        tl.store(xw_ptr + c[:, None], xw, mask=ok)
+
+
+@triton.jit
+def _store_mma_x(lo, hi, xw, xp_ptr, xg_ptr, c, K, BLOCK_C: tl.constexpr, F16X2: tl.constexpr):
+    """pack_x's int4_mma form: xp [2, K / 8] int64 and xg [2, K / 128] (_pack_x_kernel's MMA)."""
+    pairs = _pair(lo, hi, F16X2).to(tl.int64) & 0xFFFFFFFF     # [c, j]
+    even, odd = tl.split(tl.reshape(pairs, [BLOCK_C, 2, 2]))  # j = 0, 2 and j = 1, 3
+    lo_hi = tl.arange(0, 2)[None, :] * 32
+    tl.store(xp_ptr + c, tl.sum(even << lo_hi, 1), mask=c < K // 8)
+    tl.store(xp_ptr + K // 8 + c, tl.sum(odd << lo_hi, 1), mask=c < K // 8)
+    packed = lo.to(tl.float16).to(tl.float32) + hi.to(tl.float16).to(tl.float32)
+    g = tl.program_id(0) * (BLOCK_C // 16) + tl.arange(0, BLOCK_C // 16)
+    g_ok = g < K // 128
+    tl.store(xg_ptr + g, 1024.0 * tl.sum(tl.reshape(tl.sum(packed, 1), [BLOCK_C // 16, 16]), 1), mask=g_ok)
+    tl.store(xg_ptr + K // 128 + g, tl.sum(tl.reshape(tl.sum(xw, 1), [BLOCK_C // 16, 16]), 1), mask=g_ok)
 
 
 @triton.jit
@@ -302,16 +325,35 @@ def _int4_gemv_kernel(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
 
 # ---- launch ---------------------------------------------------------------------------------------
 
-def default_config(N: int, K: int, group: int, silu_mul: bool, device: torch.device) -> Int4GemvConfig:
-    """64-row tiles; K split in powers of two while there are fewer than 2 programs per SM (gate_up's
+def default_config(N: int, K: int, group: int, silu_mul: bool, device: torch.device,
+                   mma: bool | None = None) -> Int4GemvConfig:
+    """64-row tiles. On CUDA with group 128 (mma None or True) int4_mma's kernel, by `mma_config`.
+    Otherwise K split in powers of two while there are fewer than 2 programs per SM (gate_up's
     counted twice: two weight streams each) and each split keeps at least two blocks of four groups
-    (one in flight while the other is summed). From the H100 sweep of docs/PERF.md (run 14): the
+    (one in flight while the other is summed): from the H100 sweep of docs/PERF.md (run 14), the
     fastest, or within 0.4% of it, for Llama-3-8B's qkv, o, gate_up and down."""
     blocks, split = triton.cdiv(K, group * 4), 1
     programs = triton.cdiv(N, 64) * (2 if silu_mul else 1)
-    while programs * split < 2 * num_sms(device, interpreter=4) and 4 * split <= blocks:
+    sms = num_sms(device, interpreter=4)
+    if (device.type == "cuda" if mma is None else mma) and group == 128 and K % 512 == 0 and N % 64 == 0:
+        return mma_config(programs, blocks, silu_mul, sms)
+    while programs * split < 2 * sms and 4 * split <= blocks:
         split *= 2
     return Int4GemvConfig(64, split)
+
+
+def mma_config(programs: int, blocks: int, silu_mul: bool, sms: int) -> Int4GemvConfig:
+    """int4_mma's launch for `programs` 64-row tiles (gate_up's counted twice) of `blocks` blocks of
+    four groups: splits divide the blocks and keep two a split. Two blocks in flight (183
+    registers: 2 programs an SM) where the largest split that fits one such wave still gives 1.5
+    programs an SM; else one (106 registers; gate_up's two streams take 255), split to 2 programs
+    an SM. The H200 sweep of docs/PERF.md (run 17): the best or within 3% for Llama-3-8B's qkv (one
+    block ahead, split 4), o and down (two ahead, split 4) and gate_up (one ahead, unsplit)."""
+    splits = [d for d in range(1, blocks // 2 + 1) if blocks % d == 0] or [1]
+    fits = [d for d in splits if programs * d <= 2 * sms]
+    if not silu_mul and fits and programs * fits[-1] >= 1.5 * sms:
+        return Int4GemvConfig(64, fits[-1], mma=True, ahead=2)
+    return Int4GemvConfig(64, next((d for d in splits if programs * d >= 2 * sms), splits[-1]), mma=True)
 
 
 def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, *,
@@ -324,9 +366,19 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
     N = N2 // 2 if silu_mul else N2
     assert x.shape == (1, K) and x.stride(-1) == 1, (x.shape, K)
     cfg = config or default_config(N, K, w.group_size, silu_mul, x.device)
-    xp, xw, r_out = pack_x(x, norm_weight, eps, residual)
     pdl = pdl_supported(x.device)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    if cfg.mma:
+        from . import int4_mma   # it builds on this module's helpers
+        assert int4_mma.supports(x, w.group_size, N, K, cfg.block_n, cfg.split_k, cfg.num_warps), cfg
+        xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
+        counters, ws = arrival_counters(x.device, N // cfg.block_n if cfg.split_k > 1 else 0), y
+        if cfg.split_k > 1:
+            ws = torch.empty(cfg.split_k * N2, dtype=torch.float32, device=x.device)
+        int4_mma.launch(xp, xg, w, bias, y, ws, counters, N, K, cfg.block_n, cfg.split_k, cfg.num_warps,
+                        silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead)
+        return y, r_out
+    xp, xw, r_out = pack_x(x, norm_weight, eps, residual)
     step = w.group_size // 8 * 4   # words a split is a multiple of: whole blocks of four groups
     words_per_split = triton.cdiv(triton.cdiv(K // 8, step), cfg.split_k) * step
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
@@ -345,20 +397,24 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
 
 
 def pack_x(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-           residual: torch.Tensor | None = None, odd_over_16: bool = False):
+           residual: torch.Tensor | None = None, odd_over_16: bool = False, mma: bool = False):
     """(xp, xw, residual out): x [1, K], after the residual add and RMSNorm when norm_weight is given,
-    as the GEMV's fp16 pairs [4, K / 8] (int32) and word sums [K / 8] (fp32)."""
+    as the GEMV's fp16 pairs [4, K / 8] (int32) and word sums [K / 8] (fp32); mma (int4_mma.py):
+    pairs 1 and 3 over 16, as xp [2, K / 8] int64 and, instead of xw, [2, K / 128]: per 128 K 1024 *
+    the sum of the pairs as packed, and the sum of x."""
     K = x.shape[1]
     norm = norm_weight is not None
     r_out = None   # rms_norm's residual out: x + residual, or x itself without a residual
     if norm:
         r_out = torch.empty_like(x) if residual is not None else x
-    xp = torch.empty(4, K // 8, dtype=torch.int32, device=x.device)
-    xw = torch.empty(K // 8, dtype=torch.float32, device=x.device)
+    xp = torch.empty(2 if mma else 4, K // 8, dtype=torch.int64 if mma else torch.int32, device=x.device)
+    xw = torch.empty(2, K // 128, dtype=torch.float32, device=x.device) if mma else \
+        torch.empty(K // 8, dtype=torch.float32, device=x.device)
     pdl = pdl_supported(x.device)
     _pack_x_kernel[(triton.cdiv(K // 8, 64),)](
         x, residual if residual is not None else x, norm_weight if norm else x,
         r_out if r_out is not None else x, xp, xw, K, eps, NORM=norm,
         RESIDUAL=norm and residual is not None, BLOCK_C=64, RSTD_BLOCK=min(4096, triton.next_power_of_2(K)),
-        F16X2=x.is_cuda, PDL=pdl, ODD_OVER_16=odd_over_16, num_warps=4, **(pdl_launch(x.device) if pdl else {}))
+        F16X2=x.is_cuda, PDL=pdl, ODD_OVER_16=odd_over_16 or mma, MMA=mma, num_warps=4,
+        **(pdl_launch(x.device) if pdl else {}))
     return xp, xw, r_out

@@ -7,6 +7,7 @@ from __future__ import annotations
 from gpu_common import RunLog, compile_for_h100, triton_bin_dir
 
 from pagedeploy.quant import int4_gemv as G4
+from pagedeploy.quant import int4_mma as M4
 from pagedeploy.quant import int4_triton as K4
 
 log = RunLog("int4.log")
@@ -23,7 +24,7 @@ def aot() -> int:
     bin_dir = triton_bin_dir()
     ptrs = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
             "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "xp_ptr": "*i32",
-            "xw_ptr": "*fp32"}
+            "xw_ptr": "*fp32", "xg_ptr": "*fp32"}
     div16 = ("N", "KW", "groups", "words_per_split", "stride_xm", "stride_ym")
     common = dict(GROUP=128, USE_SPLIT=True, HAS_BIAS=False)
     fma = ((1, 128, 1, 4), (1, 256, 1, 4), (1, 64, 2, 2), (2, 256, 1, 4))
@@ -36,6 +37,9 @@ def aot() -> int:
     variants += [(G4._int4_gemv_kernel, dict(gemv, BLOCK_N=bn, SILU_MUL=silu), nw,
                   bn * 512 * (2 if silu else 1))
                  for bn, nw, silu in ((64, 4, False), (64, 4, True), (32, 4, False))]
+    mma = dict(SPLITS=4, PDL=2, USE_SPLIT=True, HAS_BIAS=False, AHEAD=2)
+    variants += [(M4._int4_mma_kernel, dict(mma, BLOCK_N=bn, SILU_MUL=silu), nw, bn * 512 * (2 if silu else 1))
+                 for bn, nw, silu in ((64, 4, False), (64, 4, True), (128, 4, False), (64, 2, False))]
     variants += [(K4._int4_gemm_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, NUM_STAGES=3, PRECISION="tf32",
                                              FOLD=fold), nw, bn * 128)
                  for bm, bn, nw, fold in ((64, 128, 8, False), (64, 64, 4, False), (128, 128, 8, False),

@@ -93,6 +93,34 @@ def test_int4_gemv_configs_gpu(config):
                     config=config)
 
 
+MMA_CONFIGS = [dict(mma=True, split_k=1), dict(mma=True, split_k=2, block_n=32, num_warps=2),
+               dict(mma=True, split_k=4, block_n=128, ahead=2), dict(mma=True, split_k=7, block_n=128, num_warps=8),
+               dict(mma=True, split_k=2, ahead=2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", ["llama qkv", "llama o", "llama gate_up", "llama down", "qwen gate_up"])
+@on_gpu
+def test_int4_gemv_mma_gpu(shape, dtype):
+    """The tensor-core path (int4_mma.py) on the decode shapes, at its default launch."""
+    from pagedeploy.quant.int4_gemv import default_config
+    n, k, group, norm, silu = SHAPES[shape]
+    cfg = default_config(n, k, group, silu, torch.device("cuda"))
+    assert cfg.mma
+    check_int4_gemv(n, k, group, dtype, "cuda", norm=norm, residual=norm, silu=silu, bias=True,
+                    config=cfg.__dict__, seed=n)
+
+
+@pytest.mark.parametrize("config", MMA_CONFIGS)
+@on_gpu
+def test_int4_gemv_mma_configs_gpu(config):
+    """Row tiles of 1, 2 and 4 repeats of the layout a warp, and splits, on the tensor-core path."""
+    k = 14336 if config["split_k"] == 7 else 4096
+    check_int4_gemv(2048, k, 128, torch.bfloat16, "cuda", bias=True, config=config)
+    check_int4_gemv(1024, k, 128, torch.float16, "cuda", norm=True, residual=True, silu=True,
+                    config=config)
+
+
 @on_gpu
 def test_int4_gemv_graph_replay_gpu():
     """Split-K and PDL inside a CUDA graph: fresh inputs, replayed twice, equal to eager calls."""
@@ -101,23 +129,43 @@ def test_int4_gemv_graph_replay_gpu():
     down = make_case(4096, 2048, 128, torch.bfloat16, "cuda", silu=False, seed=6)["w"]
     x = t["x"].clone()
     kw = dict(norm_weight=t["norm_weight"], eps=1e-6, residual=t["residual"], silu_mul=True)
-    cfg = Int4GemvConfig(split_k=8)
+    for mma in (False, True):
+        cfg = Int4GemvConfig(split_k=8, mma=mma)
 
-    def layer():
-        act, r_out = int4_gemv(x, t["w"], config=cfg, **kw)
-        return int4_gemv(act, down, config=Int4GemvConfig(split_k=4))[0], r_out
-    layer()   # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, r_out = layer()
-    for _ in range(2):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        expect, r_expect = layer()
-        assert torch.equal(out, expect) and torch.equal(r_out, r_expect)
+        def layer():
+            act, r_out = int4_gemv(x, t["w"], config=cfg, **kw)
+            return int4_gemv(act, down, config=Int4GemvConfig(split_k=4, mma=mma))[0], r_out
+        layer()   # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out, r_out = layer()
+        for _ in range(2):
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            expect, r_expect = layer()
+            assert torch.equal(out, expect) and torch.equal(r_out, r_expect)
 
 
 # --------------------------------------------------------------------------- CPU interpreter
+
+def test_mma_launch_rule():
+    """int4_mma's launches for Llama-3-8B's decode linears on 132 SMs (the H200 sweep's choices),
+    and the packed-fp16 GEMV off CUDA or for other groups."""
+    from pagedeploy.quant.int4_gemv import Int4GemvConfig, default_config, mma_config
+    one_ahead, two_ahead = dict(mma=True), dict(mma=True, ahead=2)
+    assert mma_config(96, 8, False, 132) == Int4GemvConfig(64, 4, **one_ahead)      # qkv
+    assert mma_config(64, 8, False, 132) == Int4GemvConfig(64, 4, **two_ahead)      # o
+    assert mma_config(448, 8, True, 132) == Int4GemvConfig(64, 1, **one_ahead)      # gate_up
+    assert mma_config(64, 28, False, 132) == Int4GemvConfig(64, 4, **two_ahead)     # down: 4 divides 28
+    assert mma_config(2004, 8, False, 132) == Int4GemvConfig(64, 1, **one_ahead)    # an int4 lm_head
+    assert mma_config(16, 2, False, 132) == Int4GemvConfig(64, 1, **one_ahead)      # one split only
+    cpu = torch.device("cpu")
+    assert not default_config(4096, 4096, 128, False, cpu).mma
+    assert default_config(4096, 4096, 128, False, cpu, mma=True).mma
+    assert not default_config(4096, 4096, 64, False, cpu, mma=True).mma
+    assert not default_config(1000, 4096, 128, False, cpu, mma=True).mma
+
+
 
 def _cpu_cases() -> None:
     f16 = torch.float16   # the kernel's x pairs are fp16: bf16 and fp16 models only (numpy: no bf16)
@@ -142,6 +190,21 @@ def _check_pack_odd_over_16() -> None:
     plain, scaled = xp.view(torch.float16).view(4, -1, 2), xp16.view(torch.float16).view(4, -1, 2)
     assert torch.equal(scaled[0::2], plain[0::2]) and torch.equal(scaled[1::2] * 16, plain[1::2])
     assert torch.equal(xw16, xw)
+    _check_pack_mma(x, plain, xw)
+
+
+def _check_pack_mma(x, plain, xw) -> None:
+    """pack_x(mma=True): pairs (0, 2) and (1, 3) of each word side by side in int64 (1 and 3 over 16),
+    and per 128 K 1024 * the sum of those pairs as packed and the sum of x."""
+    from pagedeploy.quant.int4_gemv import pack_x
+    xp, xg, _ = pack_x(x, mma=True)
+    assert xp.shape == (2, x.shape[1] // 8) and xp.dtype == torch.int64 and xg.shape == (2, x.shape[1] // 128)
+    halves = xp.view(torch.float16).view(2, -1, 2, 2)   # [even/odd pairs, word, pair, lo/hi]
+    assert torch.equal(halves[0, :, 0], plain[0]) and torch.equal(halves[0, :, 1], plain[2])
+    assert torch.equal(halves[1, :, 0] * 16, plain[1]) and torch.equal(halves[1, :, 1] * 16, plain[3])
+    groups = halves.float().permute(1, 0, 2, 3).reshape(-1, 16 * 8).sum(1)
+    torch.testing.assert_close(xg[0], 1024 * groups, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(xg[1], xw.view(-1, 16).sum(1), rtol=1e-6, atol=1e-5)
 
 
 CPU_GROUPS = {"int4_gemv": _cpu_cases}

@@ -1,0 +1,186 @@
+"""Batch-1 decode linears on int4 weights through tensor cores fed from registers (group 128).
+
+The packed-fp16 GEMV (int4_gemv.py) spends 2.7 instructions a weight: a LOP3 to decode each pair
+of codes, an fma for the scale, an fma for x. Here the decoded pairs go straight into
+`mma.sync.m16n8k16` as its A operand, with x as B, so a word's 8 codes cost 4 LOP3, 1 shift and
+one MMA: under one instruction a weight. No weight is re-laid out: the standard packing already
+gives each thread what an MMA wants.
+
+How a word becomes an MMA operand. A [BLOCK_N, 16 words] tile (one group of 128 codes a row) loads
+as Triton's blocked layout for it: 16-byte loads, a thread holding 4 words of a row, 8 threads down
+the rows and 4 across, the warp repeating every 8 * num_warps rows. Thread (g = lane / 4, t = lane %
+4) thus holds words 4t .. 4t + 3 of a row r and of the row r' one repetition further; those two rows
+are the MMA tile's rows g and g + 8. For word i of the four, its codes (j, j + 4) ORed into fp16
+1024 (one LOP3, `0x000f000f`) are the A pair at K slots (2t, 2t + 1), codes (2, 6) at (2t + 8, 2t +
+9); codes (1, 5) and (3, 7) masked in place (`0x00f000f0`: 1024 + 16 code) fill a second MMA whose x
+is over 16 (pack_x(odd_over_16=True)). B is x's pairs for the same words, which pack_x writes in
+exactly that order, so the 16 K slots of each MMA are 16 of the group's K in some order that the
+weights and x share. All 8 columns of B hold the same x; column 0 of C is the result.
+
+What the sums carry. Each product is (1024 + code) x exactly in fp32 and the MMA sums in fp32, so a
+group's C is code . x + 1024 * (sum of x's pairs as packed). pack_x gives that constant per group,
+and the sum of x for the zero's term (w = code * scale + zero): a row gains scale * (C - constant) +
+zero * sum(x), all in fp32. The codes are never rounded: for fp16 and bf16 x this is at least as
+exact as the dequantize-then-matmul reference.
+
+The asm relies on the blocked layout above and on Triton handing an asm block its 8 elements as a
+thread's two rows of four words (`pack=8`); tests/test_int4_gemv.py checks the result on the GPU.
+The CPU interpreter cannot run PTX: int4_gemv keeps the packed-fp16 path there.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedeploy.kernels.triton_launch import wait_previous
+
+from .int4_gemv import _load_block, _program_rows, _store_rows
+
+GROUP = 128   # codes a row per MMA step: the kernel's only group size
+
+
+def _asm() -> str:
+    """PTX for one group of a thread's two rows. Operands: $0-7 out (the running sums in element 0
+    of each row's four, elements 1-3 passed through), $8-15 the words (row g: 8-11, row g + 8:
+    12-15), $16-23 and $24-31 x's B operands for those words (int64: pairs 0 | 2 and 1 | 3), the
+    scale at $32/$36, minus the group's constant at $40, the zero's term at $48/$52, the sums in at
+    $56-63."""
+    mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
+    lines = [".reg .b32 a0, a1, a2, a3, q0, q1, q2, q3, v, u, b0, b1, e0, e1;",
+             ".reg .f32 c0, c1, c2, c3, d0, d1, d2, d3;",
+             *(f"mov.f32 {r}, 0f00000000;" for r in ("c0", "c1", "c2", "c3", "d0", "d1", "d2", "d3"))]
+    for i in range(4):
+        wa, wb = f"${8 + i}", f"${12 + i}"
+        lines += [f"lop3.b32 a0, {wa}, 0x000f000f, 0x64006400, 0xea;",
+                  f"lop3.b32 a1, {wb}, 0x000f000f, 0x64006400, 0xea;",
+                  f"shr.u32 v, {wa}, 8;", f"shr.u32 u, {wb}, 8;",
+                  "lop3.b32 a2, v, 0x000f000f, 0x64006400, 0xea;",
+                  "lop3.b32 a3, u, 0x000f000f, 0x64006400, 0xea;",
+                  f"lop3.b32 q0, {wa}, 0x00f000f0, 0x64006400, 0xea;",
+                  f"lop3.b32 q1, {wb}, 0x00f000f0, 0x64006400, 0xea;",
+                  "lop3.b32 q2, v, 0x00f000f0, 0x64006400, 0xea;",
+                  "lop3.b32 q3, u, 0x00f000f0, 0x64006400, 0xea;",
+                  f"mov.b64 {{b0, b1}}, ${16 + i};", f"mov.b64 {{e0, e1}}, ${24 + i};",
+                  f"{mma} {{c0, c1, c2, c3}}, {{a0, a1, a2, a3}}, {{b0, b1}}, {{c0, c1, c2, c3}};",
+                  f"{mma} {{d0, d1, d2, d3}}, {{q0, q1, q2, q3}}, {{e0, e1}}, {{d0, d1, d2, d3}};"]
+    lines += ["add.f32 c0, c0, d0;", "add.f32 c2, c2, d2;", "add.f32 c0, c0, $40;", "add.f32 c2, c2, $40;",
+              "fma.rn.f32 c0, $32, c0, $56;", "fma.rn.f32 c2, $36, c2, $60;",
+              "add.f32 $0, c0, $48;", "add.f32 $4, c2, $52;"]
+    lines += [f"mov.b32 ${k}, ${56 + k};" for k in (1, 2, 3, 5, 6, 7)]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_MMA_GROUP = tl.constexpr(_asm())
+_MMA_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 8 + ["l"] * 16 + ["f"] * 32))
+
+
+@triton.jit
+def _mma_group(words, xa, xb, s, start, zx, acc):
+    """acc (element 0 of each row's four a thread holds) += s * (the MMAs' sum + start) + zx for one
+    group: start takes the codes' offset of 1024 off, zx is the zero's term."""
+    return tl.inline_asm_elementwise(_MMA_GROUP, _MMA_CONSTRAINTS, [words, xa, xb, s, start, zx, acc],
+                                     dtype=tl.float32, is_pure=True, pack=8)
+
+
+@triton.jit
+def _scales(s_row, z_row, t, GW: tl.constexpr):
+    """A block's scales and zeros, [BLOCK_N] each for its four groups (fp16)."""
+    q = t // GW
+    return (tl.load(s_row + q), tl.load(s_row + q + 1), tl.load(s_row + q + 2), tl.load(s_row + q + 3),
+            tl.load(z_row + q), tl.load(z_row + q + 1), tl.load(z_row + q + 2), tl.load(z_row + q + 3))
+
+
+@triton.jit
+def _group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
+    """One group's [BLOCK_N, GW] tile (words t .. t + GW of each row) into acc."""
+    c = t + tl.arange(0, GW)
+    q = t // GW
+    zx = z.to(tl.float32) * tl.load(xg_ptr + groups + q)
+    start = -tl.load(xg_ptr + q + tl.zeros([1, 1], tl.int32))
+    return _mma_group(words, tl.load(xp_ptr + c)[None, :], tl.load(xp_ptr + KW + c)[None, :],
+                      s.to(tl.float32)[:, None], start, zx[:, None], acc)
+
+
+@triton.jit
+def _block(w0, w1, w2, w3, sz, t, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
+    s0, s1, s2, s3, z0, z1, z2, z3 = sz
+    acc = _group(w0, t, s0, z0, xp_ptr, xg_ptr, KW, groups, acc, GW)
+    acc = _group(w1, t + GW, s1, z1, xp_ptr, xg_ptr, KW, groups, acc, GW)
+    acc = _group(w2, t + 2 * GW, s2, z2, xp_ptr, xg_ptr, KW, groups, acc, GW)
+    return _group(w3, t + 3 * GW, s3, z3, xp_ptr, xg_ptr, KW, groups, acc, GW)
+
+
+@triton.jit
+def _stream(row, s_row, z_row, t, c_end, mask_n, col, GW: tl.constexpr):
+    """A block's words and scales, from word t on (clamped to the split's last block)."""
+    t = tl.minimum(t, c_end - 4 * GW)
+    w0, w1, w2, w3 = _load_block(row, t, c_end, mask_n, col, GW, True)
+    return w0, w1, w2, w3, _scales(s_row, z_row, t, GW)
+
+
+@triton.jit(do_not_specialize=["split_k"])
+def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
+                     N, KW, groups, words_per_split, split_k, BLOCK_N: tl.constexpr,
+                     SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
+                     SPLITS: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr = 1):
+    """Grid (N tiles, K splits), whole tiles only. A program walks its rows' K split in blocks of
+    four groups, each block's words, scales and zeros asked for AHEAD (1 or 2) blocks before it is
+    summed."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    GW: tl.constexpr = 16   # words a group (GROUP // 8)
+    offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
+        w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N, GW, True)
+    B: tl.constexpr = 4 * GW
+    g0, g1, g2, g3, gs = _stream(row_g, s_g, z_g, c_start, c_end, mask_n, col, GW)
+    h0, h1, h2, h3, hs = g0, g1, g2, g3, gs   # the block after, when AHEAD == 2
+    if AHEAD == 2:
+        h0, h1, h2, h3, hs = _stream(row_g, s_g, z_g, c_start + B, c_end, mask_n, col, GW)
+    u0, u1, u2, u3, us = g0, g1, g2, g3, gs
+    v0, v1, v2, v3, vs = g0, g1, g2, g3, gs
+    if SILU_MUL:
+        u0, u1, u2, u3, us = _stream(row_u, s_u, z_u, c_start, c_end, mask_n, col, GW)
+        if AHEAD == 2:
+            v0, v1, v2, v3, vs = _stream(row_u, s_u, z_u, c_start + B, c_end, mask_n, col, GW)
+    wait_previous(PDL)
+    acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
+    acc_u = acc_g
+    for t in range(c_start, c_end, B):
+        n0, n1, n2, n3, ns = _stream(row_g, s_g, z_g, t + AHEAD * B, c_end, mask_n, col, GW)
+        if SILU_MUL:
+            m0, m1, m2, m3, ms = _stream(row_u, s_u, z_u, t + AHEAD * B, c_end, mask_n, col, GW)
+        acc_g = _block(g0, g1, g2, g3, gs, t, xp_ptr, xg_ptr, KW, groups, acc_g, GW)
+        if AHEAD == 2:
+            g0, g1, g2, g3, gs = h0, h1, h2, h3, hs
+            h0, h1, h2, h3, hs = n0, n1, n2, n3, ns
+        else:
+            g0, g1, g2, g3, gs = n0, n1, n2, n3, ns
+        if SILU_MUL:
+            acc_u = _block(u0, u1, u2, u3, us, t, xp_ptr, xg_ptr, KW, groups, acc_u, GW)
+            if AHEAD == 2:
+                u0, u1, u2, u3, us = v0, v1, v2, v3, vs
+                v0, v1, v2, v3, vs = m0, m1, m2, m3, ms
+            else:
+                u0, u1, u2, u3, us = m0, m1, m2, m3, ms
+    # Each row's sum sits in one element of each of the 4 threads across it: a quarter each, so
+    # the row sum of _store_rows gives it back exactly.
+    _store_rows(acc_g * 0.25, acc_u * 0.25, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n,
+                pid_k, split_k, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
+
+
+def supports(x: torch.Tensor, group: int, N: int, K: int, block_n: int, split_k: int, num_warps: int) -> bool:
+    """Whether the MMA kernel takes this linear: CUDA, group 128, whole row tiles of an even
+    number of the layout's 8 * num_warps-row repeats, and whole blocks of four groups in every split."""
+    return (x.is_cuda and group == GROUP and N % block_n == 0 and block_n % (16 * num_warps) == 0
+            and K % GROUP == 0 and (K // GROUP) % (4 * split_k) == 0)
+
+
+def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split_k: int, num_warps: int,
+           silu_mul: bool, pdl: int, launch_options: dict, ahead: int = 1) -> None:
+    """One launch over x packed by pack_x(odd_over_16=True, group_sums=True)."""
+    words_per_split = K // 8 // split_k
+    _int4_mma_kernel[(N // block_n, split_k)](
+        xp, xg, w.packed, w.scales, w.zeros, bias if bias is not None else y, y, ws, counters,
+        N, K // 8, K // GROUP, words_per_split, split_k, BLOCK_N=block_n, SILU_MUL=silu_mul,
+        HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
+        PDL=pdl, AHEAD=ahead, num_warps=num_warps, **launch_options)

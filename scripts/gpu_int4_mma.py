@@ -1,0 +1,134 @@
+"""Issue 6, P3 at batch 1: the tensor-core int4 GEMV (quant/int4_mma.py) against the
+packed-fp16 GEMV (quant/int4_gemv.py), kernel by kernel and end to end, in one run.
+
+Kernels: Llama-3-8B's four decode linears with their fusions, µs per call in a CUDA graph over
+weight copies that overflow L2 (as scripts/gpu_int4_b1.py), for the packed-fp16 GEMV's rule, the
+default (mma) rule and a sweep of mma row tiles, warps, splits and blocks in flight; each with its
+error against the unfused route (rms_norm, the fma kernel, silu_and_mul). End to end: `deploy bench
+--batch-1` decode tok/s of Llama-3-8B dims, a fresh engine each, REPS requests: int4 through the
+packed-fp16 GEMV, through int4_mma (also with quantize_lm_head, and with the sweep's best launch
+per linear), bf16.
+Usage (device machine): python3 scripts/gpu_int4_mma.py [REPS] [--kernels-only] [--shapes=gate_up,down]
+"""
+from __future__ import annotations
+
+import functools
+import gc
+import statistics
+import sys
+
+import torch
+
+import gpu_int4_b1 as B1
+from gpu_common import RunLog
+from gpu_int4 import time_calls
+
+from pagedeploy.kernels import rms_norm, silu_and_mul
+from pagedeploy.kernels.triton_gemv import fused_linear
+from pagedeploy.quant import int4_gemv as G
+from pagedeploy.quant.int4_triton import int4_matmul
+
+log = RunLog("int4_mma.log")
+RULE = G.default_config
+FP16_RULE = functools.partial(RULE, mma=False)   # the packed-fp16 GEMV's rule
+
+
+def mma_variants(n: int, k: int, silu: bool) -> dict:
+    """The packed-fp16 GEMV's rule ("fp16"), the default rule ("mma"), then row
+    tiles x warps x the splits that divide the blocks of four groups x blocks in flight."""
+    dev = torch.device("cuda")
+    out = {"fp16": FP16_RULE(n, k, 128, silu, dev), "mma": RULE(n, k, 128, silu, dev)}
+    blocks = k // 512
+    for bn, nw in ((64, 4), (32, 2), (128, 8)):
+        for split in (d for d in range(1, blocks // 2 + 1) if blocks % d == 0):
+            for ahead in (1, 2):
+                out[f"mma bn{bn} w{nw} s{split} a{ahead}"] = G.Int4GemvConfig(bn, split, nw, mma=True, ahead=ahead)
+    return out
+
+
+BEST: dict = {}   # (N, K, silu) -> the fastest mma config of the kernel table
+
+
+def kernel_table() -> dict:
+    table = {}
+    for name, (n, k, norm, silu), ws, xk, fus, nw, res in B1.linear_cases(B1.ONLY):
+        rows = 2 * n if silu else n
+        fus = dict(fus, silu_mul=silu)
+
+        def old(w):
+            h = rms_norm(xk, nw, 1e-6, res)[0] if norm else xk
+            y = int4_matmul(h, w)
+            return silu_and_mul(y) if silu else y
+        ref = old(ws[0]).float()
+        row = {}
+        configs = mma_variants(n, k, silu)
+        for vname, cfg in configs.items():
+            row[vname] = time_calls([lambda w=w: G.int4_gemv(xk, w, config=cfg, **fus) for w in ws])
+            out = G.int4_gemv(xk, ws[0], config=cfg, **fus)[0].float()
+            row[vname + " err"] = ((out - ref).norm() / ref.norm()).item()
+        wb = [torch.randn(rows, k, device="cuda").to(torch.bfloat16) for _ in range(B1.copies(2 * rows * k))]
+        row["bf16"] = time_calls([lambda w=w: fused_linear(xk, w, **fus) for w in wb])
+        swept = {key: row[key] for key in configs if key.startswith("mma ")}
+        BEST[(n, k, silu)] = configs[min(swept, key=swept.get)]
+        table[name] = row
+        log(f"{name:8s} " + " ".join(f"{key}={v:.4g}" for key, v in row.items()))
+        del ws, wb
+        torch.cuda.empty_cache()
+    return table
+
+
+def end_to_end(reps: int) -> list:
+    from pagedeploy.launcher.bench import (BATCH1_OUTPUT, BATCH1_PROMPT, _warm_up_ours, batch1_ours,
+                                           make_workload)
+    from pagedeploy.runtime.engine import LLMEngine
+    from pagedeploy.runtime.llm import engine_config_from_profile
+
+    rows = []
+
+    def best_rule(N, K, group, silu_mul, device):
+        return BEST.get((N, K, silu_mul)) or RULE(N, K, group, silu_mul, device)
+    for name, keys, rule in (("int4 fp16", ["quantization=int4"], FP16_RULE),
+                             ("int4 mma", ["quantization=int4"], RULE),
+                             ("mma + head", ["quantization=int4", "quantize_lm_head=true"], RULE),
+                             ("sweep best", ["quantization=int4"], best_rule),
+                             ("bf16", ["quantization=none"], RULE)):
+        G.default_config = rule
+        config = engine_config_from_profile("profiles/llama-3-8b-h100.yaml", overrides=keys)
+        engine = LLMEngine(config)
+        _warm_up_ours(engine)
+        request = make_workload(1, (BATCH1_PROMPT, BATCH1_PROMPT), (BATCH1_OUTPUT, BATCH1_OUTPUT), 0,
+                                engine.config.spec.vocab_size)[0]
+        speeds = [batch1_ours(engine, request).decode_tok_s for _ in range(reps)]
+        rows.append((name, speeds))
+        log(f"{name:12s} " + " ".join(f"{s:7.1f}" for s in speeds))
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    G.default_config = RULE
+    return rows
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    table = kernel_table()
+    log("\nus per call (CUDA graph, L2 overflowed); err against the unfused fma route")
+    for name, row in table.items():
+        times = {key: v for key, v in row.items() if key.startswith("mma ") and not key.endswith("err")}
+        best = min(times, key=times.get)
+        log(f"{name:8s} fp16 GEMV {row['fp16']:7.2f} (err {row['fp16 err']:.2e})  mma rule {row['mma']:7.2f} "
+            f"(err {row['mma err']:.2e})  best {times[best]:7.2f} ({best}, err {row[best + ' err']:.2e})"
+            f"  bf16 {row['bf16']:7.2f}")
+    for col in ("fp16", "mma", "bf16"):
+        log(f"{'+'.join(table)} {col}: {sum(row[col] for row in table.values()):.2f} us")
+    if "--kernels-only" in sys.argv:
+        return
+    rows = end_to_end(int(args[0]) if args else 3)
+    log("\nLlama-3-8B dims, batch-1 decode tok/s, median (min-max)")
+    bf16 = statistics.median(rows[-1][1])
+    for name, speeds in rows:
+        med = statistics.median(speeds)
+        log(f"{name:12s} {med:7.1f} ({min(speeds):.1f}-{max(speeds):.1f})  {med / bf16:.2f}x bf16")
+
+
+if __name__ == "__main__":
+    main()
