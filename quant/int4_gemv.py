@@ -345,14 +345,15 @@ def default_config(N: int, K: int, group: int, silu_mul: bool, device: torch.dev
 def mma_config(programs: int, blocks: int, silu_mul: bool, sms: int) -> Int4GemvConfig:
     """int4_mma's launch for `programs` 64-row tiles (gate_up's counted twice) of `blocks` blocks of
     four groups: splits divide the blocks and keep two a split. Two blocks in flight (183
-    registers: 2 programs an SM) where the largest split that fits one such wave still gives 1.5
-    programs an SM; else one (106 registers; gate_up's two streams take 255), split to 2 programs
-    an SM. The H200 sweep of docs/PERF.md (run 17): the best or within 3% for Llama-3-8B's qkv (one
-    block ahead, split 4), o and down (two ahead, split 4) and gate_up (one ahead, unsplit)."""
+    registers: 2 programs an SM) unsplit where the tiles alone fill that wave, or at the largest
+    split that fits it if that gives 1.5 programs an SM; else one block in flight (106 registers;
+    gate_up's two streams take 255), split to 2 programs an SM. The H200 sweep of docs/PERF.md (run
+    17): the best or within 3% for Llama-3-8B's qkv (one block ahead, split 4), o and down (two
+    ahead, split 4), gate_up (one ahead, unsplit) and an int4 lm_head (two ahead, unsplit)."""
     splits = [d for d in range(1, blocks // 2 + 1) if blocks % d == 0] or [1]
     fits = [d for d in splits if programs * d <= 2 * sms]
-    if not silu_mul and fits and programs * fits[-1] >= 1.5 * sms:
-        return Int4GemvConfig(64, fits[-1], mma=True, ahead=2)
+    if not silu_mul and (not fits or programs * fits[-1] >= 1.5 * sms):
+        return Int4GemvConfig(64, fits[-1] if fits else 1, mma=True, ahead=2)
     return Int4GemvConfig(64, next((d for d in splits if programs * d >= 2 * sms), splits[-1]), mma=True)
 
 

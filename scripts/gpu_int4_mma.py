@@ -9,6 +9,7 @@ error against the unfused route (rms_norm, the fma kernel, silu_and_mul). End to
 packed-fp16 GEMV, through int4_mma (also with quantize_lm_head, and with the sweep's best launch
 per linear), bf16.
 Usage (device machine): python3 scripts/gpu_int4_mma.py [REPS] [--kernels-only] [--shapes=gate_up,down]
+       python3 scripts/gpu_int4_mma.py --head   (the lm_head alone: bf16 routes, int4 launches)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 
 import gpu_int4_b1 as B1
 from gpu_common import RunLog
-from gpu_int4 import time_calls
+from gpu_int4 import random_int4, time_calls
 
 from pagedeploy.kernels import rms_norm, silu_and_mul
 from pagedeploy.kernels.triton_gemv import fused_linear
@@ -108,8 +109,31 @@ def end_to_end(reps: int) -> list:
     return rows
 
 
+def head_table() -> None:
+    """`--head`: Llama-3's lm_head (128,256 x 4096) at one row: bf16 through F.linear (cuBLAS, what
+    the model runs) and through fused_linear (the bf16 GEMV), and int4 (quantize_lm_head) through
+    the default rule and a few mma launches."""
+    import torch.nn.functional as F
+    n, k = 128256, 4096
+    x = torch.randn(1, k, device="cuda").to(torch.bfloat16)
+    wb = [torch.randn(n, k, device="cuda").to(torch.bfloat16) for _ in range(2)]
+    row = {"bf16 F.linear": time_calls([lambda w=w: F.linear(x, w) for w in wb]),
+           "bf16 fused_linear": time_calls([lambda w=w: fused_linear(x, w)[0] for w in wb])}
+    del wb
+    wq = [random_int4(n, k, seed=i) for i in range(2)]
+    configs = {"int4 rule": RULE(n, k, 128, False, x.device)}
+    for split, ahead in ((1, 2), (2, 1), (2, 2), (4, 1)):
+        configs[f"int4 mma s{split} a{ahead}"] = G.Int4GemvConfig(64, split, mma=True, ahead=ahead)
+    configs["int4 fp16 GEMV"] = FP16_RULE(n, k, 128, False, x.device)
+    for name, cfg in configs.items():
+        row[name] = time_calls([lambda w=w: G.int4_gemv(x, w, config=cfg)[0] for w in wq])
+    log("lm_head 128256 x 4096, one row, us: " + "  ".join(f"{key} {v:.1f}" for key, v in row.items()))
+
+
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if "--head" in sys.argv:
+        return head_table()
     table = kernel_table()
     log("\nus per call (CUDA graph, L2 overflowed); err against the unfused fma route")
     for name, row in table.items():

@@ -157,7 +157,7 @@ def test_mma_launch_rule():
     assert mma_config(64, 8, False, 132) == Int4GemvConfig(64, 4, **two_ahead)      # o
     assert mma_config(448, 8, True, 132) == Int4GemvConfig(64, 1, **one_ahead)      # gate_up
     assert mma_config(64, 28, False, 132) == Int4GemvConfig(64, 4, **two_ahead)     # down: 4 divides 28
-    assert mma_config(2004, 8, False, 132) == Int4GemvConfig(64, 1, **one_ahead)    # an int4 lm_head
+    assert mma_config(2004, 8, False, 132) == Int4GemvConfig(64, 1, **two_ahead)    # an int4 lm_head
     assert mma_config(16, 2, False, 132) == Int4GemvConfig(64, 1, **one_ahead)      # one split only
     cpu = torch.device("cpu")
     assert not default_config(4096, 4096, 128, False, cpu).mma
