@@ -3,8 +3,9 @@
 The packed-fp16 GEMV (int4_gemv.py) spends 2.7 instructions a weight: a LOP3 to decode each pair
 of codes, an fma for the scale, an fma for x. Here the decoded pairs go straight into
 `mma.sync.m16n8k16` as its A operand, with x as B, so a word's 8 codes cost 4 LOP3, 1 shift and
-one MMA: under one instruction a weight. No weight is re-laid out: the standard packing already
-gives each thread what an MMA wants.
+one MMA: 1.4-1.7 instructions a weight in the SASS loop with the loads and addressing
+(`scripts/gpu_int4.py --aot`). No weight is re-laid out: the standard packing already gives each
+thread what an MMA wants.
 
 How a word becomes an MMA operand. A [BLOCK_N, 16 words] tile (one group of 128 codes a row) loads
 as Triton's blocked layout for it: 16-byte loads, a thread holding 4 words of a row, 8 threads down
@@ -13,7 +14,7 @@ the rows and 4 across, the warp repeating every 8 * num_warps rows. Thread (g = 
 are the MMA tile's rows g and g + 8. For word i of the four, its codes (j, j + 4) ORed into fp16
 1024 (one LOP3, `0x000f000f`) are the A pair at K slots (2t, 2t + 1), codes (2, 6) at (2t + 8, 2t +
 9); codes (1, 5) and (3, 7) masked in place (`0x00f000f0`: 1024 + 16 code) fill a second MMA whose x
-is over 16 (pack_x(odd_over_16=True)). B is x's pairs for the same words, which pack_x writes in
+is over 16 (int4_pack.pack_x(mma=True)). B is x's pairs for the same words, which pack_x writes in
 exactly that order, so the 16 K slots of each MMA are 16 of the group's K in some order that the
 weights and x share. All 8 columns of B hold the same x; column 0 of C is the result.
 
@@ -177,7 +178,7 @@ def supports(x: torch.Tensor, group: int, N: int, K: int, block_n: int, split_k:
 
 def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split_k: int, num_warps: int,
            silu_mul: bool, pdl: int, launch_options: dict, ahead: int = 1) -> None:
-    """One launch over x packed by pack_x(odd_over_16=True, group_sums=True)."""
+    """One launch over x packed by int4_pack.pack_x(mma=True)."""
     words_per_split = K // 8 // split_k
     _int4_mma_kernel[(N // block_n, split_k)](
         xp, xg, w.packed, w.scales, w.zeros, bias if bias is not None else y, y, ws, counters,

@@ -79,8 +79,9 @@ class QuantLinear(nn.Module):
         return int4_matmul_reference(x, w, self.bias)
 
     def uses_gemv(self, x: torch.Tensor) -> bool:
-        """Batch-1 decode of an int4 weight on CUDA goes through int4_gemv (packed fp16 math, the
-        norm before and the activation after it fused by the model's norm_linear)."""
+        """Batch-1 decode of an int4 weight on CUDA goes through int4_gemv (tensor cores for group
+        128, packed fp16 math otherwise; the norm before and the activation after it fused by the
+        model's norm_linear)."""
         return (self.method == "int4" and x.is_cuda and x.dim() == 2 and x.shape[0] == 1
                 and x.dtype in (torch.float16, torch.bfloat16) and x.stride(-1) == 1)
 

@@ -1,7 +1,7 @@
 """`python scripts/gpu_int4.py --aot`: compile the int4 kernels (the fma, dot and gemm kernels
-of int4_triton.py, the batch-1 GEMV of int4_gemv.py) for sm_90a on a machine without a GPU and count,
-from the SASS, the instructions of the hottest loop per weight (the figure the kernel notes in
-docs/PERF.md quote), with registers and spills."""
+of int4_triton.py, the batch-1 kernels of int4_gemv.py and int4_mma.py) for sm_90a on a machine
+without a GPU and count, from the SASS, the instructions of the hottest loop per weight (the
+figure the kernel notes in docs/PERF.md quote), with registers and spills."""
 from __future__ import annotations
 
 from gpu_common import RunLog, compile_for_h100, triton_bin_dir
@@ -37,9 +37,10 @@ def aot() -> int:
     variants += [(G4._int4_gemv_kernel, dict(gemv, BLOCK_N=bn, SILU_MUL=silu), nw,
                   bn * 512 * (2 if silu else 1))
                  for bn, nw, silu in ((64, 4, False), (64, 4, True), (32, 4, False))]
-    mma = dict(SPLITS=4, PDL=2, USE_SPLIT=True, HAS_BIAS=False, AHEAD=2)
-    variants += [(M4._int4_mma_kernel, dict(mma, BLOCK_N=bn, SILU_MUL=silu), nw, bn * 512 * (2 if silu else 1))
-                 for bn, nw, silu in ((64, 4, False), (64, 4, True), (128, 4, False), (64, 2, False))]
+    mma = dict(SPLITS=4, PDL=2, USE_SPLIT=True, HAS_BIAS=False)
+    variants += [(M4._int4_mma_kernel, dict(mma, BLOCK_N=bn, SILU_MUL=silu, AHEAD=ahead), nw,
+                  bn * 512 * (2 if silu else 1))
+                 for bn, nw, silu, ahead in ((64, 4, False, 1), (64, 4, False, 2), (64, 4, True, 1), (32, 2, True, 1))]
     variants += [(K4._int4_gemm_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, NUM_STAGES=3, PRECISION="tf32",
                                              FOLD=fold), nw, bn * 128)
                  for bm, bn, nw, fold in ((64, 128, 8, False), (64, 64, 4, False), (128, 128, 8, False),
@@ -47,7 +48,8 @@ def aot() -> int:
     for fn, consts, nw, weights_per_step in variants:
         consts = {k: v for k, v in {**common, **consts}.items() if k in fn.arg_names}
         args = [n for n in fn.arg_names if n not in consts]
-        kernel = compile_for_h100(fn, {n: ptrs.get(n, "i32") for n in args}, consts,
+        types = dict(ptrs, xp_ptr="*i64") if fn is M4._int4_mma_kernel else ptrs   # pack_x(mma=True)'s pairs
+        kernel = compile_for_h100(fn, {n: types.get(n, "i32") for n in args}, consts,
                                   [n for n in args if n in ptrs or n in div16], nw, 3)
         with tempfile.TemporaryDirectory() as d:
             with open(f"{d}/k.cubin", "wb") as f:

@@ -7,6 +7,8 @@ L2 (PDL applies inside graphs), median microseconds per call; bf16 fused_linear 
 `deploy bench --batch-1` decode tok/s of Llama-3-8B dims with int4 through the new route (also with
 quantize_lm_head), the old route (QuantLinear.uses_gemv off) and bf16, a fresh engine each, REPS
 requests.
+The kernel rows time the packed-fp16 GEMV (`mma=False`); the end-to-end "int4 new" row runs the
+default route, int4_mma.py's tensor-core kernel since run 17 (scripts/gpu_int4_mma.py compares them).
 Usage (device machine): python3 scripts/gpu_int4_b1.py [REPS] [--kernels-only] [--shapes=gate_up,down]
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ SHAPES = {  # name: (rows out, K, norm, silu)
 
 def variants(n: int, k: int, silu: bool) -> dict:
     """Launch shapes to time per linear: rows a program (and warps) and K splits."""
-    out = {"default": G.default_config(n, k, 128, silu, torch.device("cuda"))}
+    out = {"default": G.default_config(n, k, 128, silu, torch.device("cuda"), mma=False)}
     for bn, nw in ((16, 2), (32, 2), (32, 4), (64, 4), (64, 8)):
         for split in (1, 2, 4, 8):
             out[f"bn{bn} w{nw} s{split}"] = G.Int4GemvConfig(bn, split, nw)
@@ -44,13 +46,14 @@ def variants(n: int, k: int, silu: bool) -> dict:
 
 
 def gemv_only(x, w, silu: bool):
-    """The GEMV launch of int4_gemv alone, on x packed once beforehand."""
+    """The packed-fp16 GEMV launch of int4_gemv alone, on x packed once beforehand."""
     if id(x) not in _PACKED:
         _PACKED[id(x)] = G.pack_x(x)
     real = G.pack_x
     G.pack_x = lambda *a, **k: _PACKED[id(x)]
+    cfg = G.default_config(w.shape[0] // 2 if silu else w.shape[0], w.shape[1], 128, silu, x.device, mma=False)
     try:
-        return G.int4_gemv(x, w, silu_mul=silu)
+        return G.int4_gemv(x, w, silu_mul=silu, config=cfg)
     finally:
         G.pack_x = real
 
@@ -98,7 +101,7 @@ def kernel_table() -> dict:
         launch.PDL_MODE = 2
         if silu:   # gate_up as one 2N-row stream (137 registers, not 255), silu * up launched after
             plain = dict(fus, silu_mul=False)
-            split = G.default_config(rows, k, 128, False, xk.device).split_k
+            split = G.default_config(rows, k, 128, False, xk.device, mma=False).split_k
             for bn, warps in ((32, 2), (32, 4), (64, 4)):
                 cfg = G.Int4GemvConfig(bn, split, warps)
                 row[f"2N bn{bn} w{warps} + silu_and_mul"] = time_calls(

@@ -182,7 +182,7 @@ def _cpu_cases() -> None:
 def _check_pack_odd_over_16() -> None:
     """pack_x(odd_over_16=True): pairs 1 and 3 exactly a sixteenth of the plain packing, sums alike
     (exact for |x| >= 2^-10; below, x / 16 is an fp16 subnormal and loses bits)."""
-    from pagedeploy.quant.int4_gemv import pack_x
+    from pagedeploy.quant.int4_pack import pack_x
     x = torch.randn(1, 512, generator=torch.Generator().manual_seed(7))
     x = (x.sign() * (x.abs() + 2 ** -9)).to(torch.float16)
     xp, xw, _ = pack_x(x)
@@ -196,7 +196,7 @@ def _check_pack_odd_over_16() -> None:
 def _check_pack_mma(x, plain, xw) -> None:
     """pack_x(mma=True): pairs (0, 2) and (1, 3) of each word side by side in int64 (1 and 3 over 16),
     and per 128 K 1024 * the sum of those pairs as packed and the sum of x."""
-    from pagedeploy.quant.int4_gemv import pack_x
+    from pagedeploy.quant.int4_pack import pack_x
     xp, xg, _ = pack_x(x, mma=True)
     assert xp.shape == (2, x.shape[1] // 8) and xp.dtype == torch.int64 and xg.shape == (2, x.shape[1] // 128)
     halves = xp.view(torch.float16).view(2, -1, 2, 2)   # [even/odd pairs, word, pair, lo/hi]

@@ -1,0 +1,103 @@
+"""x for the batch-1 int4 kernels: one small launch before each GEMV adds the residual, applies
+RMSNorm (rounded as `rms_norm` rounds, so x holds what the unfused path feeds the linear) and packs
+x into the fp16 pairs the kernels multiply codes with, with the sums they need.
+
+Two forms: int4_gemv.py's (four int32 planes of pairs and each word's sum of x) and, with mma,
+int4_mma.py's (the pairs as two int64 planes, an MMA's B operand each, and two constants per group).
+bf16 to fp16 is exact for |x| < 65504, which decoder activations stay well under. Packing inside
+the GEMV instead cost more than the launch (docs/PERF.md, run 14).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from pagedeploy.kernels.triton_gemv import _rstd, _x_tile
+from pagedeploy.kernels.triton_launch import pdl_launch, pdl_supported, wait_previous
+
+
+@triton.jit
+def _pair(lo, hi, F16X2: tl.constexpr):
+    """int32 holding fp16(hi) << 16 | fp16(lo), from fp32 values."""
+    if F16X2:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    lo16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi16 = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return lo16 | (hi16 << 16)
+
+
+@triton.jit
+def _pack_x_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, xp_ptr, xw_ptr, K, eps,
+                   NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr,
+                   RSTD_BLOCK: tl.constexpr, F16X2: tl.constexpr, PDL: tl.constexpr,
+                   ODD_OVER_16: tl.constexpr = False, MMA: tl.constexpr = False):
+    """Grid (words / BLOCK_C): x (after residual add + RMSNorm) as the GEMV's fp16 pairs,
+    xp[j, c] = (x[8c + j], x[8c + j + 4]) for j < 4, and word sums xw[c] (fp32). ODD_OVER_16: pairs
+    1 and 3 divided by 16 (a decode that leaves those codes times 16: int4_mma.py), exact but for
+    |x| < 2^-10, whose sixteenths are fp16 subnormals. MMA (with ODD_OVER_16; int4_mma.py): the
+    pairs as int64 (pair 0 | pair 2 << 32, pair 1 | pair 3 << 32) at xp[0, c] and xp[1, c], an
+    MMA's B operand each, and instead of word sums, per 128 K, 1024 * the sum of the pairs as packed
+    at xw[g] and the sum of x at xw[groups + g] (the constants int4_mma takes off)."""
+    wait_previous(PDL)
+    rows = tl.arange(0, 1)
+    rstd = tl.zeros([1], tl.float32)
+    if NORM:   # each program reads the whole row for 1/rms (from L2; RSTD_BLOCK wide loads)
+        rstd = _rstd(x_ptr, r_ptr, r_out_ptr, rows, rows < 1, K, eps, K, K, tl.program_id(0) == 0,
+                     1, RSTD_BLOCK, RESIDUAL)
+    k = tl.program_id(0) * BLOCK_C * 8 + tl.arange(0, BLOCK_C * 8)
+    x = _x_tile(x_ptr, r_ptr, nw_ptr, rows, k, (k < K)[None, :], k < K, rstd, K, K, NORM, RESIDUAL)
+    x = tl.reshape(x, [BLOCK_C, 2, 4])              # [c, j // 4, j % 4]
+    lo, hi = tl.split(tl.permute(x, [0, 2, 1]))     # [c, j] for j < 4 and j + 4
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = (c < K // 8)[:, None]
+    xw = tl.sum(lo + hi, 1, keep_dims=True)
+    if ODD_OVER_16:
+        odd = tl.where(tl.arange(0, 4) % 2 == 1, 1.0 / 16, 1.0)[None, :]
+        lo, hi = lo * odd, hi * odd
+    if MMA:   # BLOCK_C words are whole groups of 16
+        _store_mma_x(lo, hi, xw, xp_ptr, xw_ptr, c, K, BLOCK_C, F16X2)
+    else:
+        tl.store(xp_ptr + c[:, None] + tl.arange(0, 4)[None, :] * (K // 8), _pair(lo, hi, F16X2), mask=ok)
+        tl.store(xw_ptr + c[:, None], xw, mask=ok)
+
+
+@triton.jit
+def _store_mma_x(lo, hi, xw, xp_ptr, xg_ptr, c, K, BLOCK_C: tl.constexpr, F16X2: tl.constexpr):
+    """pack_x's int4_mma form: xp [2, K / 8] int64 and xg [2, K / 128] (_pack_x_kernel's MMA)."""
+    pairs = _pair(lo, hi, F16X2).to(tl.int64) & 0xFFFFFFFF     # [c, j]
+    even, odd = tl.split(tl.reshape(pairs, [BLOCK_C, 2, 2]))  # j = 0, 2 and j = 1, 3
+    lo_hi = tl.arange(0, 2)[None, :] * 32
+    tl.store(xp_ptr + c, tl.sum(even << lo_hi, 1), mask=c < K // 8)
+    tl.store(xp_ptr + K // 8 + c, tl.sum(odd << lo_hi, 1), mask=c < K // 8)
+    packed = lo.to(tl.float16).to(tl.float32) + hi.to(tl.float16).to(tl.float32)
+    g = tl.program_id(0) * (BLOCK_C // 16) + tl.arange(0, BLOCK_C // 16)
+    g_ok = g < K // 128
+    tl.store(xg_ptr + g, 1024.0 * tl.sum(tl.reshape(tl.sum(packed, 1), [BLOCK_C // 16, 16]), 1), mask=g_ok)
+    tl.store(xg_ptr + K // 128 + g, tl.sum(tl.reshape(tl.sum(xw, 1), [BLOCK_C // 16, 16]), 1), mask=g_ok)
+
+
+
+def pack_x(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+           residual: torch.Tensor | None = None, odd_over_16: bool = False, mma: bool = False):
+    """(xp, xw, residual out): x [1, K], after the residual add and RMSNorm when norm_weight is given,
+    as the GEMV's fp16 pairs [4, K / 8] (int32) and word sums [K / 8] (fp32); mma (int4_mma.py):
+    pairs 1 and 3 over 16, as xp [2, K / 8] int64 and, instead of xw, [2, K / 128]: per 128 K 1024 *
+    the sum of the pairs as packed, and the sum of x."""
+    K = x.shape[1]
+    norm = norm_weight is not None
+    r_out = None   # rms_norm's residual out: x + residual, or x itself without a residual
+    if norm:
+        r_out = torch.empty_like(x) if residual is not None else x
+    xp = torch.empty(2 if mma else 4, K // 8, dtype=torch.int64 if mma else torch.int32, device=x.device)
+    xw = torch.empty(2, K // 128, dtype=torch.float32, device=x.device) if mma else \
+        torch.empty(K // 8, dtype=torch.float32, device=x.device)
+    pdl = pdl_supported(x.device)
+    _pack_x_kernel[(triton.cdiv(K // 8, 64),)](
+        x, residual if residual is not None else x, norm_weight if norm else x,
+        r_out if r_out is not None else x, xp, xw, K, eps, NORM=norm,
+        RESIDUAL=norm and residual is not None, BLOCK_C=64, RSTD_BLOCK=min(4096, triton.next_power_of_2(K)),
+        F16X2=x.is_cuda, PDL=pdl, ODD_OVER_16=odd_over_16 or mma, MMA=mma, num_warps=4,
+        **(pdl_launch(x.device) if pdl else {}))
+    return xp, xw, r_out
