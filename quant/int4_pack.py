@@ -78,7 +78,6 @@ def _store_mma_x(lo, hi, xw, xp_ptr, xg_ptr, c, K, BLOCK_C: tl.constexpr, F16X2:
     tl.store(xg_ptr + K // 128 + g, tl.sum(tl.reshape(tl.sum(xw, 1), [BLOCK_C // 16, 16]), 1), mask=g_ok)
 
 
-
 def pack_x(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
            residual: torch.Tensor | None = None, odd_over_16: bool = False, mma: bool = False):
     """(xp, xw, residual out): x [1, K], after the residual add and RMSNorm when norm_weight is given,

@@ -13,6 +13,7 @@ Usage (device machine): python3 scripts/gpu_int4_b1.py [REPS] [--kernels-only] [
 """
 from __future__ import annotations
 
+import functools
 import gc
 import statistics
 import sys
@@ -81,17 +82,20 @@ def linear_cases(only: list[str]):
             yield name, (n, k, norm, silu), ws, x[:, :k], fus, nw, res
 
 
+def unfused(x, w, norm_weight, residual, norm: bool, silu: bool):
+    """The route the batch-1 kernels replace: rms_norm, the fma kernel, silu_and_mul."""
+    h = rms_norm(x, norm_weight, 1e-6, residual)[0] if norm else x
+    y = int4_matmul(h, w)
+    return silu_and_mul(y) if silu else y
+
+
 def kernel_table() -> dict:
     bf = torch.bfloat16
     table = {}
     for name, (n, k, norm, silu), ws, xk, fus, nw, res in linear_cases(ONLY):
         rows = 2 * n if silu else n
         fus = dict(fus, silu_mul=silu)
-
-        def old(w):
-            h = rms_norm(xk, nw, 1e-6, res)[0] if norm else xk
-            y = int4_matmul(h, w)
-            return silu_and_mul(y) if silu else y
+        old = functools.partial(unfused, xk, norm_weight=nw, residual=res, norm=norm, silu=silu)
         row = {"old": time_calls([lambda w=w: old(w) for w in ws])}
         pack_args = (nw, 1e-6, res) if norm else ()
         row["pack"] = time_calls([lambda: G.pack_x(xk, *pack_args)] * len(ws))
@@ -119,12 +123,26 @@ def kernel_table() -> dict:
     return table
 
 
-def end_to_end(reps: int) -> list:
+def batch1_speeds(overrides: list[str], reps: int) -> list[float]:
+    """Batch-1 decode tok/s of `reps` requests on a fresh engine of the Llama-3-8B profile with
+    `overrides` (as `deploy bench --batch-1`)."""
     from pagedeploy.launcher.bench import (BATCH1_OUTPUT, BATCH1_PROMPT, _warm_up_ours, batch1_ours,
                                            make_workload)
     from pagedeploy.runtime.engine import LLMEngine
     from pagedeploy.runtime.llm import engine_config_from_profile
 
+    engine = LLMEngine(engine_config_from_profile("profiles/llama-3-8b-h100.yaml", overrides=overrides))
+    _warm_up_ours(engine)
+    request = make_workload(1, (BATCH1_PROMPT, BATCH1_PROMPT), (BATCH1_OUTPUT, BATCH1_OUTPUT), 0,
+                            engine.config.spec.vocab_size)[0]
+    speeds = [batch1_ours(engine, request).decode_tok_s for _ in range(reps)]
+    del engine
+    gc.collect()
+    torch.cuda.empty_cache()
+    return speeds
+
+
+def end_to_end(reps: int) -> list:
     rows, uses = [], QuantLinear.uses_gemv
     old_route = lambda self, x: False  # noqa: E731
     for name, keys, route in (("int4 new", ["quantization=int4"], uses),
@@ -132,17 +150,9 @@ def end_to_end(reps: int) -> list:
                               ("int4 old", ["quantization=int4"], old_route),
                               ("bf16", ["quantization=none"], uses)):
         QuantLinear.uses_gemv = route
-        config = engine_config_from_profile("profiles/llama-3-8b-h100.yaml", overrides=keys)
-        engine = LLMEngine(config)
-        _warm_up_ours(engine)
-        request = make_workload(1, (BATCH1_PROMPT, BATCH1_PROMPT), (BATCH1_OUTPUT, BATCH1_OUTPUT), 0,
-                                engine.config.spec.vocab_size)[0]
-        speeds = [batch1_ours(engine, request).decode_tok_s for _ in range(reps)]
+        speeds = batch1_speeds(keys, reps)
         rows.append((name, speeds))
         log(f"{name:10s} " + " ".join(f"{s:7.1f}" for s in speeds))
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()
     QuantLinear.uses_gemv = uses
     return rows
 
@@ -177,12 +187,16 @@ def main() -> None:
         log(f"{'+'.join(table)} {col}: {sum(row[col] for row in table.values()):.2f} us")
     if "--kernels-only" in sys.argv:
         return
-    rows = end_to_end(int(args[0]) if args else 3)
-    log("\nLlama-3-8B dims, batch-1 decode tok/s, median (min-max)")
+    log_speeds(end_to_end(int(args[0]) if args else 3))
+
+
+def log_speeds(rows: list, out: RunLog = log) -> None:
+    """Median (min-max) decode tok/s per route, and its ratio to the last row's (bf16), into `out`."""
+    out("\nLlama-3-8B dims, batch-1 decode tok/s, median (min-max)")
     bf16 = statistics.median(rows[-1][1])
     for name, speeds in rows:
         med = statistics.median(speeds)
-        log(f"{name:10s} {med:7.1f} ({min(speeds):.1f}-{max(speeds):.1f})  {med / bf16:.2f}x bf16")
+        out(f"{name:12s} {med:7.1f} ({min(speeds):.1f}-{max(speeds):.1f})  {med / bf16:.2f}x bf16")
 
 
 if __name__ == "__main__":

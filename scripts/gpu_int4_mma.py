@@ -14,8 +14,6 @@ Usage (device machine): python3 scripts/gpu_int4_mma.py [REPS] [--kernels-only] 
 from __future__ import annotations
 
 import functools
-import gc
-import statistics
 import sys
 
 import torch
@@ -24,10 +22,8 @@ import gpu_int4_b1 as B1
 from gpu_common import RunLog
 from gpu_int4 import random_int4, time_calls
 
-from pagedeploy.kernels import rms_norm, silu_and_mul
 from pagedeploy.kernels.triton_gemv import fused_linear
 from pagedeploy.quant import int4_gemv as G
-from pagedeploy.quant.int4_triton import int4_matmul
 
 log = RunLog("int4_mma.log")
 RULE = G.default_config
@@ -56,11 +52,7 @@ def kernel_table() -> dict:
         rows = 2 * n if silu else n
         fus = dict(fus, silu_mul=silu)
 
-        def old(w):
-            h = rms_norm(xk, nw, 1e-6, res)[0] if norm else xk
-            y = int4_matmul(h, w)
-            return silu_and_mul(y) if silu else y
-        ref = old(ws[0]).float()
+        ref = B1.unfused(xk, ws[0], nw, res, norm, silu).float()
         row = {}
         configs = mma_variants(n, k, silu)
         for vname, cfg in configs.items():
@@ -79,11 +71,6 @@ def kernel_table() -> dict:
 
 
 def end_to_end(reps: int) -> list:
-    from pagedeploy.launcher.bench import (BATCH1_OUTPUT, BATCH1_PROMPT, _warm_up_ours, batch1_ours,
-                                           make_workload)
-    from pagedeploy.runtime.engine import LLMEngine
-    from pagedeploy.runtime.llm import engine_config_from_profile
-
     rows = []
 
     def best_rule(N, K, group, silu_mul, device):
@@ -94,17 +81,9 @@ def end_to_end(reps: int) -> list:
                              ("sweep best", ["quantization=int4"], best_rule),
                              ("bf16", ["quantization=none"], RULE)):
         G.default_config = rule
-        config = engine_config_from_profile("profiles/llama-3-8b-h100.yaml", overrides=keys)
-        engine = LLMEngine(config)
-        _warm_up_ours(engine)
-        request = make_workload(1, (BATCH1_PROMPT, BATCH1_PROMPT), (BATCH1_OUTPUT, BATCH1_OUTPUT), 0,
-                                engine.config.spec.vocab_size)[0]
-        speeds = [batch1_ours(engine, request).decode_tok_s for _ in range(reps)]
+        speeds = B1.batch1_speeds(keys, reps)
         rows.append((name, speeds))
         log(f"{name:12s} " + " ".join(f"{s:7.1f}" for s in speeds))
-        del engine
-        gc.collect()
-        torch.cuda.empty_cache()
     G.default_config = RULE
     return rows
 
@@ -146,12 +125,7 @@ def main() -> None:
         log(f"{'+'.join(table)} {col}: {sum(row[col] for row in table.values()):.2f} us")
     if "--kernels-only" in sys.argv:
         return
-    rows = end_to_end(int(args[0]) if args else 3)
-    log("\nLlama-3-8B dims, batch-1 decode tok/s, median (min-max)")
-    bf16 = statistics.median(rows[-1][1])
-    for name, speeds in rows:
-        med = statistics.median(speeds)
-        log(f"{name:12s} {med:7.1f} ({min(speeds):.1f}-{max(speeds):.1f})  {med / bf16:.2f}x bf16")
+    B1.log_speeds(end_to_end(int(args[0]) if args else 3), log)
 
 
 if __name__ == "__main__":

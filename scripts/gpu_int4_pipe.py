@@ -27,6 +27,7 @@ from gpu_int4_b1 import SHAPES, copies, linear_cases, shapes_wanted
 
 from pagedeploy.kernels.triton_launch import arrival_counters, pdl_launch, wait_previous
 from pagedeploy.quant import int4_gemv as G
+from pagedeploy.quant.int4_mma import _scales
 
 log = RunLog("int4_pipe.log")
 
@@ -135,14 +136,6 @@ def _gemv_pipe(xp_ptr, xw_ptr, w_ptr, desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                              acc_u, GW, True, EVEN)
     G._store_rows(acc_g, acc_u, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, split_k,
                   SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
-
-
-@triton.jit
-def _scales(s_row, z_row, t, GW: tl.constexpr):
-    """A block's four scales and zeros per row (fp16, converted where used)."""
-    g = t // GW
-    return (tl.load(s_row + g), tl.load(s_row + g + 1), tl.load(s_row + g + 2), tl.load(s_row + g + 3),
-            tl.load(z_row + g), tl.load(z_row + g + 1), tl.load(z_row + g + 2), tl.load(z_row + g + 3))
 
 
 @triton.jit
