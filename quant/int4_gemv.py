@@ -311,23 +311,20 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
     cfg = config or default_config(N, K, w.group_size, silu_mul, x.device)
     pdl = pdl_supported(x.device)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
+    counters, ws = arrival_counters(x.device, grid[0] if cfg.split_k > 1 else 0), y
+    if cfg.split_k > 1:
+        ws = torch.empty(cfg.split_k * N2, dtype=torch.float32, device=x.device)
     if cfg.mma:
         from . import int4_mma   # it builds on this module's helpers
         assert int4_mma.supports(x, w.group_size, N, K, cfg.block_n, cfg.split_k, cfg.num_warps), cfg
         xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
-        counters, ws = arrival_counters(x.device, N // cfg.block_n if cfg.split_k > 1 else 0), y
-        if cfg.split_k > 1:
-            ws = torch.empty(cfg.split_k * N2, dtype=torch.float32, device=x.device)
         int4_mma.launch(xp, xg, w, bias, y, ws, counters, N, K, cfg.block_n, cfg.split_k, cfg.num_warps,
                         silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead)
         return y, r_out
     xp, xw, r_out = pack_x(x, norm_weight, eps, residual)
     step = w.group_size // 8 * 4   # words a split is a multiple of: whole blocks of four groups
     words_per_split = triton.cdiv(triton.cdiv(K // 8, step), cfg.split_k) * step
-    grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
-    counters, ws = arrival_counters(x.device, grid[0] if cfg.split_k > 1 else 0), y
-    if cfg.split_k > 1:
-        ws = torch.empty(cfg.split_k * N2, dtype=torch.float32, device=x.device)
     _int4_gemv_kernel[grid](
         xp, xw, w.packed, w.scales, w.zeros, bias if bias is not None else x, y, ws, counters,
         N, K // 8, K // w.group_size, words_per_split, cfg.split_k, GROUP=w.group_size,

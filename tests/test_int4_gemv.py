@@ -166,7 +166,6 @@ def test_mma_launch_rule():
     assert not default_config(1000, 4096, 128, False, cpu, mma=True).mma
 
 
-
 def _cpu_cases() -> None:
     f16 = torch.float16   # the kernel's x pairs are fp16: bf16 and fp16 models only (numpy: no bf16)
     check_int4_gemv(40, 256, 128, f16, "cpu", bias=True, config=dict(block_n=16))
