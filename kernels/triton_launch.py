@@ -66,11 +66,16 @@ def pdl_launch(device: torch.device) -> dict:
 
 
 @triton.jit
-def wait_previous(PDL: tl.constexpr):
-    """Wait until the previous kernel has finished and its writes are visible; let the next start."""
+def wait_previous(PDL: tl.constexpr, EARLY: tl.constexpr = False):
+    """Wait until the previous kernel has finished and its writes are visible; let the next start.
+    EARLY: let the next start before the wait, for a short kernel whose successor has work that does
+    not depend on it (loading weights) to do meanwhile; the successor's own wait still orders it
+    after this kernel and so after this one's predecessor."""
+    if PDL == 2 and EARLY:
+        tl.extra.cuda.gdc_launch_dependents()
     if PDL >= 1:
         tl.extra.cuda.gdc_wait()
-    if PDL == 2:
+    if PDL == 2 and not EARLY:
         tl.extra.cuda.gdc_launch_dependents()
 
 

@@ -104,7 +104,9 @@ def _group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
 
 
 @triton.jit
-def _block(w0, w1, w2, w3, sz, t, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
+def _block(block, t, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
+    """A block (_stream's words and scales) into acc."""
+    w0, w1, w2, w3, sz = block
     s0, s1, s2, s3, z0, z1, z2, z3 = sz
     acc = _group(w0, t, s0, z0, xp_ptr, xg_ptr, KW, groups, acc, GW)
     acc = _group(w1, t + GW, s1, z1, xp_ptr, xg_ptr, KW, groups, acc, GW)
@@ -120,49 +122,80 @@ def _stream(row, s_row, z_row, t, c_end, mask_n, col, GW: tl.constexpr):
     return w0, w1, w2, w3, _scales(s_row, z_row, t, GW)
 
 
+@triton.jit
+def _advance(current, after, new, AHEAD: tl.constexpr):
+    """A stream's blocks one on: (the block to sum next, the one after it when AHEAD is 2)."""
+    if AHEAD == 2:
+        return after, new
+    return new, after
+
+
+# Ask L2 for the 16 bytes at a pointer (one non-blocking instruction, no register held). pack=4: a
+# thread's four consecutive words of a row, named by the first.
+_L2_WORDS = tl.constexpr("prefetch.global.L2 [$4]; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;")
+_L2_WORDS_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 4 + ["l"] * 4))
+
+
+@triton.jit
+def _prefetch_block(row, s_row, z_row, t, c_end, GW: tl.constexpr):
+    """Ask L2 for the block of words from t on, and its scales and zeros, unless past the split's
+    end: bytes in flight that hold no registers."""
+    if t < c_end:
+        for i in tl.static_range(4):
+            tl.inline_asm_elementwise(_L2_WORDS, _L2_WORDS_CONSTRAINTS, [row + t + i * GW], dtype=tl.int32,
+                                      is_pure=False, pack=4)
+        tl.inline_asm_elementwise("prefetch.global.L2 [$2]; prefetch.global.L2 [$3]; mov.b32 $0, 0; mov.b32 $1, 0;",
+                                  "=r,=r,l,l", [s_row + t // GW, z_row + t // GW], dtype=(tl.int32, tl.int32),
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch(row_g, s_g, z_g, row_u, s_u, z_u, t, c_end, SILU_MUL: tl.constexpr, GW: tl.constexpr):
+    _prefetch_block(row_g, s_g, z_g, t, c_end, GW)
+    if SILU_MUL:
+        _prefetch_block(row_u, s_u, z_u, t, c_end, GW)
+
+
 @triton.jit(do_not_specialize=["split_k"])
 def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
                      N, KW, groups, words_per_split, split_k, BLOCK_N: tl.constexpr,
                      SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
-                     SPLITS: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr = 1):
+                     SPLITS: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr = 1,
+                     PREFETCH: tl.constexpr = 0):
     """Grid (N tiles, K splits), whole tiles only. A program walks its rows' K split in blocks of
     four groups, each block's words, scales and zeros asked for AHEAD (1 or 2) blocks before it is
-    summed."""
+    summed, and (PREFETCH > AHEAD) asked of L2 PREFETCH blocks before."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = 16   # words a group (GROUP // 8)
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
         w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N, GW, True)
     B: tl.constexpr = 4 * GW
-    g0, g1, g2, g3, gs = _stream(row_g, s_g, z_g, c_start, c_end, mask_n, col, GW)
-    h0, h1, h2, h3, hs = g0, g1, g2, g3, gs   # the block after, when AHEAD == 2
+    g = _stream(row_g, s_g, z_g, c_start, c_end, mask_n, col, GW)   # gate (or the only) rows
+    h = g   # their block after, when AHEAD == 2
     if AHEAD == 2:
-        h0, h1, h2, h3, hs = _stream(row_g, s_g, z_g, c_start + B, c_end, mask_n, col, GW)
-    u0, u1, u2, u3, us = g0, g1, g2, g3, gs
-    v0, v1, v2, v3, vs = g0, g1, g2, g3, gs
+        h = _stream(row_g, s_g, z_g, c_start + B, c_end, mask_n, col, GW)
+    u, v = g, g   # the same for the up rows
     if SILU_MUL:
-        u0, u1, u2, u3, us = _stream(row_u, s_u, z_u, c_start, c_end, mask_n, col, GW)
+        u = _stream(row_u, s_u, z_u, c_start, c_end, mask_n, col, GW)
         if AHEAD == 2:
-            v0, v1, v2, v3, vs = _stream(row_u, s_u, z_u, c_start + B, c_end, mask_n, col, GW)
+            v = _stream(row_u, s_u, z_u, c_start + B, c_end, mask_n, col, GW)
+    if PREFETCH > AHEAD:   # the weights do not depend on the previous kernel
+        for i in tl.static_range(AHEAD, PREFETCH):
+            _prefetch(row_g, s_g, z_g, row_u, s_u, z_u, c_start + i * B, c_end, SILU_MUL, GW)
     wait_previous(PDL)
     acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
     acc_u = acc_g
     for t in range(c_start, c_end, B):
-        n0, n1, n2, n3, ns = _stream(row_g, s_g, z_g, t + AHEAD * B, c_end, mask_n, col, GW)
+        if PREFETCH > AHEAD:
+            _prefetch(row_g, s_g, z_g, row_u, s_u, z_u, t + PREFETCH * B, c_end, SILU_MUL, GW)
+        new_g = _stream(row_g, s_g, z_g, t + AHEAD * B, c_end, mask_n, col, GW)
         if SILU_MUL:
-            m0, m1, m2, m3, ms = _stream(row_u, s_u, z_u, t + AHEAD * B, c_end, mask_n, col, GW)
-        acc_g = _block(g0, g1, g2, g3, gs, t, xp_ptr, xg_ptr, KW, groups, acc_g, GW)
-        if AHEAD == 2:
-            g0, g1, g2, g3, gs = h0, h1, h2, h3, hs
-            h0, h1, h2, h3, hs = n0, n1, n2, n3, ns
-        else:
-            g0, g1, g2, g3, gs = n0, n1, n2, n3, ns
+            new_u = _stream(row_u, s_u, z_u, t + AHEAD * B, c_end, mask_n, col, GW)
+        acc_g = _block(g, t, xp_ptr, xg_ptr, KW, groups, acc_g, GW)
+        g, h = _advance(g, h, new_g, AHEAD)
         if SILU_MUL:
-            acc_u = _block(u0, u1, u2, u3, us, t, xp_ptr, xg_ptr, KW, groups, acc_u, GW)
-            if AHEAD == 2:
-                u0, u1, u2, u3, us = v0, v1, v2, v3, vs
-                v0, v1, v2, v3, vs = m0, m1, m2, m3, ms
-            else:
-                u0, u1, u2, u3, us = m0, m1, m2, m3, ms
+            acc_u = _block(u, t, xp_ptr, xg_ptr, KW, groups, acc_u, GW)
+            u, v = _advance(u, v, new_u, AHEAD)
     # Each row's sum sits in one element of each of the 4 threads across it: a quarter each, so
     # the row sum of _store_rows gives it back exactly.
     _store_rows(acc_g * 0.25, acc_u * 0.25, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n,
@@ -177,11 +210,11 @@ def supports(x: torch.Tensor, group: int, N: int, K: int, block_n: int, split_k:
 
 
 def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split_k: int, num_warps: int,
-           silu_mul: bool, pdl: int, launch_options: dict, ahead: int = 1) -> None:
+           silu_mul: bool, pdl: int, launch_options: dict, ahead: int = 1, prefetch: int = 0) -> None:
     """One launch over x packed by int4_pack.pack_x(mma=True)."""
     words_per_split = K // 8 // split_k
     _int4_mma_kernel[(N // block_n, split_k)](
         xp, xg, w.packed, w.scales, w.zeros, bias if bias is not None else y, y, ws, counters,
         N, K // 8, K // GROUP, words_per_split, split_k, BLOCK_N=block_n, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
-        PDL=pdl, AHEAD=ahead, num_warps=num_warps, **launch_options)
+        PDL=pdl, AHEAD=ahead, PREFETCH=prefetch, num_warps=num_warps, **launch_options)

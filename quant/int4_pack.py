@@ -16,6 +16,8 @@ import triton.language as tl
 from pagedeploy.kernels.triton_gemv import _rstd, _x_tile
 from pagedeploy.kernels.triton_launch import pdl_launch, pdl_supported, wait_previous
 
+EARLY_LAUNCH = False   # pack_x lets the GEMV after it launch before its own wait (wait_previous's EARLY)
+
 
 @triton.jit
 def _pair(lo, hi, F16X2: tl.constexpr):
@@ -32,15 +34,17 @@ def _pair(lo, hi, F16X2: tl.constexpr):
 def _pack_x_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, xp_ptr, xw_ptr, K, eps,
                    NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr,
                    RSTD_BLOCK: tl.constexpr, F16X2: tl.constexpr, PDL: tl.constexpr,
-                   ODD_OVER_16: tl.constexpr = False, MMA: tl.constexpr = False):
+                   ODD_OVER_16: tl.constexpr = False, MMA: tl.constexpr = False,
+                   EARLY: tl.constexpr = False):
     """Grid (words / BLOCK_C): x (after residual add + RMSNorm) as the GEMV's fp16 pairs,
     xp[j, c] = (x[8c + j], x[8c + j + 4]) for j < 4, and word sums xw[c] (fp32). ODD_OVER_16: pairs
     1 and 3 divided by 16 (a decode that leaves those codes times 16: int4_mma.py), exact but for
     |x| < 2^-10, whose sixteenths are fp16 subnormals. MMA (with ODD_OVER_16; int4_mma.py): the
     pairs as int64 (pair 0 | pair 2 << 32, pair 1 | pair 3 << 32) at xp[0, c] and xp[1, c], an
     MMA's B operand each, and instead of word sums, per 128 K, 1024 * the sum of the pairs as packed
-    at xw[g] and the sum of x at xw[groups + g] (the constants int4_mma takes off)."""
-    wait_previous(PDL)
+    at xw[g] and the sum of x at xw[groups + g] (the constants int4_mma takes off). EARLY: the
+    GEMV after may launch at once and ask for its first weights while this waits."""
+    wait_previous(PDL, EARLY)
     rows = tl.arange(0, 1)
     rstd = tl.zeros([1], tl.float32)
     if NORM:   # each program reads the whole row for 1/rms (from L2; RSTD_BLOCK wide loads)
@@ -97,6 +101,6 @@ def pack_x(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float 
         x, residual if residual is not None else x, norm_weight if norm else x,
         r_out if r_out is not None else x, xp, xw, K, eps, NORM=norm,
         RESIDUAL=norm and residual is not None, BLOCK_C=64, RSTD_BLOCK=min(4096, triton.next_power_of_2(K)),
-        F16X2=x.is_cuda, PDL=pdl, ODD_OVER_16=odd_over_16 or mma, MMA=mma, num_warps=4,
+        F16X2=x.is_cuda, PDL=pdl, ODD_OVER_16=odd_over_16 or mma, MMA=mma, EARLY=EARLY_LAUNCH, num_warps=4,
         **(pdl_launch(x.device) if pdl else {}))
     return xp, xw, r_out
