@@ -2,7 +2,6 @@
 against bf16 cuBLAS, in one GPU run (issue 6, P3).
 
     python3 scripts/gpu_int4.py              # correctness, timings, end-to-end estimate ($OUT/int4.log)
-    python3 scripts/gpu_int4.py --sweep      # first sweep launch shapes per (path, shape, M)
     python3 scripts/gpu_int4.py --aot        # no GPU: compile for sm_90a, registers and loop instructions
     TRITON_INTERPRET=1 python scripts/gpu_int4.py --quick   # tiny sizes on the CPU: a smoke test
 
@@ -15,7 +14,6 @@ of 5 timed batches. GB/s counts packed weights, scales, zeros, x and y once.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import statistics
@@ -226,53 +224,6 @@ def time_bf16(M: int, N: int, K: int) -> float:
     return time_calls([lambda w=w: torch.nn.functional.linear(x, w) for w in ws])
 
 
-# ---- sweep --------------------------------------------------------------------------------------------
-
-GEMM_BASES = [  # block_m, block_n, num_warps, num_stages, swap_ab (fold), for M = 32..128
-    (32, 128, 4, 3, False), (32, 128, 4, 3, True), (32, 64, 4, 3, False), (64, 64, 4, 3, True),
-    (32, 128, 4, 4, False), (16, 128, 4, 3, True)]
-
-
-def candidates(M: int, N: int, K: int) -> list[C]:
-    """Run 3's sweep (runs 1 and 2 swept fma, the GEMV and the GEMM broadly; PERF.md): the GEMM class."""
-    splits = [s for s in (1, 2, 4, 8) if s <= K // 128]
-    return [C("dot", bm, bn, 128, s, nw, st, swap_ab=sw) for bm, bn, nw, st, sw in GEMM_BASES
-            for s in splits] + ([C("dense")] if M >= 128 else [])
-
-
-SWEEP_MS = (64, 128)
-
-
-def sweep_jobs() -> list[tuple]:
-    return [(M, N, K, cfg) for M in SWEEP_MS for N, K in SHAPES.values() for cfg in candidates(M, N, K)]
-
-
-def sweep(budget_s: float) -> dict:
-    log("\n== sweep: us per call (bf16 x, group 128); best per (shape, M) ==")
-    t0, results = time.time(), {}
-    for M in SWEEP_MS:
-        for name, (N, K) in SHAPES.items():
-            if time.time() - t0 > budget_s:
-                log(f"sweep: time budget spent, stopping before M={M} {name}")
-                return results
-            rows = []
-            for cfg in candidates(M, N, K):
-                try:
-                    rows.append((time_int4(M, N, K, cfg), cfg))
-                except Exception as e:  # noqa: BLE001  (a config that fails to compile loses, not the run)
-                    log(f"  fail {short(cfg)}: {str(e).splitlines()[0][:120]}")
-            rows.sort(key=lambda r: r[0])
-            results[f"{name} M={M}"] = [(t, repr(c)) for t, c in rows[:8]]
-            default = time_int4(M, N, K, None)
-            log(f"{name:<14} M={M:<4} best {rows[0][0]:8.1f} us {short(rows[0][1])}  (default {default:.1f} us)")
-            for t, c in rows[1:4]:
-                log(f"{'':<20} {t:8.1f} us {short(c)}")
-    if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "sweep.json"), "w") as f:
-            json.dump(results, f, indent=1)
-    return results
-
-
 # ---- parallel compilation -------------------------------------------------------------------------------
 
 def _compile_worker(jobs: list[tuple]) -> list[str]:
@@ -369,8 +320,6 @@ def main() -> int:
     global QUICK, SHAPES, MODELS
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CPU interpreter smoke)")
-    parser.add_argument("--sweep", action="store_true", help="sweep launch shapes first")
-    parser.add_argument("--sweep-budget", type=float, default=150.0, help="seconds for the sweep")
     parser.add_argument("--no-bench", action="store_true")
     parser.add_argument("--aot", action="store_true", help="compile for sm_90a only (no GPU)")
     args = parser.parse_args()
@@ -385,14 +334,9 @@ def main() -> int:
         import triton
         log(f"{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}, "
             f"{torch.cuda.get_device_properties(0).multi_processor_count} SMs")
-        jobs = check_jobs() + [("time", M, N, K, None) for M in MS for N, K in SHAPES.values()]
-        if args.sweep:
-            jobs += [("time", *job) for job in sweep_jobs()]
-        precompile(jobs)
+        precompile(check_jobs() + [("time", M, N, K, None) for M in MS for N, K in SHAPES.values()])
     hbm_ceiling()
     failed = correctness()
-    if args.sweep and not QUICK:
-        sweep(args.sweep_budget)
     if not args.no_bench:
         end_to_end(bench())
     log(f"\n== summary: {failed} correctness failures ==")

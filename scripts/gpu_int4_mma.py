@@ -45,7 +45,7 @@ def mma_variants(n: int, k: int, silu: bool) -> dict:
     if PREFETCH:
         for split in (d for d in range(1, blocks // 2 + 1) if blocks % d == 0):
             for ahead in (1, 2):
-                for pf in (0, 3, 4, 6, 8):
+                for pf in (0, 4, 8):
                     if pf == 0 or pf > ahead and pf < blocks // split + ahead:
                         out[f"mma s{split} a{ahead} p{pf}"] = G.Int4GemvConfig(64, split, mma=True, ahead=ahead,
                                                                                prefetch=pf)
@@ -101,7 +101,6 @@ def end_to_end(reps: int) -> list:
     if PREFETCH:
         runs = [("int4 mma", int4, RULE, False), ("mma early", int4, RULE, True),
                 ("sweep best", int4, best_rule, False), ("best early", int4, best_rule, True),
-                ("best early+head", int4 + ["quantize_lm_head=true"], best_rule, True),
                 ("bf16", ["quantization=none"], RULE, False)]
     for name, keys, rule, early in runs:
         G.default_config, int4_pack.EARLY_LAUNCH = rule, early
