@@ -43,7 +43,6 @@ class Int4GemvConfig:
     num_warps: int = 4
     mma: bool = False      # tensor cores fed from registers (int4_mma.py): group 128, whole tiles
     ahead: int = 1         # mma: blocks of weights in flight while one is summed (1 or 2)
-    prefetch: int = 0      # mma: blocks ahead asked of L2 (no registers held), when above ahead
 
 
 # ---- device helpers -------------------------------------------------------------------------------
@@ -321,8 +320,7 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
         assert int4_mma.supports(x, w.group_size, N, K, cfg.block_n, cfg.split_k, cfg.num_warps), cfg
         xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
         int4_mma.launch(xp, xg, w, bias, y, ws, counters, N, K, cfg.block_n, cfg.split_k, cfg.num_warps,
-                        silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead,
-                        cfg.prefetch)
+                        silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead)
         return y, r_out
     xp, xw, r_out = pack_x(x, norm_weight, eps, residual)
     step = w.group_size // 8 * 4   # words a split is a multiple of: whole blocks of four groups

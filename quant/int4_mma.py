@@ -39,6 +39,7 @@ from pagedeploy.kernels.triton_launch import wait_previous
 from .int4_gemv import _load_block, _program_rows, _store_rows
 
 GROUP = 128   # codes a row per MMA step: the kernel's only group size
+EARLY_LAUNCH = False   # the kernel after may launch before this one's wait (wait_previous's EARLY)
 
 
 def _asm() -> str:
@@ -130,41 +131,15 @@ def _advance(current, after, new, AHEAD: tl.constexpr):
     return new, after
 
 
-# Ask L2 for the 16 bytes at a pointer (one non-blocking instruction, no register held). pack=4: a
-# thread's four consecutive words of a row, named by the first.
-_L2_WORDS = tl.constexpr("prefetch.global.L2 [$4]; mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0;")
-_L2_WORDS_CONSTRAINTS = tl.constexpr(",".join(["=r"] * 4 + ["l"] * 4))
-
-
-@triton.jit
-def _prefetch_block(row, s_row, z_row, t, c_end, GW: tl.constexpr):
-    """Ask L2 for the block of words from t on, and its scales and zeros, unless past the split's
-    end: bytes in flight that hold no registers."""
-    if t < c_end:
-        for i in tl.static_range(4):
-            tl.inline_asm_elementwise(_L2_WORDS, _L2_WORDS_CONSTRAINTS, [row + t + i * GW], dtype=tl.int32,
-                                      is_pure=False, pack=4)
-        tl.inline_asm_elementwise("prefetch.global.L2 [$2]; prefetch.global.L2 [$3]; mov.b32 $0, 0; mov.b32 $1, 0;",
-                                  "=r,=r,l,l", [s_row + t // GW, z_row + t // GW], dtype=(tl.int32, tl.int32),
-                                  is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch(row_g, s_g, z_g, row_u, s_u, z_u, t, c_end, SILU_MUL: tl.constexpr, GW: tl.constexpr):
-    _prefetch_block(row_g, s_g, z_g, t, c_end, GW)
-    if SILU_MUL:
-        _prefetch_block(row_u, s_u, z_u, t, c_end, GW)
-
-
 @triton.jit(do_not_specialize=["split_k"])
 def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
                      N, KW, groups, words_per_split, split_k, BLOCK_N: tl.constexpr,
                      SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
                      SPLITS: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr = 1,
-                     PREFETCH: tl.constexpr = 0):
+                     EARLY: tl.constexpr = False):
     """Grid (N tiles, K splits), whole tiles only. A program walks its rows' K split in blocks of
     four groups, each block's words, scales and zeros asked for AHEAD (1 or 2) blocks before it is
-    summed, and (PREFETCH > AHEAD) asked of L2 PREFETCH blocks before."""
+    summed. EARLY: the next kernel may launch before this one waits (wait_previous)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = 16   # words a group (GROUP // 8)
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
@@ -179,15 +154,10 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
         u = _stream(row_u, s_u, z_u, c_start, c_end, mask_n, col, GW)
         if AHEAD == 2:
             v = _stream(row_u, s_u, z_u, c_start + B, c_end, mask_n, col, GW)
-    if PREFETCH > AHEAD:   # the weights do not depend on the previous kernel
-        for i in tl.static_range(AHEAD, PREFETCH):
-            _prefetch(row_g, s_g, z_g, row_u, s_u, z_u, c_start + i * B, c_end, SILU_MUL, GW)
-    wait_previous(PDL)
+    wait_previous(PDL, EARLY)
     acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
     acc_u = acc_g
     for t in range(c_start, c_end, B):
-        if PREFETCH > AHEAD:
-            _prefetch(row_g, s_g, z_g, row_u, s_u, z_u, t + PREFETCH * B, c_end, SILU_MUL, GW)
         new_g = _stream(row_g, s_g, z_g, t + AHEAD * B, c_end, mask_n, col, GW)
         if SILU_MUL:
             new_u = _stream(row_u, s_u, z_u, t + AHEAD * B, c_end, mask_n, col, GW)
@@ -210,11 +180,11 @@ def supports(x: torch.Tensor, group: int, N: int, K: int, block_n: int, split_k:
 
 
 def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split_k: int, num_warps: int,
-           silu_mul: bool, pdl: int, launch_options: dict, ahead: int = 1, prefetch: int = 0) -> None:
+           silu_mul: bool, pdl: int, launch_options: dict, ahead: int = 1) -> None:
     """One launch over x packed by int4_pack.pack_x(mma=True)."""
     words_per_split = K // 8 // split_k
     _int4_mma_kernel[(N // block_n, split_k)](
         xp, xg, w.packed, w.scales, w.zeros, bias if bias is not None else y, y, ws, counters,
         N, K // 8, K // GROUP, words_per_split, split_k, BLOCK_N=block_n, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
-        PDL=pdl, AHEAD=ahead, PREFETCH=prefetch, num_warps=num_warps, **launch_options)
+        PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH, num_warps=num_warps, **launch_options)

@@ -37,12 +37,10 @@ def aot() -> int:
     variants += [(G4._int4_gemv_kernel, dict(gemv, BLOCK_N=bn, SILU_MUL=silu), nw,
                   bn * 512 * (2 if silu else 1))
                  for bn, nw, silu in ((64, 4, False), (64, 4, True), (32, 4, False))]
-    mma = dict(SPLITS=4, PDL=2, USE_SPLIT=True, HAS_BIAS=False)
-    variants += [(M4._int4_mma_kernel, dict(mma, BLOCK_N=bn, SILU_MUL=silu, AHEAD=ahead, PREFETCH=pf), nw,
+    mma = dict(SPLITS=4, PDL=2, USE_SPLIT=True, HAS_BIAS=False, EARLY=False)
+    variants += [(M4._int4_mma_kernel, dict(mma, BLOCK_N=bn, SILU_MUL=silu, AHEAD=ahead), nw,
                   bn * 512 * (2 if silu else 1))
-                 for bn, nw, silu, ahead, pf in ((64, 4, False, 1, 0), (64, 4, False, 2, 0), (64, 4, True, 1, 0),
-                                                 (32, 2, True, 1, 0), (64, 4, False, 1, 4), (64, 4, False, 2, 4),
-                                                 (64, 4, True, 1, 4))]
+                 for bn, nw, silu, ahead in ((64, 4, False, 1), (64, 4, False, 2), (64, 4, True, 1), (32, 2, True, 1))]
     variants += [(K4._int4_gemm_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, NUM_STAGES=3, PRECISION="tf32",
                                              FOLD=fold), nw, bn * 128)
                  for bm, bn, nw, fold in ((64, 128, 8, False), (64, 64, 4, False), (128, 128, 8, False),

@@ -8,10 +8,9 @@ error against the unfused route (rms_norm, the fma kernel, silu_and_mul). End to
 --batch-1` decode tok/s of Llama-3-8B dims, a fresh engine each, REPS requests: int4 through the
 packed-fp16 GEMV, through int4_mma (also with quantize_lm_head, and with the sweep's best launch
 per linear), bf16.
-`--prefetch`: the sweep is 64-row tiles x splits x blocks in flight x blocks asked of L2 ahead
-(Int4GemvConfig.prefetch), the best also with pack_x's early launch (int4_pack.EARLY_LAUNCH); end to
-end the default, the sweep's best launch per linear, and each with the early launch.
-Usage (device machine): python3 scripts/gpu_int4_mma.py [REPS] [--kernels-only] [--prefetch] [--shapes=gate_up,down]
+`--early`: the default launch only, with the early launches off, in pack_x (int4_pack.EARLY_LAUNCH,
+the default) and in pack_x and the GEMV (int4_mma.EARLY_LAUNCH), kernel by kernel and end to end.
+Usage (device machine): python3 scripts/gpu_int4_mma.py [REPS] [--kernels-only] [--early] [--shapes=gate_up,down]
        python3 scripts/gpu_int4_mma.py --head   (the lm_head alone: bf16 routes, int4 launches)
 """
 from __future__ import annotations
@@ -27,9 +26,15 @@ from gpu_int4 import random_int4, time_calls
 
 from pagedeploy.kernels.triton_gemv import fused_linear
 from pagedeploy.quant import int4_gemv as G
-from pagedeploy.quant import int4_pack
+from pagedeploy.quant import int4_mma, int4_pack
 
-PREFETCH = "--prefetch" in sys.argv
+EARLY = "--early" in sys.argv
+EARLY_MODES = {"no early": (False, False), "early pack_x": (True, False), "early both": (True, True)}
+
+
+def set_early(mode: str) -> None:
+    int4_pack.EARLY_LAUNCH, int4_mma.EARLY_LAUNCH = EARLY_MODES[mode]
+
 
 log = RunLog("int4_mma.log")
 RULE = G.default_config
@@ -41,15 +46,9 @@ def mma_variants(n: int, k: int, silu: bool) -> dict:
     tiles x warps x the splits that divide the blocks of four groups x blocks in flight."""
     dev = torch.device("cuda")
     out = {"fp16": FP16_RULE(n, k, 128, silu, dev), "mma": RULE(n, k, 128, silu, dev)}
-    blocks = k // 512
-    if PREFETCH:
-        for split in (d for d in range(1, blocks // 2 + 1) if blocks % d == 0):
-            for ahead in (1, 2):
-                for pf in (0, 4, 8):
-                    if pf == 0 or pf > ahead and pf < blocks // split + ahead:
-                        out[f"mma s{split} a{ahead} p{pf}"] = G.Int4GemvConfig(64, split, mma=True, ahead=ahead,
-                                                                               prefetch=pf)
+    if EARLY:
         return out
+    blocks = k // 512
     for bn, nw in ((64, 4), (32, 2), (128, 8)):
         for split in (d for d in range(1, blocks // 2 + 1) if blocks % d == 0):
             for ahead in (1, 2):
@@ -77,11 +76,11 @@ def kernel_table() -> dict:
         row["bf16"] = time_calls([lambda w=w: fused_linear(xk, w, **fus) for w in wb])
         swept = {key: row[key] for key in configs if key.startswith("mma ")}
         BEST[(n, k, silu)] = configs[min(swept, key=swept.get)]
-        if PREFETCH:   # the default and the best again, the GEMV launched during pack_x's wait
-            int4_pack.EARLY_LAUNCH = True
-            for key, cfg in (("mma early", configs["mma"]), ("best early", BEST[(n, k, silu)])):
-                row[key] = time_calls([lambda w=w: G.int4_gemv(xk, w, config=cfg, **fus) for w in ws])
-            int4_pack.EARLY_LAUNCH = False
+        if EARLY:   # the default launch again, under each early-launch mode
+            for mode in EARLY_MODES:
+                set_early(mode)
+                row[mode] = time_calls([lambda w=w: G.int4_gemv(xk, w, config=configs["mma"], **fus) for w in ws])
+            set_early("early pack_x")
         table[name] = row
         log(f"{name:8s} " + " ".join(f"{key}={v:.4g}" for key, v in row.items()))
         del ws, wb
@@ -95,19 +94,20 @@ def end_to_end(reps: int) -> list:
     def best_rule(N, K, group, silu_mul, device):
         return BEST.get((N, K, silu_mul)) or RULE(N, K, group, silu_mul, device)
     int4 = ["quantization=int4"]
-    runs = [("int4 fp16", int4, FP16_RULE, False), ("int4 mma", int4, RULE, False),
-            ("mma + head", int4 + ["quantize_lm_head=true"], RULE, False), ("sweep best", int4, best_rule, False),
-            ("bf16", ["quantization=none"], RULE, False)]
-    if PREFETCH:
-        runs = [("int4 mma", int4, RULE, False), ("mma early", int4, RULE, True),
-                ("sweep best", int4, best_rule, False), ("best early", int4, best_rule, True),
-                ("bf16", ["quantization=none"], RULE, False)]
-    for name, keys, rule, early in runs:
-        G.default_config, int4_pack.EARLY_LAUNCH = rule, early
+    runs = [("int4 fp16", int4, FP16_RULE), ("int4 mma", int4, RULE),
+            ("mma + head", int4 + ["quantize_lm_head=true"], RULE), ("sweep best", int4, best_rule),
+            ("bf16", ["quantization=none"], RULE)]
+    runs = [(name, keys, rule, "early pack_x") for name, keys, rule in runs]
+    if EARLY:
+        runs = [(mode, int4, RULE, mode) for mode in EARLY_MODES] + [("bf16", ["quantization=none"], RULE, "early pack_x")]
+    for name, keys, rule, mode in runs:
+        G.default_config = rule
+        set_early(mode)
         speeds = B1.batch1_speeds(keys, reps)
         rows.append((name, speeds))
         log(f"{name:12s} " + " ".join(f"{s:7.1f}" for s in speeds))
-    G.default_config, int4_pack.EARLY_LAUNCH = RULE, False
+    G.default_config = RULE
+    set_early("early pack_x")
     return rows
 
 
@@ -143,12 +143,9 @@ def main() -> None:
         best = min(times, key=times.get)
         log(f"{name:8s} fp16 GEMV {row['fp16']:7.2f} (err {row['fp16 err']:.2e})  mma rule {row['mma']:7.2f} "
             f"(err {row['mma err']:.2e})  best {times[best]:7.2f} ({best}, err {row[best + ' err']:.2e})"
-            f"  bf16 {row['bf16']:7.2f}" + (f"  early: mma {row['mma early']:7.2f} best {row['best early']:7.2f}"
-                                            if PREFETCH else ""))
-    for col in ("fp16", "mma", "bf16") + (("mma early", "best early") if PREFETCH else ()):
+            f"  bf16 {row['bf16']:7.2f}" + "".join(f"  {mode} {row[mode]:7.2f}" for mode in EARLY_MODES if EARLY))
+    for col in ("fp16", "mma", "bf16") + (tuple(EARLY_MODES) if EARLY else ()):
         log(f"{'+'.join(table)} {col}: {sum(row[col] for row in table.values()):.2f} us")
-    if PREFETCH:
-        log(f"{'+'.join(table)} sweep best: {sum(min(v for key, v in row.items() if key.startswith('mma ') and not key.endswith('err') and key != 'mma early') for row in table.values()):.2f} us")
     if "--kernels-only" in sys.argv:
         return
     B1.log_speeds(end_to_end(int(args[0]) if args else 3), log)

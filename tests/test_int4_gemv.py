@@ -95,8 +95,7 @@ def test_int4_gemv_configs_gpu(config):
 
 MMA_CONFIGS = [dict(mma=True, split_k=1), dict(mma=True, split_k=2, block_n=32, num_warps=2),
                dict(mma=True, split_k=4, block_n=128, ahead=2), dict(mma=True, split_k=7, block_n=128, num_warps=8),
-               dict(mma=True, split_k=2, ahead=2), dict(mma=True, split_k=2, prefetch=3),
-               dict(mma=True, split_k=1, ahead=2, prefetch=6)]
+               dict(mma=True, split_k=2, ahead=2)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -122,21 +121,22 @@ def test_int4_gemv_mma_configs_gpu(config):
                     config=config)
 
 
-@pytest.mark.parametrize("early", [False, True])
+@pytest.mark.parametrize("early", [(False, False), (True, False), (True, True)])
 @on_gpu
 def test_int4_gemv_graph_replay_gpu(early, monkeypatch):
-    """Split-K and PDL inside a CUDA graph: fresh inputs, replayed twice, equal to eager calls; also
-    with pack_x letting each GEMV launch before it waits (int4_pack.EARLY_LAUNCH)."""
-    from pagedeploy.quant import int4_pack
+    """Split-K and PDL inside a CUDA graph: fresh inputs, replayed twice, equal to eager calls; with
+    the kernel after pack_x, and after the tensor-core GEMV, launched before they wait or not."""
+    from pagedeploy.quant import int4_mma, int4_pack
     from pagedeploy.quant.int4_gemv import Int4GemvConfig, int4_gemv
-    monkeypatch.setattr(int4_pack, "EARLY_LAUNCH", early)
+    monkeypatch.setattr(int4_pack, "EARLY_LAUNCH", early[0])
+    monkeypatch.setattr(int4_mma, "EARLY_LAUNCH", early[1])
     t = make_case(2048, 4096, 128, torch.bfloat16, "cuda", silu=True, seed=5)
     down = make_case(4096, 2048, 128, torch.bfloat16, "cuda", silu=False, seed=6)["w"]
     x = t["x"].clone()
     kw = dict(norm_weight=t["norm_weight"], eps=1e-6, residual=t["residual"], silu_mul=True)
     for mma in (False, True):
         cfg = Int4GemvConfig(split_k=8, mma=mma)
-        cfg_down = Int4GemvConfig(split_k=4, mma=mma, ahead=1 + mma, prefetch=4 * mma)
+        cfg_down = Int4GemvConfig(split_k=4, mma=mma, ahead=1 + mma)
 
         def layer():
             act, r_out = int4_gemv(x, t["w"], config=cfg, **kw)
