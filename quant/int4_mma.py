@@ -39,7 +39,7 @@ from pagedeploy.kernels.triton_launch import wait_previous
 from .int4_gemv import _load_block, _program_rows, _store_rows
 
 GROUP = 128   # codes a row per MMA step: the kernel's only group size
-EARLY_LAUNCH = False   # the kernel after may launch before this one's wait (wait_previous's EARLY)
+EARLY_LAUNCH = True   # the kernel after may launch before this one's wait (wait_previous's EARLY): docs/PERF.md run 18
 
 
 def _asm() -> str:

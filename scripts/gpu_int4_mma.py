@@ -75,7 +75,7 @@ def kernel_table() -> dict:
         wb = [torch.randn(rows, k, device="cuda").to(torch.bfloat16) for _ in range(B1.copies(2 * rows * k))]
         row["bf16"] = time_calls([lambda w=w: fused_linear(xk, w, **fus) for w in wb])
         swept = {key: row[key] for key in configs if key.startswith("mma ")}
-        BEST[(n, k, silu)] = configs[min(swept, key=swept.get)]
+        BEST[(n, k, silu)] = configs[min(swept, key=swept.get)] if swept else configs["mma"]
         if EARLY:   # the default launch again, under each early-launch mode
             for mode in EARLY_MODES:
                 set_early(mode)
@@ -139,7 +139,7 @@ def main() -> None:
     table = kernel_table()
     log("\nus per call (CUDA graph, L2 overflowed); err against the unfused fma route")
     for name, row in table.items():
-        times = {key: v for key, v in row.items() if key.startswith("mma ") and not key.endswith("err")}
+        times = {key: v for key, v in row.items() if key.startswith("mma") and not key.endswith("err")}
         best = min(times, key=times.get)
         log(f"{name:8s} fp16 GEMV {row['fp16']:7.2f} (err {row['fp16 err']:.2e})  mma rule {row['mma']:7.2f} "
             f"(err {row['mma err']:.2e})  best {times[best]:7.2f} ({best}, err {row[best + ' err']:.2e})"
