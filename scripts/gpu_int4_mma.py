@@ -80,7 +80,7 @@ def kernel_table() -> dict:
             for mode in EARLY_MODES:
                 set_early(mode)
                 row[mode] = time_calls([lambda w=w: G.int4_gemv(xk, w, config=configs["mma"], **fus) for w in ws])
-            set_early("early pack_x")
+            set_early("early both")
         table[name] = row
         log(f"{name:8s} " + " ".join(f"{key}={v:.4g}" for key, v in row.items()))
         del ws, wb
@@ -97,9 +97,9 @@ def end_to_end(reps: int) -> list:
     runs = [("int4 fp16", int4, FP16_RULE), ("int4 mma", int4, RULE),
             ("mma + head", int4 + ["quantize_lm_head=true"], RULE), ("sweep best", int4, best_rule),
             ("bf16", ["quantization=none"], RULE)]
-    runs = [(name, keys, rule, "early pack_x") for name, keys, rule in runs]
+    runs = [(name, keys, rule, "early both") for name, keys, rule in runs]
     if EARLY:
-        runs = [(mode, int4, RULE, mode) for mode in EARLY_MODES] + [("bf16", ["quantization=none"], RULE, "early pack_x")]
+        runs = [(mode, int4, RULE, mode) for mode in EARLY_MODES] + [("bf16", ["quantization=none"], RULE, "early both")]
     for name, keys, rule, mode in runs:
         G.default_config = rule
         set_early(mode)
@@ -107,7 +107,7 @@ def end_to_end(reps: int) -> list:
         rows.append((name, speeds))
         log(f"{name:12s} " + " ".join(f"{s:7.1f}" for s in speeds))
     G.default_config = RULE
-    set_early("early pack_x")
+    set_early("early both")
     return rows
 
 
