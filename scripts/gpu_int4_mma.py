@@ -8,8 +8,9 @@ error against the unfused route (rms_norm, the fma kernel, silu_and_mul). End to
 --batch-1` decode tok/s of Llama-3-8B dims, a fresh engine each, REPS requests: int4 through the
 packed-fp16 GEMV, through int4_mma (also with quantize_lm_head, and with the sweep's best launch
 per linear), bf16.
-`--early`: the default launch only, with the early launches off, in pack_x (int4_pack.EARLY_LAUNCH,
-the default) and in pack_x and the GEMV (int4_mma.EARLY_LAUNCH), kernel by kernel and end to end.
+`--early`: the default launch only, with the early launches off, in pack_x only
+(int4_pack.EARLY_LAUNCH) and in pack_x and the GEMV (int4_mma.EARLY_LAUNCH, as shipped), kernel by
+kernel and end to end. Every other row runs the early launches as shipped.
 Usage (device machine): python3 scripts/gpu_int4_mma.py [REPS] [--kernels-only] [--early] [--shapes=gate_up,down]
        python3 scripts/gpu_int4_mma.py --head   (the lm_head alone: bf16 routes, int4 launches)
 """
@@ -30,10 +31,12 @@ from pagedeploy.quant import int4_mma, int4_pack
 
 EARLY = "--early" in sys.argv
 EARLY_MODES = {"no early": (False, False), "early pack_x": (True, False), "early both": (True, True)}
+SHIPPED = (int4_pack.EARLY_LAUNCH, int4_mma.EARLY_LAUNCH)
 
 
-def set_early(mode: str) -> None:
-    int4_pack.EARLY_LAUNCH, int4_mma.EARLY_LAUNCH = EARLY_MODES[mode]
+def set_early(mode: str | None) -> None:
+    """The early launches of `mode` (an EARLY_MODES key), or as shipped (None)."""
+    int4_pack.EARLY_LAUNCH, int4_mma.EARLY_LAUNCH = EARLY_MODES[mode] if mode else SHIPPED
 
 
 log = RunLog("int4_mma.log")
@@ -80,7 +83,7 @@ def kernel_table() -> dict:
             for mode in EARLY_MODES:
                 set_early(mode)
                 row[mode] = time_calls([lambda w=w: G.int4_gemv(xk, w, config=configs["mma"], **fus) for w in ws])
-            set_early("early both")
+            set_early(None)
         table[name] = row
         log(f"{name:8s} " + " ".join(f"{key}={v:.4g}" for key, v in row.items()))
         del ws, wb
@@ -94,12 +97,11 @@ def end_to_end(reps: int) -> list:
     def best_rule(N, K, group, silu_mul, device):
         return BEST.get((N, K, silu_mul)) or RULE(N, K, group, silu_mul, device)
     int4 = ["quantization=int4"]
-    runs = [("int4 fp16", int4, FP16_RULE), ("int4 mma", int4, RULE),
-            ("mma + head", int4 + ["quantize_lm_head=true"], RULE), ("sweep best", int4, best_rule),
-            ("bf16", ["quantization=none"], RULE)]
-    runs = [(name, keys, rule, "early both") for name, keys, rule in runs]
+    bf16 = ("bf16", ["quantization=none"], RULE, None)
+    runs = [("int4 fp16", int4, FP16_RULE, None), ("int4 mma", int4, RULE, None),
+            ("mma + head", int4 + ["quantize_lm_head=true"], RULE, None), ("sweep best", int4, best_rule, None), bf16]
     if EARLY:
-        runs = [(mode, int4, RULE, mode) for mode in EARLY_MODES] + [("bf16", ["quantization=none"], RULE, "early both")]
+        runs = [(mode, int4, RULE, mode) for mode in EARLY_MODES] + [bf16]
     for name, keys, rule, mode in runs:
         G.default_config = rule
         set_early(mode)
@@ -107,7 +109,7 @@ def end_to_end(reps: int) -> list:
         rows.append((name, speeds))
         log(f"{name:12s} " + " ".join(f"{s:7.1f}" for s in speeds))
     G.default_config = RULE
-    set_early("early both")
+    set_early(None)
     return rows
 
 
