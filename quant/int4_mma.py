@@ -116,10 +116,10 @@ def _block(block, t, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
 
 
 @triton.jit
-def _stream(row, s_row, z_row, t, c_end, mask_n, col, GW: tl.constexpr, CACHE: tl.constexpr = ""):
+def _stream(row, s_row, z_row, t, c_end, mask_n, col, GW: tl.constexpr):
     """A block's words and scales, from word t on (clamped to the split's last block)."""
     t = tl.minimum(t, c_end - 4 * GW)
-    w0, w1, w2, w3 = _load_block(row, t, c_end, mask_n, col, GW, True, CACHE)
+    w0, w1, w2, w3 = _load_block(row, t, c_end, mask_n, col, GW, True)
     return w0, w1, w2, w3, _scales(s_row, z_row, t, GW)
 
 

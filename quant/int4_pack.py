@@ -33,32 +33,27 @@ def _pair(lo, hi, F16X2: tl.constexpr):
 
 
 @triton.jit
-def _pack_x_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, xp_ptr, xw_ptr, K, eps, M, MP,
+def _pack_x_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, xp_ptr, xw_ptr, K, eps,
                    NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr,
                    RSTD_BLOCK: tl.constexpr, F16X2: tl.constexpr, PDL: tl.constexpr,
                    ODD_OVER_16: tl.constexpr = False, MMA: tl.constexpr = False,
                    EARLY: tl.constexpr = False):
-    """Grid (words / BLOCK_C, MP rows): row program_id(1) of x [M, K] (M = MP = 1 at batch 1; rows
-    from M to MP pack as zeros, int4_mma_rows.py's padding). x (after residual add + RMSNorm) as the GEMV's fp16 pairs,
+    """Grid (words / BLOCK_C): x (after residual add + RMSNorm) as the GEMV's fp16 pairs,
     xp[j, c] = (x[8c + j], x[8c + j + 4]) for j < 4, and word sums xw[c] (fp32). ODD_OVER_16: pairs
     1 and 3 divided by 16 (a decode that leaves those codes times 16: int4_mma.py), exact but for
     |x| < 2^-10, whose sixteenths are fp16 subnormals. MMA (with ODD_OVER_16; int4_mma.py): the
     pairs as int64 (pair 0 | pair 2 << 32, pair 1 | pair 3 << 32) at xp[0, c] and xp[1, c], an
     MMA's B operand each, and instead of word sums, per 128 K, 1024 * the sum of the pairs as packed
     at xw[g] and the sum of x at xw[groups + g] (the constants int4_mma takes off). EARLY: the
-    GEMV after may launch at once and ask for its first weights while this waits. Rows: xp of row
-    r at xp[r], the group constants at xw[plane, g, r] ([2, K / 128, MP])."""
+    GEMV after may launch at once and ask for its first weights while this waits."""
     wait_previous(PDL, EARLY)
-    row = tl.program_id(1)
-    x_ptr += row * K
-    xp_ptr += row * (2 if MMA else 4) * (K // 8)
     rows = tl.arange(0, 1)
     rstd = tl.zeros([1], tl.float32)
     if NORM:   # each program reads the whole row for 1/rms (from L2; RSTD_BLOCK wide loads)
         rstd = _rstd(x_ptr, r_ptr, r_out_ptr, rows, rows < 1, K, eps, K, K, tl.program_id(0) == 0,
                      1, RSTD_BLOCK, RESIDUAL)
     k = tl.program_id(0) * BLOCK_C * 8 + tl.arange(0, BLOCK_C * 8)
-    x = _x_tile(x_ptr, r_ptr, nw_ptr, rows, k, (k < K)[None, :] & (rows + row < M)[:, None], k < K, rstd, K, K, NORM, RESIDUAL)
+    x = _x_tile(x_ptr, r_ptr, nw_ptr, rows, k, (k < K)[None, :], k < K, rstd, K, K, NORM, RESIDUAL)
     x = tl.reshape(x, [BLOCK_C, 2, 4])              # [c, j // 4, j % 4]
     lo, hi = tl.split(tl.permute(x, [0, 2, 1]))     # [c, j] for j < 4 and j + 4
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -68,15 +63,15 @@ def _pack_x_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, xp_ptr, xw_ptr, K, eps, M, M
         odd = tl.where(tl.arange(0, 4) % 2 == 1, 1.0 / 16, 1.0)[None, :]
         lo, hi = lo * odd, hi * odd
     if MMA:   # BLOCK_C words are whole groups of 16
-        _store_mma_x(lo, hi, xw, xp_ptr, xw_ptr, c, K, row, MP, BLOCK_C, F16X2)
+        _store_mma_x(lo, hi, xw, xp_ptr, xw_ptr, c, K, BLOCK_C, F16X2)
     else:
         tl.store(xp_ptr + c[:, None] + tl.arange(0, 4)[None, :] * (K // 8), _pair(lo, hi, F16X2), mask=ok)
         tl.store(xw_ptr + c[:, None], xw, mask=ok)
 
 
 @triton.jit
-def _store_mma_x(lo, hi, xw, xp_ptr, xg_ptr, c, K, row, MP, BLOCK_C: tl.constexpr, F16X2: tl.constexpr):
-    """pack_x's int4_mma form: xp [2, K / 8] int64 (of this row) and xg [2, K / 128, MP] (_pack_x_kernel's MMA)."""
+def _store_mma_x(lo, hi, xw, xp_ptr, xg_ptr, c, K, BLOCK_C: tl.constexpr, F16X2: tl.constexpr):
+    """pack_x's int4_mma form: xp [2, K / 8] int64 and xg [2, K / 128] (_pack_x_kernel's MMA)."""
     pairs = _pair(lo, hi, F16X2).to(tl.int64) & 0xFFFFFFFF     # [c, j]
     even, odd = tl.split(tl.reshape(pairs, [BLOCK_C, 2, 2]))  # j = 0, 2 and j = 1, 3
     lo_hi = tl.arange(0, 2)[None, :] * 32
@@ -85,9 +80,8 @@ def _store_mma_x(lo, hi, xw, xp_ptr, xg_ptr, c, K, row, MP, BLOCK_C: tl.constexp
     packed = lo.to(tl.float16).to(tl.float32) + hi.to(tl.float16).to(tl.float32)
     g = tl.program_id(0) * (BLOCK_C // 16) + tl.arange(0, BLOCK_C // 16)
     g_ok = g < K // 128
-    at = xg_ptr + g * MP + row
-    tl.store(at, 1024.0 * tl.sum(tl.reshape(tl.sum(packed, 1), [BLOCK_C // 16, 16]), 1), mask=g_ok)
-    tl.store(at + K // 128 * MP, tl.sum(tl.reshape(tl.sum(xw, 1), [BLOCK_C // 16, 16]), 1), mask=g_ok)
+    tl.store(xg_ptr + g, 1024.0 * tl.sum(tl.reshape(tl.sum(packed, 1), [BLOCK_C // 16, 16]), 1), mask=g_ok)
+    tl.store(xg_ptr + K // 128 + g, tl.sum(tl.reshape(tl.sum(xw, 1), [BLOCK_C // 16, 16]), 1), mask=g_ok)
 
 
 def pack_x(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
@@ -107,22 +101,8 @@ def pack_x(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float 
     pdl = pdl_supported(x.device)
     _pack_x_kernel[(triton.cdiv(K // 8, 64),)](
         x, residual if residual is not None else x, norm_weight if norm else x,
-        r_out if r_out is not None else x, xp, xw, K, eps, 1, 1, NORM=norm,
+        r_out if r_out is not None else x, xp, xw, K, eps, NORM=norm,
         RESIDUAL=norm and residual is not None, BLOCK_C=64, RSTD_BLOCK=min(4096, triton.next_power_of_2(K)),
         F16X2=x.is_cuda, PDL=pdl, ODD_OVER_16=odd_over_16 or mma, MMA=mma, EARLY=EARLY_LAUNCH, num_warps=4,
         **(pdl_launch(x.device) if pdl else {}))
     return xp, xw, r_out
-
-
-def pack_x_rows(x: torch.Tensor, padded_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """pack_x(mma=True) of each row of x [M, K] (contiguous), for int4_mma_rows.py: xp [padded_rows, 2,
-    K / 8] int64 and xg [2, K / 128, padded_rows] fp32; rows M .. padded_rows are zeros."""
-    M, K = x.shape
-    assert x.stride() == (K, 1) and padded_rows >= M, (x.stride(), M, padded_rows)
-    xp = torch.empty(padded_rows, 2, K // 8, dtype=torch.int64, device=x.device)
-    xg = torch.empty(2, K // 128, padded_rows, dtype=torch.float32, device=x.device)
-    _pack_x_kernel[(triton.cdiv(K // 8, 64), padded_rows)](
-        x, x, x, x, xp, xg, K, 0.0, M, padded_rows, NORM=False, RESIDUAL=False, BLOCK_C=64,
-        RSTD_BLOCK=min(4096, triton.next_power_of_2(K)), F16X2=x.is_cuda, PDL=0, ODD_OVER_16=True,
-        MMA=True, num_warps=4)
-    return xp, xg

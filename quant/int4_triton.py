@@ -19,9 +19,6 @@ Four paths, picked by M (rows of x) in `default_config`:
   order by nested interleaves, so x needs no permutation), one wgmma with x as it is, accumulating
   in the MMA (fold=False); each weight is decoded once per row tile, and with 64- or 128-row tiles
   once for all of a decode batch. fold=True keeps exact codes through the MMA as the dot path does.
-- "mma" (decode batches, 2 <= M <= MMA_MAX_M, group 128, CUDA): int4_mma_rows.py, the batch-1
-  kernel's register-fed `mma.sync` with up to 64 tokens as the MMA's columns; each word decoded
-  once for all of them, codes exact, scale and zero on the fp32 result per group.
 - "dense" (prefill, M >= DENSE_MIN_M): dequantize to x.dtype in chunks of rows (a Triton kernel
   into a scratch buffer) and let cuBLAS multiply; at large M the matmul dominates and cuBLAS wins.
 
@@ -44,21 +41,19 @@ import triton
 
 from pagedeploy.kernels.triton_launch import arrival_counters, num_sms
 
-from . import int4_mma_rows
 from .int4 import Int4Weight
 from .int4_kernels import (_int4_dequant_kernel, _int4_dot_kernel, _int4_fma_kernel, _int4_gemm_kernel,
                            _x_prep_kernel)
 
 FMA_MAX_M = 2          # rows of x up to which CUDA cores beat tensor cores (GPU sweeps, PERF.md)
 DOT_MAX_M = 32         # rows up to which the dot kernel's one 32-row tile beats the gemm kernel's 64
-MMA_MAX_M = 64         # rows up to which int4_mma_rows runs (from 2 on; 0: off)
 DENSE_MIN_M = 192      # rows of x from which dequantize + cuBLAS beats the fused GEMM
 DENSE_CHUNK_BYTES = 64 << 20   # dense path: scratch for the dequantized weight, a chunk of rows at a time
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    kind: str                 # "fma", "dot", "gemm", "mma" or "dense"
+    kind: str                 # "fma", "dot", "gemm" or "dense"
     block_m: int = 16         # fma: 1 or 2 (>= M); dot, gemm: >= 16
     block_n: int = 64
     block_k: int = 128        # dot: >= 128 (each plane's dot needs K >= 16)
@@ -69,7 +64,6 @@ class KernelConfig:
     fold: bool = True         # dot, gemm: scale/zero after each group's dot (dot: group % block_k == 0)
     unroll: int = 1           # fma: sub-tiles of block_k per loop step
     group_m: int = 8          # dot: row tiles that walk the column tiles together (L2 reuse)
-    ahead: int = 1            # mma: blocks of four groups in flight while one is summed (1 or 2)
 
 
 # ---- launch -------------------------------------------------------------------------------------
@@ -93,8 +87,6 @@ def default_config(M: int, N: int, K: int, group: int, device: torch.device) -> 
     steps = triton.cdiv(K, 128)
     if M >= DENSE_MIN_M:
         return KernelConfig("dense")
-    if 2 <= M <= MMA_MAX_M and group == 128 and device.type == "cuda" and N % 64 == 0 and K % 512 == 0:
-        return mma_config(M, N, K, sms)
     if M <= FMA_MAX_M:
         if N >= 16384:   # gate_up class: enough row tiles; narrow 2-warp programs (M=1), wide ones (M=2)
             if M == 1:
@@ -117,15 +109,6 @@ def default_config(M: int, N: int, K: int, group: int, device: torch.device) -> 
     return KernelConfig("gemm", 128, 128, 128, split, num_warps=8, num_stages=3, fold=False)
 
 
-def mma_config(M: int, N: int, K: int, sms: int) -> KernelConfig:
-    """int4_mma_rows' launch: 64-row tiles of 4 warps, K split by the largest divisor of its blocks
-    of four groups that keeps two a split and at most 2 programs an SM (255 registers at 64 tokens)."""
-    blocks, tiles = K // 512, N // 64
-    splits = [d for d in range(1, blocks // 2 + 1) if blocks % d == 0] or [1]
-    split = max([d for d in splits if tiles * d <= 2 * sms] or [1])
-    return KernelConfig("mma", 16 * triton.cdiv(M, 16), 64, 128, split, num_warps=4)
-
-
 def int4_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None,
                 config: KernelConfig | None = None) -> torch.Tensor:
     """y = x @ dequant(w)^T (+ bias), x `[..., in]` on w's device, y `[..., out]` in x.dtype."""
@@ -136,8 +119,7 @@ def int4_matmul(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     cfg = config or default_config(x2.shape[0], N, K, w.group_size, x.device)
-    launch = {"fma": _launch_fma, "dot": _launch_dot, "gemm": _launch_gemm, "mma": _launch_mma,
-              "dense": _dense_matmul}[cfg.kind]
+    launch = {"fma": _launch_fma, "dot": _launch_dot, "gemm": _launch_gemm, "dense": _dense_matmul}[cfg.kind]
     return launch(x2, w, bias, cfg).reshape(*x.shape[:-1], N)
 
 
@@ -211,16 +193,6 @@ def _launch_gemm(x, w: Int4Weight, bias, cfg: KernelConfig) -> torch.Tensor:
         HAS_BIAS=bias is not None, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         FOLD=cfg.fold, num_warps=cfg.num_warps)
     return y
-
-
-def _launch_mma(x, w: Int4Weight, bias, cfg: KernelConfig) -> torch.Tensor:
-    x = x.contiguous()
-    if not int4_mma_rows.supports(x, w, cfg.block_n, cfg.split_k, cfg.num_warps):
-        raise ValueError(f"int4_matmul: mma takes CUDA x of 1-{16 * int4_mma_rows.MAX_PAIRS} rows, group 128, "
-                         f"whole {cfg.block_n}-row tiles and whole blocks of 512 K a split: not M={x.shape[0]}, "
-                         f"weight {tuple(w.shape)} group {w.group_size}, split {cfg.split_k}")
-    counters = arrival_counters(x.device, w.shape[0] // cfg.block_n if cfg.split_k > 1 else 0)
-    return int4_mma_rows.int4_mma_rows(x, w, bias, cfg.block_n, cfg.split_k, cfg.num_warps, cfg.ahead, counters)
 
 
 def dequantize_rows(w: Int4Weight, start: int, stop: int, dtype: torch.dtype,

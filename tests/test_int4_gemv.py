@@ -196,20 +196,6 @@ def _check_pack_odd_over_16() -> None:
     assert torch.equal(scaled[0::2], plain[0::2]) and torch.equal(scaled[1::2] * 16, plain[1::2])
     assert torch.equal(xw16, xw)
     _check_pack_mma(x, plain, xw)
-    _check_pack_rows()
-
-
-def _check_pack_rows() -> None:
-    """pack_x_rows (int4_mma_rows.py): each row packed as pack_x(mma=True) packs it alone, at xp[r]
-    and xg[:, :, r]; the padding rows are zeros."""
-    from pagedeploy.quant.int4_pack import pack_x, pack_x_rows
-    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(8)).to(torch.float16)
-    xp, xg = pack_x_rows(x, 16)
-    assert xp.shape == (16, 2, 64) and xg.shape == (2, 4, 16)
-    for r in range(3):
-        xp1, xg1, _ = pack_x(x[r:r + 1], mma=True)
-        assert torch.equal(xp[r], xp1) and torch.equal(xg[:, :, r], xg1)
-    assert not xp[3:].any() and not xg[:, :, 3:].any()
 
 
 def _check_pack_mma(x, plain, xw) -> None:

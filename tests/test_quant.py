@@ -325,23 +325,9 @@ def test_triton_interpreter_matches_reference():
     assert len(errs) == 29 and max(errs) < 1, errs
 
 
-def test_mma_rows_launch_rule():
-    """int4_mma_rows' launches (2-64 rows, CUDA only) for Llama-3-8B's linears on 132 SMs: splits that
-    divide the blocks of 512 K, at most 2 programs an SM."""
-    from pagedeploy.quant.int4_triton import MMA_MAX_M, KernelConfig, default_config, mma_config
-    assert [mma_config(64, n, k, 132).split_k for n, k in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336))] \
-        == [2, 4, 1, 4]
-    assert mma_config(5, 4096, 4096, 132) == KernelConfig("mma", 16, 64, 128, 4, num_warps=4)
-    assert mma_config(33, 4096, 4096, 132).block_m == 48
-    assert MMA_MAX_M <= 64 and default_config(8, 4096, 4096, 128, torch.device("cpu")).kind == "dot"
-
-
 def test_triton_rejects_wrong_features():
     pytest.importorskip("triton")
     from pagedeploy.quant.int4_triton import KernelConfig, int4_matmul
-    with pytest.raises(ValueError, match="mma takes CUDA x"):
-        int4_matmul(torch.randn(2, 512), quantize_int4(torch.randn(64, 512, generator=_gen(23))),
-                    config=KernelConfig("mma", 16, 64))
     with pytest.raises(ValueError, match="expects 128"):
         int4_matmul(torch.randn(2, 64), quantize_int4(torch.randn(8, 128, generator=_gen(23))))
     with pytest.raises(ValueError, match="gemm needs group 128"):
@@ -390,9 +376,7 @@ def test_triton_gpu_matches_reference(M, N, K, group):
     (40, dict(kind="dot", block_m=32, swap_ab=True, split_k=2)),
     (64, dict(kind="gemm", block_m=64, block_n=128, split_k=2)),
     (100, dict(kind="gemm", block_m=64, block_n=64, split_k=4, fold=False)),
-    (40, dict(kind="gemm", block_m=64, block_n=128, num_warps=8, fold=False)),
-    (2, dict(kind="mma", split_k=2)), (17, dict(kind="mma", ahead=2)), (33, dict(kind="mma", split_k=4, ahead=2)),
-    (64, dict(kind="mma", split_k=8)), (40, dict(kind="mma", block_n=128, num_warps=8))])
+    (40, dict(kind="gemm", block_m=64, block_n=128, num_warps=8, fold=False))])
 def test_triton_gpu_each_path(M, cfg, dtype):
     from pagedeploy.quant.int4_triton import KernelConfig, int4_matmul
     w, x, bias, exact = _gpu_case(M, 2048, 4096, 128, dtype, M)
