@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_launch
 from .triton_launch import arrival_counters, num_sms, pdl_launch, pdl_supported, wait_previous
 
 _LOG2E = 1.4426950408889634
@@ -55,9 +56,9 @@ def _attention_kernel(
     QG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     IS_DECODE: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_HEADS: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, EARLY: tl.constexpr = False,
 ):
-    wait_previous(PDL)   # q and the new K/V come from the kernels just before
+    wait_previous(PDL, EARLY)   # q and the new K/V come from the kernels just before
     tile = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -255,7 +256,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, ou
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         QG=qg, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=cfg["block_m"],
         BLOCK_N=cfg["block_n"], NUM_SPLITS=num_splits, IS_DECODE=decode,
-        USE_WINDOW=window is not None, NUM_HEADS=num_heads, PDL=pdl,
+        USE_WINDOW=window is not None, NUM_HEADS=num_heads, PDL=pdl, EARLY=triton_launch.EARLY_AT_START,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
 
 

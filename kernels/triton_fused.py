@@ -14,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_launch
 from .triton_launch import pdl_launch, pdl_supported, wait_previous
 
 
@@ -50,8 +51,9 @@ def _qk_norm_rope_store_kernel(
         NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
         HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
         BLOCK_KH: tl.constexpr, BLOCK_HALF: tl.constexpr,
-        HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr, PDL: tl.constexpr):
-    wait_previous(PDL)   # qkv comes from the projection just before
+        HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr, PDL: tl.constexpr,
+        EARLY: tl.constexpr = False):
+    wait_previous(PDL, EARLY)   # qkv comes from the projection just before
     token = tl.program_id(0).to(tl.int64)
     row = qkv_ptr + token * stride_qkv          # [q heads | k heads | v heads] of this token
     dims = tl.arange(0, BLOCK_HALF)
@@ -118,7 +120,7 @@ def qk_norm_rope_store(qkv: torch.Tensor, q_norm_weight: torch.Tensor | None,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_H=block_h,
         BLOCK_KH=triton.next_power_of_2(num_kv_heads), BLOCK_HALF=block_half,
         HAS_Q_NORM=q_norm_weight is not None, HAS_K_NORM=k_norm_weight is not None, PDL=pdl,
-        num_warps=min(8, max(1, block_h * block_half // 256)),
+        EARLY=triton_launch.EARLY_AT_START, num_warps=min(8, max(1, block_h * block_half // 256)),
         **(pdl_launch(qkv.device) if pdl else {}))
     return q
 

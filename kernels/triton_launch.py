@@ -65,6 +65,12 @@ def pdl_launch(device: torch.device) -> dict:
     return {"launch_pdl": True} if pdl_supported(device) and torch.cuda.is_current_stream_capturing() else {}
 
 
+# Rotary + KV store and attention do nothing before their wait: with this on they let the next kernel
+# launch at once (wait_previous's EARLY), so its first weights load while they run. Off: at batch 1
+# it gave bf16 +1.2% but int4 -2% (docs/PERF.md run 19); scripts/gpu_early_start.py measures it.
+EARLY_AT_START = False
+
+
 @triton.jit
 def wait_previous(PDL: tl.constexpr, EARLY: tl.constexpr = False):
     """Wait until the previous kernel has finished and its writes are visible; let the next start.

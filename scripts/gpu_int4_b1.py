@@ -123,19 +123,26 @@ def kernel_table() -> dict:
     return table
 
 
-def batch1_speeds(overrides: list[str], reps: int) -> list[float]:
+def batch1_speeds(overrides: list[str], reps: int, tokens: list[int] | None = None) -> list[float]:
     """Batch-1 decode tok/s of `reps` requests on a fresh engine of the Llama-3-8B profile with
-    `overrides` (as `deploy bench --batch-1`)."""
+    `overrides` (as `deploy bench --batch-1`); `tokens`, if given, gets 64 greedy tokens of the
+    bench's prompt."""
     from pagedeploy.launcher.bench import (BATCH1_OUTPUT, BATCH1_PROMPT, _warm_up_ours, batch1_ours,
                                            make_workload)
     from pagedeploy.runtime.engine import LLMEngine
     from pagedeploy.runtime.llm import engine_config_from_profile
+    from pagedeploy.runtime.sampling_params import SamplingParams
 
     engine = LLMEngine(engine_config_from_profile("profiles/llama-3-8b-h100.yaml", overrides=overrides))
     _warm_up_ours(engine)
     request = make_workload(1, (BATCH1_PROMPT, BATCH1_PROMPT), (BATCH1_OUTPUT, BATCH1_OUTPUT), 0,
                             engine.config.spec.vocab_size)[0]
     speeds = [batch1_ours(engine, request).decode_tok_s for _ in range(reps)]
+    if tokens is not None:
+        engine.add_request("tokens", request.prompt_token_ids,
+                           SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True))
+        while engine.has_unfinished():
+            tokens.extend(t for out in engine.step() if out.finished for t in out.outputs[0].token_ids)
     del engine
     gc.collect()
     torch.cuda.empty_cache()
