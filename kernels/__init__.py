@@ -74,12 +74,14 @@ def apply_rotary(q, k, positions, cos_sin_cache):
 
 
 def qk_norm_rope_store(qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache,
-                       k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim):
-    """q [T, H, D] from the qkv projection's output: optional q/k RMSNorm, rotary, k/v stored."""
+                       k_cache, v_cache, slot_mapping, num_heads, num_kv_heads, head_dim, early_launch=False):
+    """q [T, H, D] from the qkv projection's output: optional q/k RMSNorm, rotary, k/v stored.
+    early_launch: the Triton kernel's launch hint (triton_fused.qk_norm_rope_store)."""
     ref = qk_norm_rope_store_ref
     fn = _triton("qk_norm_rope_store", ref) if qkv.is_cuda else ref
-    return fn(qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache, v_cache,
-              slot_mapping, num_heads, num_kv_heads, head_dim)
+    args = (qkv, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, k_cache, v_cache,
+            slot_mapping, num_heads, num_kv_heads, head_dim)
+    return fn(*args) if fn is ref else fn(*args, early_launch=early_launch)
 
 
 def silu_and_mul(x):

@@ -256,7 +256,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, ou
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         QG=qg, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=cfg["block_m"],
         BLOCK_N=cfg["block_n"], NUM_SPLITS=num_splits, IS_DECODE=decode,
-        USE_WINDOW=window is not None, NUM_HEADS=num_heads, PDL=pdl, EARLY=triton_launch.EARLY_AT_START,
+        USE_WINDOW=window is not None, NUM_HEADS=num_heads, PDL=pdl, EARLY=triton_launch.EARLY_ATTENTION,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
 
 

@@ -92,9 +92,10 @@ def qk_norm_rope_store(qkv: torch.Tensor, q_norm_weight: torch.Tensor | None,
                        k_norm_weight: torch.Tensor | None, eps: float, positions: torch.Tensor,
                        cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                        slot_mapping: torch.Tensor, num_heads: int, num_kv_heads: int,
-                       head_dim: int) -> torch.Tensor:
+                       head_dim: int, early_launch: bool = False) -> torch.Tensor:
     """q [T, H, D] (new, contiguous) from qkv [T, (H + 2 KH) D] (any row stride): optional
-    per-head RMSNorm of q and k, rotary, and k, v stored into the caches at slot_mapping."""
+    per-head RMSNorm of q and k, rotary, and k, v stored into the caches at slot_mapping.
+    early_launch: under PDL, let attention launch before this waits (if triton_launch.EARLY_ROPE)."""
     num_tokens, width = qkv.shape
     half = head_dim // 2
     assert width == (num_heads + 2 * num_kv_heads) * head_dim and head_dim == 2 * half, qkv.shape
@@ -120,7 +121,8 @@ def qk_norm_rope_store(qkv: torch.Tensor, q_norm_weight: torch.Tensor | None,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_H=block_h,
         BLOCK_KH=triton.next_power_of_2(num_kv_heads), BLOCK_HALF=block_half,
         HAS_Q_NORM=q_norm_weight is not None, HAS_K_NORM=k_norm_weight is not None, PDL=pdl,
-        EARLY=triton_launch.EARLY_AT_START, num_warps=min(8, max(1, block_h * block_half // 256)),
+        EARLY=early_launch and triton_launch.EARLY_ROPE,
+        num_warps=min(8, max(1, block_h * block_half // 256)),
         **(pdl_launch(qkv.device) if pdl else {}))
     return q
 

@@ -65,10 +65,12 @@ def pdl_launch(device: torch.device) -> dict:
     return {"launch_pdl": True} if pdl_supported(device) and torch.cuda.is_current_stream_capturing() else {}
 
 
-# Rotary + KV store and attention do nothing before their wait: with this on they let the next kernel
-# launch at once (wait_previous's EARLY), so its first weights load while they run. Off: at batch 1
-# it gave bf16 +1.2% but int4 -2% (docs/PERF.md run 19); scripts/gpu_early_start.py measures it.
-EARLY_AT_START = False
+# Rotary + KV store and attention do nothing before their wait: on, they let the next kernel launch
+# at once (wait_previous's EARLY), so it starts while they run. Measured at batch 1 (docs/PERF.md run
+# 19): rotary's gives bf16 +1.1% and int4 -1 to -2% (the model asks for it on bf16 layers only);
+# attention's adds nothing for bf16 and costs int4 too, so it is off. scripts/gpu_early_start.py A/Bs them.
+EARLY_ROPE = True
+EARLY_ATTENTION = False
 
 
 @triton.jit
