@@ -294,3 +294,29 @@ def test_prepare_flattens_items_into_slots_positions_and_hints():
     assert (batch.meta.num_decodes, batch.meta.max_context_len) == (1, 11)
     assert batch.logits_rows.tolist() == [0, 8]
     assert runner.execute([]).shape == (0, config["vocab_size"])
+
+
+def test_rotary_asks_for_early_launch_on_unquantized_layers_only(tmp_path, monkeypatch):
+    """Rotary + KV store lets attention launch early on bf16 layers, not on int4 ones, where it cost
+    1-2% (docs/PERF.md run 19): the model passes early_launch by the o projection's kind."""
+    from pagedeploy.runtime import model as model_module
+    from pagedeploy.runtime.loader import quantize_layer_linears
+    config = tiny_config("llama3")
+    runner = build_runner(write_hf_folder(tmp_path, config, random_state_dict(config, seed=1)), config)
+    asked = []
+    real = model_module.qk_norm_rope_store
+
+    def recorder(*args, early_launch=False):
+        asked.append(early_launch)
+        return real(*args, early_launch=early_launch)
+    monkeypatch.setattr(model_module, "qk_norm_rope_store", recorder)
+    seq = FakeSeq(prompts(config["vocab_size"], lengths=(5,), seed=9)[0])
+    BlockPool(NUM_BLOCKS, seed=6).grow(seq, 5, BS)
+    step_all_rows(runner, [Item(seq, 5)])
+    assert asked and all(asked)
+    for layer in runner.model.model.layers:
+        quantize_layer_linears(layer, "int4", torch.float32)
+    asked.clear()
+    seq.num_computed_tokens = 0
+    step_all_rows(runner, [Item(seq, 5)])
+    assert asked and not any(asked)
