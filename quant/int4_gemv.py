@@ -302,9 +302,12 @@ def mma_config(programs: int, blocks: int, silu_mul: bool, sms: int) -> Int4Gemv
 def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, *,
               norm_weight: torch.Tensor | None = None, eps: float = 0.0,
               residual: torch.Tensor | None = None, silu_mul: bool = False,
-              config: Int4GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              config: Int4GemvConfig | None = None,
+              prefetch: Int4Weight | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act(rmsnorm(x + residual) W^T + b), residual out) for x [1, K] on CUDA (or the interpreter);
-    the fusions as in kernels.fused_linear (docs/CONTRACTS.md). Two launches: x packed, then the GEMV."""
+    the fusions as in kernels.fused_linear (docs/CONTRACTS.md). Two launches: x packed, then the GEMV.
+    `prefetch`: the weight the next linear reads, which the tensor-core kernel may ask L2 for
+    (int4_mma.PREFETCH); it never changes the result."""
     N2, K = w.shape
     N = N2 // 2 if silu_mul else N2
     assert x.shape == (1, K) and x.stride(-1) == 1, (x.shape, K)
@@ -320,7 +323,7 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
         assert int4_mma.supports(x, w.group_size, N, K, cfg.block_n, cfg.split_k, cfg.num_warps), cfg
         xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
         int4_mma.launch(xp, xg, w, bias, y, ws, counters, N, K, cfg.block_n, cfg.split_k, cfg.num_warps,
-                        silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead)
+                        silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead, prefetch)
         return y, r_out
     xp, xw, r_out = pack_x(x, norm_weight, eps, residual)
     step = w.group_size // 8 * 4   # words a split is a multiple of: whole blocks of four groups

@@ -152,7 +152,57 @@ def test_int4_gemv_graph_replay_gpu(early, monkeypatch):
             assert torch.equal(out, expect) and torch.equal(r_out, r_expect)
 
 
+@pytest.mark.parametrize("mode, keep", [(1, False), (2, False), (2, True)])
+@on_gpu
+def test_int4_gemv_prefetch_changes_nothing_gpu(mode, keep, monkeypatch):
+    """Asking L2 for the next linear's weights (int4_mma.PREFETCH at a program's start or end,
+    evict_last or not, all of them or a capped part) leaves every output bit-equal, eager and in a
+    replayed CUDA graph."""
+    from pagedeploy.quant import int4_mma
+    from pagedeploy.quant.int4_gemv import int4_gemv
+    up = make_case(4096, 4096, 128, torch.bfloat16, "cuda", silu=True, seed=7)
+    down = make_case(4096, 4096, 128, torch.bfloat16, "cuda", silu=False, seed=8)["w"]
+    x = up["x"].clone()
+    kw = dict(norm_weight=up["norm_weight"], eps=1e-6, residual=up["residual"], silu_mul=True)
+
+    def layer(prefetch: bool):
+        act, _ = int4_gemv(x, up["w"], prefetch=down if prefetch else None, **kw)
+        return int4_gemv(act, down, prefetch=up["w"] if prefetch else None)[0]
+    expect = layer(False)
+    monkeypatch.setattr(int4_mma, "PREFETCH", mode)
+    monkeypatch.setattr(int4_mma, "PREFETCH_KEEP", keep)
+    for cap in (64 << 20, 1 << 20):
+        monkeypatch.setattr(int4_mma, "PREFETCH_BYTES", cap)
+        assert torch.equal(layer(True), expect)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = layer(True)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        monkeypatch.setattr(int4_mma, "PREFETCH", 0)
+        assert torch.equal(out, layer(False))
+        monkeypatch.setattr(int4_mma, "PREFETCH", mode)
+        x.copy_(up["x"])
+
+
 # --------------------------------------------------------------------------- CPU interpreter
+
+def test_prefetch_bytes():
+    """What the GEMV asks L2 for of the next weight: its words up to PREFETCH_BYTES, the same
+    fraction of its scales and zeros, in whole 16-byte units; nothing where a tensor is not
+    16-byte aligned (the bulk prefetch's rule)."""
+    from pagedeploy.quant import int4_mma
+    w = quantize_int4(torch.randn(512, 1024), 128)    # words 256 KiB, scales 8 KiB
+    assert int4_mma._prefetch_bytes(w) == (256 << 10, 8 << 10)
+    cap = int4_mma.PREFETCH_BYTES
+    try:
+        int4_mma.PREFETCH_BYTES = 64 << 10 | 8     # a quarter of the words, not a multiple of 16
+        assert int4_mma._prefetch_bytes(w) == (64 << 10, 2 << 10)
+    finally:
+        int4_mma.PREFETCH_BYTES = cap
+    packed = torch.empty(w.packed.numel() + 1, dtype=w.packed.dtype)[1:].view_as(w.packed)
+    assert int4_mma._prefetch_bytes(type(w)(packed, w.scales, w.zeros, w.shape, w.group_size)) == (0, 0)
+
 
 def test_mma_launch_rule():
     """int4_mma's launches for Llama-3-8B's decode linears on 132 SMs (the H200 sweep's choices),
