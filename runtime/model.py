@@ -200,11 +200,13 @@ class LlamaForCausalLM(nn.Module):
             return head.packed(hidden, head.weight)
         return F.linear(hidden, head.weight)
 
-    def linears_in_order(self) -> list[nn.Module]:
-        """The decoder's linears and the head, in the order a forward runs them."""
-        linears = [m for layer in self.model.layers for m in (
-            layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        return linears + ([self.lm_head] if self.lm_head is not None else [])
+    def linears_in_order(self) -> list[tuple[nn.Module, bool]]:
+        """The decoder's linears and the head in the order a forward runs them, each with whether
+        silu * up follows it (gate_up)."""
+        linears = [pair for layer in self.model.layers for pair in (
+            (layer.self_attn.qkv_proj, False), (layer.self_attn.o_proj, False),
+            (layer.mlp.gate_up_proj, True), (layer.mlp.down_proj, False))]
+        return linears + ([(self.lm_head, False)] if self.lm_head is not None else [])
 
     def load_weight(self, hf_name: str, tensor: torch.Tensor) -> bool:
         """Copy one HF-named checkpoint tensor into place; False when the name is not ours."""

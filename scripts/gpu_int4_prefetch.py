@@ -1,11 +1,10 @@
-"""Issue 6, batch 1: the tensor-core int4 GEMV asking L2 for the next linear's weights
-(quant/int4_mma.PREFETCH, kernels/triton_prefetch.py), in one run.
+"""Issue 6, batch 1: the tensor-core int4 GEMV asking L2 for the first blocks of each program of
+the next linear (quant/int4_mma.PREFETCH, kernels/triton_prefetch.py), in one run.
 
 Kernels: LAYERS copies of a Llama-3-8B decoder layer's four int4 linears as the model runs them
 (norm into qkv and gate_up, silu * up after gate_up, x packed before each), each linear asking for
-the next one's weights (the last down for the first qkv), in one CUDA graph; median microseconds a
-layer for prefetch off, at a program's start or end, evict_last or not, capped at several byte
-counts. Outputs must be bit-equal to prefetch off. Then `deploy bench --batch-1` decode tok/s of
+the next one's (the last down for the first qkv), in one CUDA graph; median microseconds a layer
+for prefetch off, at a program's start or end, evict_last or not, 1, 2 or 4 blocks a range. Outputs must be bit-equal to prefetch off. Then `deploy bench --batch-1` decode tok/s of
 Llama-3-8B dims, int4, prefetch off against the best two kernel rows, interleaved, a fresh engine
 each (greedy tokens must be equal), and bf16 once for the ratio.
 Usage (device machine): python3 scripts/gpu_int4_prefetch.py [REPS] [--kernels-only]
@@ -25,18 +24,17 @@ from pagedeploy.quant.int4_gemv import int4_gemv
 
 log = RunLog("int4_prefetch.log")
 LAYERS = 8   # 8 x 116 MB of weights: far past the 50 MB L2
-MODES = [(0, False, 0)] + [(m, keep, cap) for m in (1, 2) for keep in (False, True)
-                           for cap in (4 << 20, 16 << 20, 64 << 20)]
+MODES = [(0, False, 1)] + [(m, keep, blocks) for m in (1, 2) for keep in (False, True) for blocks in (1, 2, 4)]
 
 
-def name(mode: int, keep: bool, cap: int) -> str:
+def name(mode: int, keep: bool, blocks: int) -> str:
     if not mode:
         return "off"
-    return f"{'start' if mode == 1 else 'end'}{' keep' if keep else ''} {cap >> 20}MB"
+    return f"{'start' if mode == 1 else 'end'}{' keep' if keep else ''} {blocks} block{'s' * (blocks > 1)}"
 
 
-def set_mode(mode: int, keep: bool, cap: int) -> None:
-    int4_mma.PREFETCH, int4_mma.PREFETCH_KEEP, int4_mma.PREFETCH_BYTES = mode, keep, cap or (16 << 20)
+def set_mode(mode: int, keep: bool, blocks: int) -> None:
+    int4_mma.PREFETCH, int4_mma.PREFETCH_KEEP, int4_mma.PREFETCH_BLOCKS = mode, keep, blocks
 
 
 def make_layers():
@@ -59,14 +57,14 @@ def run_layer(layers, i: int) -> list[torch.Tensor]:
     flat = [lin for layer in layers for lin in layer]
     outs = []
     for j, (w, x, fus) in enumerate(layers[i]):
-        nxt = flat[(4 * i + j + 1) % len(flat)][0]
-        outs.append(int4_gemv(x, w, prefetch=nxt, **fus)[0])
+        nxt, _, nxt_fus = flat[(4 * i + j + 1) % len(flat)]
+        outs.append(int4_gemv(x, w, prefetch=(nxt, nxt_fus["silu_mul"]), **fus)[0])
     return outs
 
 
 def kernel_table() -> dict[tuple, float]:
     layers = make_layers()
-    set_mode(0, False, 0)
+    set_mode(*MODES[0])
     expect = [o.clone() for o in run_layer(layers, 0)]
     table = {}
     for mode in MODES:
@@ -76,7 +74,7 @@ def kernel_table() -> dict[tuple, float]:
         table[mode] = us
         log(f"layer {name(*mode):18s} {us:7.2f} us  outputs {'equal' if same else 'DIFFER'}")
         assert same, mode
-    set_mode(0, False, 0)
+    set_mode(*MODES[0])
     del layers
     torch.cuda.empty_cache()
     return table
@@ -84,7 +82,7 @@ def kernel_table() -> dict[tuple, float]:
 
 def main() -> int:
     reps = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 3
-    shipped = int4_mma.PREFETCH, int4_mma.PREFETCH_KEEP, int4_mma.PREFETCH_BYTES
+    shipped = int4_mma.PREFETCH, int4_mma.PREFETCH_KEEP, int4_mma.PREFETCH_BLOCKS
     table = kernel_table()
     if "--kernels-only" in sys.argv:
         return 0

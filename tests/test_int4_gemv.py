@@ -155,8 +155,8 @@ def test_int4_gemv_graph_replay_gpu(early, monkeypatch):
 @pytest.mark.parametrize("mode, keep", [(1, False), (2, False), (2, True)])
 @on_gpu
 def test_int4_gemv_prefetch_changes_nothing_gpu(mode, keep, monkeypatch):
-    """Asking L2 for the next linear's weights (int4_mma.PREFETCH at a program's start or end,
-    evict_last or not, all of them or a capped part) leaves every output bit-equal, eager and in a
+    """Asking L2 for the next linear's first blocks (int4_mma.PREFETCH at a program's start or end,
+    evict_last or not, one block or whole ranges) leaves every output bit-equal, eager and in a
     replayed CUDA graph."""
     from pagedeploy.quant import int4_mma
     from pagedeploy.quant.int4_gemv import int4_gemv
@@ -166,13 +166,13 @@ def test_int4_gemv_prefetch_changes_nothing_gpu(mode, keep, monkeypatch):
     kw = dict(norm_weight=up["norm_weight"], eps=1e-6, residual=up["residual"], silu_mul=True)
 
     def layer(prefetch: bool):
-        act, _ = int4_gemv(x, up["w"], prefetch=down if prefetch else None, **kw)
-        return int4_gemv(act, down, prefetch=up["w"] if prefetch else None)[0]
+        act, _ = int4_gemv(x, up["w"], prefetch=(down, False) if prefetch else None, **kw)
+        return int4_gemv(act, down, prefetch=(up["w"], True) if prefetch else None)[0]
     expect = layer(False)
     monkeypatch.setattr(int4_mma, "PREFETCH", mode)
     monkeypatch.setattr(int4_mma, "PREFETCH_KEEP", keep)
-    for cap in (64 << 20, 1 << 20):
-        monkeypatch.setattr(int4_mma, "PREFETCH_BYTES", cap)
+    for blocks in (1, 64):
+        monkeypatch.setattr(int4_mma, "PREFETCH_BLOCKS", blocks)
         assert torch.equal(layer(True), expect)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -187,21 +187,24 @@ def test_int4_gemv_prefetch_changes_nothing_gpu(mode, keep, monkeypatch):
 
 # --------------------------------------------------------------------------- CPU interpreter
 
-def test_prefetch_bytes():
-    """What the GEMV asks L2 for of the next weight: its words up to PREFETCH_BYTES, the same
-    fraction of its scales and zeros, in whole 16-byte units; nothing where a tensor is not
-    16-byte aligned (the bulk prefetch's rule)."""
+def test_prefetch_args():
+    """What the GEMV asks L2 for of the next weight: the first PREFETCH_BLOCKS blocks of four groups
+    (256 B a row for group 128) of each row's K ranges (its launch's splits), whole ranges at most;
+    nothing where the packed codes are not 16-byte aligned or the ranges not whole blocks."""
     from pagedeploy.quant import int4_mma
-    w = quantize_int4(torch.randn(512, 1024), 128)    # words 256 KiB, scales 8 KiB
-    assert int4_mma._prefetch_bytes(w) == (256 << 10, 8 << 10)
-    cap = int4_mma.PREFETCH_BYTES
+    w = quantize_int4(torch.randn(512, 2048), 128)    # rows of 1 KiB: four blocks
+    blocks = int4_mma.PREFETCH_BLOCKS
     try:
-        int4_mma.PREFETCH_BYTES = 64 << 10 | 8     # a quarter of the words, not a multiple of 16
-        assert int4_mma._prefetch_bytes(w) == (64 << 10, 2 << 10)
+        for n, pieces, take in ((1, 1, 256), (1, 4, 256), (2, 2, 512), (8, 2, 512)):
+            int4_mma.PREFETCH_BLOCKS = n
+            pw, ps, pz, rows, got_pieces, w_row, got_take, s_row = int4_mma._prefetch_args(w, pieces)
+            assert (pw, ps, pz) == (w.packed, w.scales, w.zeros)
+            assert (rows, got_pieces, w_row, got_take, s_row) == (512, pieces, 1024, take, 32)
     finally:
-        int4_mma.PREFETCH_BYTES = cap
+        int4_mma.PREFETCH_BLOCKS = blocks
+    assert int4_mma._prefetch_args(w, 8) is None      # ranges of half a block
     packed = torch.empty(w.packed.numel() + 1, dtype=w.packed.dtype)[1:].view_as(w.packed)
-    assert int4_mma._prefetch_bytes(type(w)(packed, w.scales, w.zeros, w.shape, w.group_size)) == (0, 0)
+    assert int4_mma._prefetch_args(type(w)(packed, w.scales, w.zeros, w.shape, w.group_size), 1) is None
 
 
 def test_mma_launch_rule():
