@@ -299,21 +299,12 @@ def mma_config(programs: int, blocks: int, silu_mul: bool, sms: int) -> Int4Gemv
     return Int4GemvConfig(64, next((d for d in splits if programs * d >= 2 * sms), splits[-1]), mma=True)
 
 
-def _next_splits(w: Int4Weight, silu_mul: bool, device: torch.device) -> int:
-    """The K splits of w's own GEMV launch (its programs' ranges, for the prefetch)."""
-    rows, k = w.shape
-    return default_config(rows // 2 if silu_mul else rows, k, w.group_size, silu_mul, device).split_k
-
-
 def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, *,
               norm_weight: torch.Tensor | None = None, eps: float = 0.0,
               residual: torch.Tensor | None = None, silu_mul: bool = False,
-              config: Int4GemvConfig | None = None,
-              prefetch: tuple[Int4Weight, bool] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              config: Int4GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act(rmsnorm(x + residual) W^T + b), residual out) for x [1, K] on CUDA (or the interpreter);
-    the fusions as in kernels.fused_linear (docs/CONTRACTS.md). Two launches: x packed, then the GEMV.
-    `prefetch`: the weight the next linear reads and whether it runs with silu_mul, which the
-    tensor-core kernel may ask L2 for (int4_mma.PREFETCH); it never changes the result."""
+    the fusions as in kernels.fused_linear (docs/CONTRACTS.md). Two launches: x packed, then the GEMV."""
     N2, K = w.shape
     N = N2 // 2 if silu_mul else N2
     assert x.shape == (1, K) and x.stride(-1) == 1, (x.shape, K)
@@ -329,8 +320,7 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
         assert int4_mma.supports(x, w.group_size, N, K, cfg.block_n, cfg.split_k, cfg.num_warps), cfg
         xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
         int4_mma.launch(xp, xg, w, bias, y, ws, counters, N, K, cfg.block_n, cfg.split_k, cfg.num_warps,
-                        silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead,
-                        prefetch and (prefetch[0], _next_splits(*prefetch, x.device)))
+                        silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead)
         return y, r_out
     xp, xw, r_out = pack_x(x, norm_weight, eps, residual)
     step = w.group_size // 8 * 4   # words a split is a multiple of: whole blocks of four groups

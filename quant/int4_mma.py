@@ -35,18 +35,11 @@ import triton
 import triton.language as tl
 
 from pagedeploy.kernels.triton_launch import wait_previous
-from pagedeploy.kernels.triton_prefetch import prefetch_range_starts
 
 from .int4_gemv import _load_block, _program_rows, _store_rows
 
 GROUP = 128   # codes a row per MMA step: the kernel's only group size
 EARLY_LAUNCH = True   # the kernel after may launch before this one's wait (wait_previous's EARLY): docs/PERF.md run 18
-# Ask L2 for the first blocks of every program of the next linear (int4_gemv's `prefetch`,
-# kernels/triton_prefetch.py): 0 off, 1 as a program starts (after its first loads), 2 as it ends.
-# PREFETCH_KEEP marks them evict_last; PREFETCH_BLOCKS: blocks (of four groups) a program's range.
-PREFETCH = 0
-PREFETCH_KEEP = False
-PREFETCH_BLOCKS = 1
 
 
 def _asm() -> str:
@@ -140,16 +133,13 @@ def _advance(current, after, new, AHEAD: tl.constexpr):
 
 @triton.jit(do_not_specialize=["split_k"])
 def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
-                     N, KW, groups, words_per_split, split_k, pf_w, pf_s, pf_z, pf_rows, pf_pieces,
-                     pf_w_row, pf_take, pf_s_row, BLOCK_N: tl.constexpr, SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     USE_SPLIT: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
-                     AHEAD: tl.constexpr = 1, EARLY: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
-                     KEEP: tl.constexpr = False, THREADS: tl.constexpr = 128):
+                     N, KW, groups, words_per_split, split_k, BLOCK_N: tl.constexpr,
+                     SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
+                     SPLITS: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr = 1,
+                     EARLY: tl.constexpr = False):
     """Grid (N tiles, K splits), whole tiles only. A program walks its rows' K split in blocks of
     four groups, each block's words, scales and zeros asked for AHEAD (1 or 2) blocks before it is
-    summed. EARLY: the next kernel may launch before this one waits (wait_previous). PREFETCH (1 at
-    the start, 2 at the end): the programs ask L2 for the first pf_take bytes of each of the
-    pf_pieces ranges of the pf_rows rows of the next linear (prefetch_range_starts)."""
+    summed. EARLY: the next kernel may launch before this one waits (wait_previous)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = 16   # words a group (GROUP // 8)
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
@@ -164,8 +154,6 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
         u = _stream(row_u, s_u, z_u, c_start, c_end, mask_n, col, GW)
         if AHEAD == 2:
             v = _stream(row_u, s_u, z_u, c_start + B, c_end, mask_n, col, GW)
-    if PREFETCH == 1:
-        _prefetch_next(pf_w, pf_s, pf_z, pf_rows, pf_pieces, pf_w_row, pf_take, pf_s_row, THREADS, KEEP)
     wait_previous(PDL, EARLY)
     acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
     acc_u = acc_g
@@ -182,17 +170,6 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     # the row sum of _store_rows gives it back exactly.
     _store_rows(acc_g * 0.25, acc_u * 0.25, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n,
                 pid_k, split_k, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
-    if PREFETCH == 2:
-        _prefetch_next(pf_w, pf_s, pf_z, pf_rows, pf_pieces, pf_w_row, pf_take, pf_s_row, THREADS, KEEP)
-
-
-@triton.jit
-def _prefetch_next(pf_w, pf_s, pf_z, rows, pieces, w_row, take, s_row, THREADS: tl.constexpr,
-                   KEEP: tl.constexpr):
-    """This program's share of the next linear's first blocks, asked of L2."""
-    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    programs = tl.num_programs(0) * tl.num_programs(1)
-    prefetch_range_starts(pf_w, pf_s, pf_z, rows, pieces, w_row, take, s_row, pid, programs, THREADS, KEEP)
 
 
 def supports(x: torch.Tensor, group: int, N: int, K: int, block_n: int, split_k: int, num_warps: int) -> bool:
@@ -203,29 +180,11 @@ def supports(x: torch.Tensor, group: int, N: int, K: int, block_n: int, split_k:
 
 
 def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split_k: int, num_warps: int,
-           silu_mul: bool, pdl: int, launch_options: dict, ahead: int = 1, prefetch=None) -> None:
-    """One launch over x packed by int4_pack.pack_x(mma=True); `prefetch`: (the Int4Weight the
-    next kernel reads, its K splits), whose first blocks are asked of L2 as PREFETCH says."""
+           silu_mul: bool, pdl: int, launch_options: dict, ahead: int = 1) -> None:
+    """One launch over x packed by int4_pack.pack_x(mma=True)."""
     words_per_split = K // 8 // split_k
-    pf = _prefetch_args(*prefetch) if prefetch is not None and PREFETCH else None
     _int4_mma_kernel[(N // block_n, split_k)](
         xp, xg, w.packed, w.scales, w.zeros, bias if bias is not None else y, y, ws, counters,
-        N, K // 8, K // GROUP, words_per_split, split_k, *(pf or (w.packed, w.scales, w.zeros, 0, 1, 0, 0, 0)),
-        BLOCK_N=block_n, SILU_MUL=silu_mul, HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1,
-        SPLITS=triton.next_power_of_2(split_k), PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH,
-        PREFETCH=PREFETCH if pf else 0, KEEP=PREFETCH_KEEP, THREADS=32 * num_warps, num_warps=num_warps,
-        **launch_options)
-
-
-def _prefetch_args(w, pieces: int) -> tuple | None:
-    """The kernel's pf_* arguments for asking L2 for the first PREFETCH_BLOCKS blocks of each of
-    w's rows' `pieces` K ranges; None where the bulk prefetch's 16-byte rule does not hold (an
-    offset view, ranges not in whole blocks)."""
-    rows, k = w.shape
-    w_row = k // 2   # bytes of packed codes a row
-    block = 4 * w.group_size // 2   # bytes of a block of four groups a row
-    if w.packed.data_ptr() % 16 or w_row % pieces or (w_row // pieces) % block:
-        return None
-    take = min(PREFETCH_BLOCKS * block, w_row // pieces)
-    s_row = w.scales.shape[1] * w.scales.element_size()
-    return w.packed, w.scales, w.zeros, rows, pieces, w_row, take, s_row
+        N, K // 8, K // GROUP, words_per_split, split_k, BLOCK_N=block_n, SILU_MUL=silu_mul,
+        HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
+        PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH, num_warps=num_warps, **launch_options)

@@ -38,9 +38,6 @@ class QuantLinear(nn.Module):
             self._state = copy.copy(weight.state)
             self._forget_state_tensors()
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        # The int4 linear the model runs next and its silu_mul (link_next_linears); in a list, so
-        # that nn.Module does not take it for a submodule of this one.
-        self._next: list[tuple[QuantLinear, bool]] = []
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) must not round scales, zeros or absmax: stored tensors follow the
@@ -75,19 +72,11 @@ class QuantLinear(nn.Module):
             return bnb_matmul(x, w, self.bias)
         if self.uses_gemv(x):
             from .int4_gemv import int4_gemv
-            return int4_gemv(x, w, self.bias, prefetch=self.next_weight(x))[0]
+            return int4_gemv(x, w, self.bias)[0]
         if x.is_cuda:
             from .int4_triton import int4_matmul
             return int4_matmul(x, w, self.bias)
         return int4_matmul_reference(x, w, self.bias)
-
-    def next_weight(self, x: torch.Tensor) -> tuple[Int4Weight, bool] | None:
-        """The next int4 linear's weight and whether it runs with silu_mul, for this one's GEMV to
-        ask L2 for, where it is on x's device now (an offloaded layer's is not until its copy)."""
-        if not self._next or self._next[0][0].packed.device != x.device:
-            return None
-        nxt, silu_mul = self._next[0]
-        return nxt.qweight, silu_mul
 
     def uses_gemv(self, x: torch.Tensor) -> bool:
         """Batch-1 decode of an int4 weight on CUDA goes through int4_gemv (tensor cores for group
@@ -105,19 +94,6 @@ class QuantLinear(nn.Module):
         group = f", group_size={self.group_size}" if self.method == "int4" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"method={self.method}{group}, bias={self.bias is not None}")
-
-
-def link_next_linears(linears: list[tuple[nn.Module, bool]]) -> int:
-    """Tell each int4 QuantLinear of `linears` ((linear, runs with silu_mul) in the order a forward
-    runs them) which one comes next, for the L2 prefetch of int4_mma; others break the chain.
-    Returns the links made."""
-    links = 0
-    for (cur, _), (nxt, silu_mul) in zip(linears, linears[1:] + [(None, False)]):
-        if isinstance(cur, QuantLinear):
-            linked = isinstance(nxt, QuantLinear) and nxt.method == cur.method == "int4"
-            cur._next = [(nxt, silu_mul)] if linked else []
-            links += linked
-    return links
 
 
 def quantize_linear(linear: nn.Linear, method: str, group_size: int | None = None,

@@ -20,7 +20,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pagedeploy.quant.formats import INT4_GROUP_SIZE, int4_group_size
-from pagedeploy.quant.linear import QuantLinear, link_next_linears, quantize_weight
+from pagedeploy.quant.linear import QuantLinear, quantize_weight
 from pagedeploy.runtime.config import EngineConfig
 from pagedeploy.runtime.model import STACKED_PARAMS, Linear, LlamaForCausalLM, rope_cos_sin_cache
 from pagedeploy.runtime.offload import LayerOffloader
@@ -57,7 +57,6 @@ def load_model(config: EngineConfig) -> LlamaForCausalLM:
         loader.load(checkpoint_tensors(config), source=config.model_path)
     if config.quantize_lm_head:
         quantize_lm_head(model, config.quantization, torch_dtype(config.dtype), config.spec.int4_group)
-    link_next_linears(model.linears_in_order())   # int4 GEMVs ask L2 for the next one's weights
     if device.type == "cpu":
         store_weights_input_major(model)   # 2-D parameters only: never the 4-bit buffers
         if offloader is None:   # (offloaded weights move through shared staging buffers)

@@ -78,7 +78,7 @@ def norm_linear(norm: "RMSNorm", linear: nn.Module, x: torch.Tensor, residual: t
             return fused_linear(x, linear.weight, linear.bias, **fusions)
         if isinstance(linear, QuantLinear) and linear.uses_gemv(x):
             from pagedeploy.quant.int4_gemv import int4_gemv
-            return int4_gemv(x, linear.qweight, linear.bias, prefetch=linear.next_weight(x), **fusions)
+            return int4_gemv(x, linear.qweight, linear.bias, **fusions)
     x, residual = norm(x, residual)
     y = linear(x)
     return (silu_and_mul(y) if silu_mul else y), residual
@@ -199,14 +199,6 @@ class LlamaForCausalLM(nn.Module):
         if head.packed is not None:
             return head.packed(hidden, head.weight)
         return F.linear(hidden, head.weight)
-
-    def linears_in_order(self) -> list[tuple[nn.Module, bool]]:
-        """The decoder's linears and the head in the order a forward runs them, each with whether
-        silu * up follows it (gate_up)."""
-        linears = [pair for layer in self.model.layers for pair in (
-            (layer.self_attn.qkv_proj, False), (layer.self_attn.o_proj, False),
-            (layer.mlp.gate_up_proj, True), (layer.mlp.down_proj, False))]
-        return linears + ([(self.lm_head, False)] if self.lm_head is not None else [])
 
     def load_weight(self, hf_name: str, tensor: torch.Tensor) -> bool:
         """Copy one HF-named checkpoint tensor into place; False when the name is not ours."""

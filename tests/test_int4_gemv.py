@@ -152,60 +152,7 @@ def test_int4_gemv_graph_replay_gpu(early, monkeypatch):
             assert torch.equal(out, expect) and torch.equal(r_out, r_expect)
 
 
-@pytest.mark.parametrize("mode, keep", [(1, False), (2, False), (2, True)])
-@on_gpu
-def test_int4_gemv_prefetch_changes_nothing_gpu(mode, keep, monkeypatch):
-    """Asking L2 for the next linear's first blocks (int4_mma.PREFETCH at a program's start or end,
-    evict_last or not, one block or whole ranges) leaves every output bit-equal, eager and in a
-    replayed CUDA graph."""
-    from pagedeploy.quant import int4_mma
-    from pagedeploy.quant.int4_gemv import int4_gemv
-    up = make_case(4096, 4096, 128, torch.bfloat16, "cuda", silu=True, seed=7)
-    down = make_case(4096, 4096, 128, torch.bfloat16, "cuda", silu=False, seed=8)["w"]
-    x = up["x"].clone()
-    kw = dict(norm_weight=up["norm_weight"], eps=1e-6, residual=up["residual"], silu_mul=True)
-
-    def layer(prefetch: bool):
-        act, _ = int4_gemv(x, up["w"], prefetch=(down, False) if prefetch else None, **kw)
-        return int4_gemv(act, down, prefetch=(up["w"], True) if prefetch else None)[0]
-    expect = layer(False)
-    monkeypatch.setattr(int4_mma, "PREFETCH", mode)
-    monkeypatch.setattr(int4_mma, "PREFETCH_KEEP", keep)
-    for blocks in (1, 64):
-        monkeypatch.setattr(int4_mma, "PREFETCH_BLOCKS", blocks)
-        assert torch.equal(layer(True), expect)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = layer(True)
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        monkeypatch.setattr(int4_mma, "PREFETCH", 0)
-        assert torch.equal(out, layer(False))
-        monkeypatch.setattr(int4_mma, "PREFETCH", mode)
-        x.copy_(up["x"])
-
-
 # --------------------------------------------------------------------------- CPU interpreter
-
-def test_prefetch_args():
-    """What the GEMV asks L2 for of the next weight: the first PREFETCH_BLOCKS blocks of four groups
-    (256 B a row for group 128) of each row's K ranges (its launch's splits), whole ranges at most;
-    nothing where the packed codes are not 16-byte aligned or the ranges not whole blocks."""
-    from pagedeploy.quant import int4_mma
-    w = quantize_int4(torch.randn(512, 2048), 128)    # rows of 1 KiB: four blocks
-    blocks = int4_mma.PREFETCH_BLOCKS
-    try:
-        for n, pieces, take in ((1, 1, 256), (1, 4, 256), (2, 2, 512), (8, 2, 512)):
-            int4_mma.PREFETCH_BLOCKS = n
-            pw, ps, pz, rows, got_pieces, w_row, got_take, s_row = int4_mma._prefetch_args(w, pieces)
-            assert (pw, ps, pz) == (w.packed, w.scales, w.zeros)
-            assert (rows, got_pieces, w_row, got_take, s_row) == (512, pieces, 1024, take, 32)
-    finally:
-        int4_mma.PREFETCH_BLOCKS = blocks
-    assert int4_mma._prefetch_args(w, 8) is None      # ranges of half a block
-    packed = torch.empty(w.packed.numel() + 1, dtype=w.packed.dtype)[1:].view_as(w.packed)
-    assert int4_mma._prefetch_args(type(w)(packed, w.scales, w.zeros, w.shape, w.group_size), 1) is None
-
 
 def test_mma_launch_rule():
     """int4_mma's launches for Llama-3-8B's decode linears on 132 SMs (the H200 sweep's choices),

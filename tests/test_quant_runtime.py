@@ -139,28 +139,6 @@ def test_quantize_lm_head_computes_with_the_dequantized_head(family, method):
         assert_same_logits(prefill_decode_logits(runner), prefill_decode_logits(twin))
 
 
-@pytest.mark.parametrize("method, head", [("int4", False), ("int4", True), ("nf4", True)])
-def test_each_int4_linear_knows_the_next_for_the_l2_prefetch(method, head):
-    """load_model links the int4 linears in the order a forward runs them (qkv, o, gate_up, down,
-    the next layer's qkv, the lm_head when it is int4 too); bitsandbytes layers get no links. A
-    next weight on another device (an offloaded layer's) is not handed to the GEMV."""
-    model = load_model(replace(engine_config("llama3", method), quantize_lm_head=head))
-    order = model.linears_in_order()
-    assert len(order) == 4 * len(model.model.layers) + 1 and order[-1] == (model.lm_head, False)
-    assert [silu for _, silu in order[:4]] == [False, False, True, False]
-    assert isinstance(model.lm_head, QuantLinear) == head
-    for (cur, _), nxt in zip(order[:-1], order[1:]):   # the head has no next; a dense head is no link
-        want = [nxt] if method == "int4" and isinstance(nxt[0], QuantLinear) else []
-        assert cur._next == want, (cur, nxt)
-    (first, _), (second, _) = order[:2]
-    x = torch.zeros(1, first.in_features)
-    if method == "int4":
-        assert first.next_weight(x)[0].packed is second.packed and second.next_weight(x)[1]
-        second.packed = second.packed.to("meta")
-        assert first.next_weight(x) is None
-    assert not any("_next" in name for name, _ in model.named_modules())   # not a submodule
-
-
 def test_greedy_generate_is_deterministic_and_equals_the_dequantized_model(runners):
     config, runner, twin = runners
     gen = torch.Generator().manual_seed(11)
