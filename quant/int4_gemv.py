@@ -33,7 +33,7 @@ from pagedeploy.kernels.triton_launch import (arrival_counters, num_sms, pdl_lau
                                               wait_previous)
 
 from .int4 import Int4Weight
-from .int4_pack import pack_x
+from .int4_pack import pack_buffers, pack_x
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ class Int4GemvConfig:
     num_warps: int = 4
     mma: bool = False      # tensor cores fed from registers (int4_mma.py): group 128, whole tiles
     ahead: int = 1         # mma: blocks of weights in flight while one is summed (1 or 2)
+    pack_in_kernel: bool = False   # mma: x packed by the GEMV's programs, no pack_x launch
+    pack_words: int = 64   # pack_in_kernel: words packed at a time
+    rstd_block: int = 1024   # pack_in_kernel: width of the norm's loads
 
 
 # ---- device helpers -------------------------------------------------------------------------------
@@ -318,9 +321,14 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
     if cfg.mma:
         from . import int4_mma   # it builds on this module's helpers
         assert int4_mma.supports(x, w.group_size, N, K, cfg.block_n, cfg.split_k, cfg.num_warps), cfg
-        xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
+        pack = None
+        if cfg.pack_in_kernel:
+            xp, xg, r_out = pack_buffers(x, norm_weight is not None, residual, mma=True)
+            pack = int4_mma.PackInKernel(x, residual, norm_weight, r_out, eps, cfg.pack_words, cfg.rstd_block)
+        else:
+            xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
         int4_mma.launch(xp, xg, w, bias, y, ws, counters, N, K, cfg.block_n, cfg.split_k, cfg.num_warps,
-                        silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead)
+                        silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead, pack)
         return y, r_out
     xp, xw, r_out = pack_x(x, norm_weight, eps, residual)
     step = w.group_size // 8 * 4   # words a split is a multiple of: whole blocks of four groups

@@ -30,6 +30,8 @@ The CPU interpreter cannot run PTX: int4_gemv keeps the packed-fp16 path there.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -37,6 +39,7 @@ import triton.language as tl
 from pagedeploy.kernels.triton_launch import wait_previous
 
 from .int4_gemv import _load_block, _program_rows, _store_rows
+from .int4_pack import pack_words, row_rstd
 
 GROUP = 128   # codes a row per MMA step: the kernel's only group size
 EARLY_LAUNCH = True   # the kernel after may launch before this one's wait (wait_previous's EARLY): docs/PERF.md run 18
@@ -133,13 +136,20 @@ def _advance(current, after, new, AHEAD: tl.constexpr):
 
 @triton.jit(do_not_specialize=["split_k"])
 def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
+                     x_ptr, r_ptr, nw_ptr, r_out_ptr, eps,
                      N, KW, groups, words_per_split, split_k, BLOCK_N: tl.constexpr,
                      SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
                      SPLITS: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr = 1,
-                     EARLY: tl.constexpr = False):
+                     EARLY: tl.constexpr = False, PACK: tl.constexpr = False,
+                     NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
+                     PACK_C: tl.constexpr = 64, RSTD_BLOCK: tl.constexpr = 1024):
     """Grid (N tiles, K splits), whole tiles only. A program walks its rows' K split in blocks of
     four groups, each block's words, scales and zeros asked for AHEAD (1 or 2) blocks before it is
-    summed. EARLY: the next kernel may launch before this one waits (wait_previous)."""
+    summed. EARLY: the next kernel may launch before this one waits (wait_previous).
+    PACK: x comes plain (x_ptr; NORM, RESIDUAL: rms_norm's fusions, as pack_x) and each program
+    packs its split's words into xp and xg itself, PACK_C words at a time, after the wait: no
+    pack_x launch. Programs of one split write the same bits to the same words; each reads back
+    only what it wrote, after a barrier."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = 16   # words a group (GROUP // 8)
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
@@ -155,6 +165,13 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
         if AHEAD == 2:
             v = _stream(row_u, s_u, z_u, c_start + B, c_end, mask_n, col, GW)
     wait_previous(PDL, EARLY)
+    if PACK:
+        rstd = row_rstd(x_ptr, r_ptr, r_out_ptr, KW * 8, eps, (pid_n == 0) & (pid_k == 0), NORM,
+                        RESIDUAL, RSTD_BLOCK)
+        for c0 in range(c_start, c_end, PACK_C):
+            pack_words(x_ptr, r_ptr, nw_ptr, xp_ptr, xg_ptr, c0, c_end, rstd, KW * 8, PACK_C, NORM,
+                       RESIDUAL, True, True, True)
+        tl.debug_barrier()   # bar.sync: the words' stores are visible to the whole program
     acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
     acc_u = acc_g
     for t in range(c_start, c_end, B):
@@ -179,12 +196,33 @@ def supports(x: torch.Tensor, group: int, N: int, K: int, block_n: int, split_k:
             and K % GROUP == 0 and (K // GROUP) % (4 * split_k) == 0)
 
 
+@dataclass(frozen=True)
+class PackInKernel:
+    """x plain, for the kernel to pack itself (PACK): rms_norm's fusions as in pack_x."""
+    x: torch.Tensor
+    residual: torch.Tensor | None = None
+    norm_weight: torch.Tensor | None = None
+    residual_out: torch.Tensor | None = None
+    eps: float = 0.0
+    words: int = 64     # PACK_C
+    rstd_block: int = 1024
+
+
 def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split_k: int, num_warps: int,
-           silu_mul: bool, pdl: int, launch_options: dict, ahead: int = 1) -> None:
-    """One launch over x packed by int4_pack.pack_x(mma=True)."""
+           silu_mul: bool, pdl: int, launch_options: dict, ahead: int = 1,
+           pack: PackInKernel | None = None) -> None:
+    """One launch over x packed by int4_pack.pack_x(mma=True), or packed by the kernel into xp and
+    xg (int4_pack.pack_buffers) from `pack`."""
     words_per_split = K // 8 // split_k
+    x = pack.x if pack else y
+    norm = pack is not None and pack.norm_weight is not None
+    residual = pack.residual if norm else None
     _int4_mma_kernel[(N // block_n, split_k)](
         xp, xg, w.packed, w.scales, w.zeros, bias if bias is not None else y, y, ws, counters,
+        x, residual if residual is not None else x, pack.norm_weight if norm else x,
+        pack.residual_out if norm and residual is not None else x, pack.eps if pack else 0.0,
         N, K // 8, K // GROUP, words_per_split, split_k, BLOCK_N=block_n, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
-        PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH, num_warps=num_warps, **launch_options)
+        PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH, PACK=pack is not None, NORM=norm,
+        RESIDUAL=residual is not None, PACK_C=pack.words if pack else 64,
+        RSTD_BLOCK=pack.rstd_block if pack else 1024, num_warps=num_warps, **launch_options)

@@ -95,20 +95,46 @@ def test_int4_gemv_configs_gpu(config):
 
 MMA_CONFIGS = [dict(mma=True, split_k=1), dict(mma=True, split_k=2, block_n=32, num_warps=2),
                dict(mma=True, split_k=4, block_n=128, ahead=2), dict(mma=True, split_k=7, block_n=128, num_warps=8),
-               dict(mma=True, split_k=2, ahead=2)]
+               dict(mma=True, split_k=2, ahead=2),
+               # x packed by the GEMV's programs: a range of half a chunk (masked), 2, 1 and 16 chunks;
+               # the norm's loads in 14, 4 and 1 rounds
+               dict(mma=True, split_k=7, pack_in_kernel=True, pack_words=512, rstd_block=1024),
+               dict(mma=True, split_k=4, block_n=128, ahead=2, pack_in_kernel=True, pack_words=64),
+               dict(mma=True, split_k=1, pack_in_kernel=True, pack_words=512, rstd_block=4096),
+               dict(mma=True, split_k=2, block_n=32, num_warps=2, pack_in_kernel=True, pack_words=16)]
 
 
+@pytest.mark.parametrize("pack_in_kernel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["llama qkv", "llama o", "llama gate_up", "llama down", "qwen gate_up"])
 @on_gpu
-def test_int4_gemv_mma_gpu(shape, dtype):
-    """The tensor-core path (int4_mma.py) on the decode shapes, at its default launch."""
+def test_int4_gemv_mma_gpu(shape, dtype, pack_in_kernel):
+    """The tensor-core path (int4_mma.py) on the decode shapes, at its default launch, with x packed
+    by pack_x or by the GEMV itself."""
     from pagedeploy.quant.int4_gemv import default_config
     n, k, group, norm, silu = SHAPES[shape]
     cfg = default_config(n, k, group, silu, torch.device("cuda"))
     assert cfg.mma
     check_int4_gemv(n, k, group, dtype, "cuda", norm=norm, residual=norm, silu=silu, bias=True,
-                    config=cfg.__dict__, seed=n)
+                    config=dict(cfg.__dict__, pack_in_kernel=pack_in_kernel), seed=n)
+
+
+@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("config", [dict(split_k=4), dict(split_k=1, ahead=2), dict(split_k=7, pack_words=128)])
+@on_gpu
+def test_int4_mma_pack_in_kernel_equal_gpu(config, norm):
+    """x packed by the GEMV's programs gives bit-equal outputs (and residual out) to pack_x's launch:
+    both pack the same bits, and the sums run in the same order."""
+    from pagedeploy.quant.int4_gemv import Int4GemvConfig, int4_gemv
+    k = 14336 if config["split_k"] == 7 else 4096
+    t = make_case(2048, k, 128, torch.bfloat16, "cuda", silu=False, seed=11)
+    kw = dict(norm_weight=t["norm_weight"], eps=1e-6, residual=t["residual"]) if norm else {}
+    expect, r_expect = int4_gemv(t["x"], t["w"], t["bias"], config=Int4GemvConfig(mma=True, **config), **kw)
+    for _ in range(2):
+        out, r_out = int4_gemv(t["x"], t["w"], t["bias"],
+                               config=Int4GemvConfig(mma=True, pack_in_kernel=True, **config), **kw)
+        assert torch.equal(out, expect)
+        assert (r_out is None and r_expect is None) or torch.equal(r_out, r_expect)
 
 
 @pytest.mark.parametrize("config", MMA_CONFIGS)
@@ -125,7 +151,8 @@ def test_int4_gemv_mma_configs_gpu(config):
 @on_gpu
 def test_int4_gemv_graph_replay_gpu(early, monkeypatch):
     """Split-K and PDL inside a CUDA graph: fresh inputs, replayed twice, equal to eager calls; with
-    the kernel after pack_x, and after the tensor-core GEMV, launched before they wait or not."""
+    the kernel after pack_x, and after the tensor-core GEMV, launched before they wait or not; and
+    with x packed inside the tensor-core GEMV."""
     from pagedeploy.quant import int4_mma, int4_pack
     from pagedeploy.quant.int4_gemv import Int4GemvConfig, int4_gemv
     monkeypatch.setattr(int4_pack, "EARLY_LAUNCH", early[0])
@@ -134,9 +161,9 @@ def test_int4_gemv_graph_replay_gpu(early, monkeypatch):
     down = make_case(4096, 2048, 128, torch.bfloat16, "cuda", silu=False, seed=6)["w"]
     x = t["x"].clone()
     kw = dict(norm_weight=t["norm_weight"], eps=1e-6, residual=t["residual"], silu_mul=True)
-    for mma in (False, True):
-        cfg = Int4GemvConfig(split_k=8, mma=mma)
-        cfg_down = Int4GemvConfig(split_k=4, mma=mma, ahead=1 + mma)
+    for mma, in_kernel in ((False, False), (True, False), (True, True)):
+        cfg = Int4GemvConfig(split_k=8, mma=mma, pack_in_kernel=in_kernel)
+        cfg_down = Int4GemvConfig(split_k=4, mma=mma, ahead=1 + mma, pack_in_kernel=in_kernel)
 
         def layer():
             act, r_out = int4_gemv(x, t["w"], config=cfg, **kw)
