@@ -22,15 +22,19 @@ import gpu_int4_b1 as B1
 from gpu_common import RunLog
 from gpu_int4 import random_int4, time_calls
 
+from pagedeploy.kernels import triton_launch
 from pagedeploy.quant import int4_gemv as G
+from pagedeploy.runtime import model
 
 log = RunLog("int4_fold.log")
 LAYERS = 8   # 8 x 116 MB of weights: far past the 50 MB L2
 RULE, PACK_X = G.default_config, G.pack_x
 MODES = {"pack_x launch": None, "prepacked (floor)": "floor"}
-for words in (64, 128, 512):
-    for rstd in (1024, 4096):
-        MODES[f"in kernel w{words} r{rstd}"] = dict(pack_in_kernel=True, pack_words=words, rstd_block=rstd)
+for words, rstd in ((64, 4096), (128, 4096), (256, 4096), (512, 1024), (512, 2048), (512, 4096)):
+    MODES[f"in kernel w{words} r{rstd}"] = dict(pack_in_kernel=True, pack_words=words, rstd_block=rstd)
+# End to end, after pack_x against the fastest in-kernel row: that row with rotary's early launch on
+# int4 layers too (runtime/model.EARLY_ROPE_INT4), and also attention's (triton_launch.EARLY_ATTENTION).
+E2E_EARLY = {"": (False, False), " + early rope": (True, False), " + early rope, attention": (True, True)}
 
 
 def set_mode(mode) -> None:
@@ -40,7 +44,7 @@ def set_mode(mode) -> None:
         cache: dict = {}
 
         def packed_once(x, *args, **kw):
-            key = (id(x), len(args), tuple(kw))
+            key = (id(x), *map(id, args), tuple(kw))
             if key not in cache:
                 cache[key] = PACK_X(x, *args, **kw)
             return cache[key]
@@ -100,16 +104,22 @@ def main() -> int:
         return 0
     best = min((n for n in MODES if n.startswith("in kernel")), key=table.get)
     log(f"e2e: pack_x launch against {best}")
-    rows, first = [], None
-    for name in ["pack_x launch", best] * 2:   # interleaved: drift shows
+    rows, first = [], {}
+    runs = [("pack_x launch", "")] + [(best, early) for early in E2E_EARLY]
+    for name, early in runs * 2:   # interleaved: drift shows
         set_mode(MODES[name])
+        model.EARLY_ROPE_INT4, triton_launch.EARLY_ATTENTION = E2E_EARLY[early]
         tokens: list[int] = []
         speeds = B1.batch1_speeds(["quantization=int4"], reps, tokens)
-        first = first if first is not None else tokens
-        log(f"int4 {name}: " + " ".join(f"{s:7.1f}" for s in speeds)
-            + f"  greedy tokens {'equal' if tokens == first else 'DIFFER'}")
-        rows.append((f"int4 {name}", speeds))
+        # greedy tokens: each mode against its own first run (launch order must not change them)
+        # and against pack_x's (the in-kernel pack sums a group's x in another order: may differ)
+        first.setdefault(name + early, tokens)
+        log(f"int4 {name}{early}: " + " ".join(f"{s:7.1f}" for s in speeds)
+            + f"  greedy tokens: {'same' if tokens == first[name + early] else 'DIFFER'} as its first run, "
+            + f"{'same' if tokens == first['pack_x launch'] else 'other'} as pack_x's")
+        rows.append((f"int4 {name}{early}", speeds))
     set_mode(None)
+    model.EARLY_ROPE_INT4, triton_launch.EARLY_ATTENTION = False, False
     rows.append(("bf16", B1.batch1_speeds(["quantization=none"], reps)))
     B1.log_speeds(rows, log)
     return 0
