@@ -26,9 +26,6 @@ STACKED_PARAMS = {
 }
 
 
-EARLY_ROPE_INT4 = False   # rotary's early launch also on int4 layers (A/B: scripts/gpu_int4_fold.py)
-
-
 @dataclass
 class AttentionMetadata:
     """What attention needs about the batch; the runner builds it once per step."""
@@ -133,8 +130,8 @@ class Attention(nn.Module):
             self.k_norm.weight if qk_norm else None, self.q_norm.eps if qk_norm else 0.0,
             positions, cos_sin_cache, self.k_cache, self.v_cache, meta.slot_mapping,
             self.num_heads, self.num_kv_heads, self.head_dim,
-            # attention launched early helps a bf16 layer, not int4's (docs/PERF.md run 19)
-            early_launch=EARLY_ROPE_INT4 or not isinstance(self.o_proj, QuantLinear))
+            # attention launched early helps a bf16 layer, not int4's (docs/PERF.md runs 19, 21)
+            early_launch=not isinstance(self.o_proj, QuantLinear))
         o = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
                             meta.query_start_loc, self.scale, self.sliding_window,
                             num_decodes=meta.num_decodes, max_context_len=meta.max_context_len)

@@ -185,13 +185,14 @@ def test_mma_launch_rule():
     """int4_mma's launches for Llama-3-8B's decode linears on 132 SMs (the H200 sweep's choices),
     and the packed-fp16 GEMV off CUDA or for other groups."""
     from pagedeploy.quant.int4_gemv import Int4GemvConfig, default_config, mma_config
-    one_ahead, two_ahead = dict(mma=True), dict(mma=True, ahead=2)
-    assert mma_config(96, 8, False, 132) == Int4GemvConfig(64, 4, **one_ahead)      # qkv
-    assert mma_config(64, 8, False, 132) == Int4GemvConfig(64, 4, **two_ahead)      # o
-    assert mma_config(448, 8, True, 132) == Int4GemvConfig(64, 1, **one_ahead)      # gate_up
-    assert mma_config(64, 28, False, 132) == Int4GemvConfig(64, 4, **two_ahead)     # down: 4 divides 28
-    assert mma_config(2004, 8, False, 132) == Int4GemvConfig(64, 1, **two_ahead)    # an int4 lm_head
-    assert mma_config(16, 2, False, 132) == Int4GemvConfig(64, 1, **one_ahead)      # one split only
+    def mma(ahead, words, rstd):   # x packed in the kernel: its split's words at once, the row's norm
+        return dict(mma=True, ahead=ahead, pack_in_kernel=True, pack_words=words, rstd_block=rstd)
+    assert mma_config(96, 8, False, 132) == Int4GemvConfig(64, 4, **mma(1, 128, 4096))     # qkv
+    assert mma_config(64, 8, False, 132) == Int4GemvConfig(64, 4, **mma(2, 128, 4096))     # o
+    assert mma_config(448, 8, True, 132) == Int4GemvConfig(64, 1, **mma(1, 512, 4096))     # gate_up
+    assert mma_config(64, 28, False, 132) == Int4GemvConfig(64, 4, **mma(2, 512, 4096))    # down: 4 divides 28
+    assert mma_config(2004, 8, False, 132) == Int4GemvConfig(64, 1, **mma(2, 512, 4096))   # an int4 lm_head
+    assert mma_config(16, 2, False, 132) == Int4GemvConfig(64, 1, **mma(1, 128, 1024))     # one split only
     cpu = torch.device("cpu")
     assert not default_config(4096, 4096, 128, False, cpu).mma
     assert default_config(4096, 4096, 128, False, cpu, mma=True).mma
