@@ -23,6 +23,8 @@ from . import triton_launch
 from .triton_launch import arrival_counters, num_sms, pdl_launch, pdl_supported, wait_previous
 
 _LOG2E = 1.4426950408889634
+# A decode tile's split merge loads all its rows at once (_merge_rows), not row by row.
+MERGE_ROWS = True
 # Running-max start: finite, so a row with every key masked gets exp2(-inf - m) = 0, never NaN.
 _NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -56,9 +58,16 @@ def _attention_kernel(
     QG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     IS_DECODE: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_HEADS: tl.constexpr,
-    PDL: tl.constexpr, EARLY: tl.constexpr = False,
+    PDL: tl.constexpr, EARLY: tl.constexpr = False, PRE_WAIT: tl.constexpr = False,
+    QG_P2: tl.constexpr = 1, MERGE_ROWS: tl.constexpr = False, PF_LINES: tl.constexpr = 1,
+    PF_LINE: tl.constexpr = 64,
 ):
-    wait_previous(PDL, EARLY)   # q and the new K/V come from the kernels just before
+    # Decode with PRE_WAIT under PDL: what earlier steps wrote (the metadata, copied before the
+    # step) loads before the wait, and the first K/V tile is asked of L2, while rotary + the KV
+    # store still run.
+    PRE: tl.constexpr = IS_DECODE and PRE_WAIT and PDL >= 1
+    if not PRE:
+        wait_previous(PDL, EARLY)   # q and the new K/V come from the kernels just before
     tile = tl.program_id(0)
     kh = tl.program_id(1)
     split = tl.program_id(2)
@@ -74,6 +83,8 @@ def _attention_kernel(
     q_begin = tl.load(query_start_loc + seq)
     q_len = tl.load(query_start_loc + seq + 1) - q_begin
     if q0 >= q_len:
+        if PRE:
+            wait_previous(PDL, EARLY)
         return
     ctx = tl.load(context_lens + seq)
 
@@ -84,7 +95,6 @@ def _attention_kernel(
     q_pos = ctx - q_len + tok                   # absolute position of each row's query
     dims = tl.arange(0, HEAD_DIM)
     q_off = (q_begin + tok)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
-    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
 
     # K/V range this tile needs: causal end at its last query, window start at its first.
     kv_end = ctx - q_len + tl.minimum(q0 + BLOCK_Q, q_len)
@@ -101,24 +111,17 @@ def _attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     cols = tl.arange(0, BLOCK_N)
     kv_head = kh * stride_ch
+    table = block_tables + seq * stride_bt
+    if PRE:   # the split's first K/V rows into L2 (the new token's too: L2 sees the store after)
+        _prefetch_tile(k_cache, v_cache, table, kv_start, kv_end, cols, kv_head, stride_cb, stride_cs,
+                       BLOCK_SIZE, PF_LINES, PF_LINE)
+        wait_previous(PDL, EARLY)
+    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
     for start in range(kv_start, kv_end, BLOCK_N):
-        n = start + cols
-        n_ok = n < kv_end
-        page = tl.load(block_tables + seq * stride_bt + n // BLOCK_SIZE, mask=n_ok, other=0)
-        kv_off = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head
-        k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=n_ok[None, :], other=0.0)
-        s = tl.dot(q, k.to(q.dtype)) * qk_scale
-        ok = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
-        if USE_WINDOW:
-            ok = ok & (n[None, :] > q_pos[:, None] - window)
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=n_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-        m_i = m_new
+        k, v, n = _kv_tile(k_cache, v_cache, table, start, kv_end, cols, dims, kv_head, stride_cb,
+                           stride_cs, BLOCK_SIZE)
+        m_i, l_i, acc = _attend(q, k, v, n, n < kv_end, q_pos, m_i, l_i, acc, qk_scale, window,
+                                USE_WINDOW)
 
     # Rows that saw no key (empty split) have l_i = 0: their output is 0 and their lse -inf.
     seen = l_i > 0
@@ -137,11 +140,81 @@ def _attention_kernel(
         tl.debug_barrier()   # every thread's partial is written before the release below
         counter = counters + tile * tl.num_programs(1) + kh
         if tl.atomic_add(counter, 1) == NUM_SPLITS - 1:   # acq_rel, gpu scope
-            _merge_splits(part_out, part_lse, out_ptr, q_begin, q0, q_len, kh, stride_ot, stride_oh,
-                          QG, BLOCK_Q, HEAD_DIM, NUM_SPLITS, NUM_HEADS)
+            if IS_DECODE and MERGE_ROWS and QG_P2 * NUM_SPLITS <= 64:   # one token: all rows at once
+                _merge_rows(part_out, part_lse, out_ptr, q_begin, kh, stride_ot, stride_oh, QG, QG_P2,
+                            HEAD_DIM, NUM_SPLITS, NUM_HEADS)
+            else:
+                _merge_splits(part_out, part_lse, out_ptr, q_begin, q0, q_len, kh, stride_ot,
+                              stride_oh, QG, BLOCK_Q, HEAD_DIM, NUM_SPLITS, NUM_HEADS)
             tl.atomic_xchg(counter, 0)   # re-armed for the next launch (graph replays)
 
 
+@triton.jit
+def _kv_tile(k_cache, v_cache, table, start, end, cols, dims, kv_head, stride_cb, stride_cs,
+             BLOCK_SIZE: tl.constexpr):
+    """K^T [HEAD_DIM, BLOCK_N] and V [BLOCK_N, HEAD_DIM] of positions start + cols (zero from end
+    on), gathered through the sequence's block table, and those positions."""
+    n = start + cols
+    n_ok = n < end
+    page = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0)
+    kv_off = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head
+    k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=n_ok[None, :], other=0.0)
+    v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=n_ok[:, None], other=0.0)
+    return k, v, n
+
+
+# `prefetch.global.L2` of one address; $0 is a dummy out (inline asm needs one).
+_PREFETCH_L2 = tl.constexpr("prefetch.global.L2 [$1];\n mov.u32 $0, 0;")
+
+
+@triton.jit
+def _prefetch_tile(k_cache, v_cache, table, start, end, cols, kv_head, stride_cb, stride_cs,
+                   BLOCK_SIZE: tl.constexpr, LINES: tl.constexpr, LINE: tl.constexpr):
+    """Ask L2 for the K and V rows of positions [start, min(start + BLOCK_N, end)): LINES lines of
+    LINE elements (128 bytes) a row. Holds no register, returns nothing."""
+    n = start + cols
+    n_ok = n < end
+    page = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0)
+    row = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head
+    lines = tl.where(n_ok[:, None], row[:, None] + (tl.arange(0, LINES) * LINE)[None, :], 0)
+    tl.inline_asm_elementwise(_PREFETCH_L2, "=r,l", [k_cache + lines], dtype=tl.int32, is_pure=False, pack=1)
+    tl.inline_asm_elementwise(_PREFETCH_L2, "=r,l", [v_cache + lines], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _attend(q, k, v, n, n_ok, q_pos, m_i, l_i, acc, qk_scale, window, USE_WINDOW: tl.constexpr):
+    """One K/V tile into the online softmax: (running max, running sum, unnormalized output)."""
+    s = tl.dot(q, k.to(q.dtype)) * qk_scale
+    ok = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
+    if USE_WINDOW:
+        ok = ok & (n[None, :] > q_pos[:, None] - window)
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _merge_rows(part_out, part_lse, out_ptr, token, kh, stride_ot, stride_oh, QG: tl.constexpr,
+                QG_P2: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                NUM_HEADS: tl.constexpr):
+    """_merge_splits for a decode tile (one token, its QG heads: QG_P2 rows, the power of two
+    above), all rows in one load: one round trip to L2, not one per row."""
+    r = tl.arange(0, QG_P2)
+    r_ok = r < QG
+    head = kh * QG + r
+    slot = ((token * NUM_HEADS + head) * NUM_SPLITS)[:, None] + tl.arange(0, NUM_SPLITS)[None, :]
+    dims = tl.arange(0, HEAD_DIM)
+    lse = tl.load(part_lse + slot, mask=r_ok[:, None], other=0.0, cache_modifier=".cg")
+    o = tl.load(part_out + slot[:, :, None] * HEAD_DIM + dims[None, None, :], mask=r_ok[:, None, None],
+                other=0.0, cache_modifier=".cg")
+    w = tl.exp2(lse - tl.max(lse, 1)[:, None])
+    o = tl.sum(o * w[:, :, None], 1) / tl.sum(w, 1)[:, None]
+    tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + dims[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
 @triton.jit
 def _merge_splits(part_out, part_lse, out_ptr, q_begin, q0, q_len, kh, stride_ot, stride_oh,
                   QG: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -257,6 +330,8 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, ou
         QG=qg, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=cfg["block_m"],
         BLOCK_N=cfg["block_n"], NUM_SPLITS=num_splits, IS_DECODE=decode,
         USE_WINDOW=window is not None, NUM_HEADS=num_heads, PDL=pdl, EARLY=triton_launch.EARLY_ATTENTION,
+        PRE_WAIT=triton_launch.ATTENTION_PRE_WAIT, QG_P2=triton.next_power_of_2(qg), MERGE_ROWS=MERGE_ROWS,
+        PF_LINE=128 // k_cache.element_size(), PF_LINES=triton.cdiv(head_dim * k_cache.element_size(), 128),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
 
 

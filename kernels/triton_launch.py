@@ -71,6 +71,8 @@ def pdl_launch(device: torch.device) -> dict:
 # attention's adds nothing for bf16 and costs int4 too, so it is off. scripts/gpu_early_start.py A/Bs them.
 EARLY_ROPE = True
 EARLY_ATTENTION = False
+# Decode attention loads what earlier steps wrote (metadata, past tokens' K/V) before its wait.
+ATTENTION_PRE_WAIT = True
 
 
 @triton.jit

@@ -306,13 +306,14 @@ def aot_check() -> int:
     ptr = {"q_ptr", "k_cache", "v_cache", "out_ptr", "block_tables", "context_lens",
            "query_start_loc", "part_out", "part_lse", "counters"}
     failed = 0
-    variants = [(2, 128, 16, True, 1, False), (4, 128, 256, True, 32, True),
+    variants = [(2, 128, 16, True, 1, False), (4, 128, 256, True, 32, True), (4, 128, 16, True, 4, False),
                 (2, 128, 16, False, 1, False), (7, 64, 8, False, 1, True)]
     for qg, d, bs, decode, splits, window in variants:
         cfg = launch_config(decode, qg)
         consts = dict(QG=qg, HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_M=cfg["block_m"],
                       BLOCK_N=cfg["block_n"], NUM_SPLITS=splits, IS_DECODE=decode,
-                      USE_WINDOW=window, NUM_HEADS=8 * qg, PDL=True)
+                      USE_WINDOW=window, NUM_HEADS=8 * qg, PDL=2, EARLY=False, PRE_WAIT=True,
+                      QG_P2=1 << (qg - 1).bit_length(), MERGE_ROWS=True, PF_LINES=d // 64, PF_LINE=64)
         args = [n for n in names if n not in consts]
         arg_types = {n: ("*i32" if n in ("block_tables", "context_lens", "query_start_loc") else
                          "*fp32" if n.startswith("part") else "*i32" if n == "counters" else
