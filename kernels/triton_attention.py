@@ -62,10 +62,10 @@ def _attention_kernel(
     QG_P2: tl.constexpr = 1, MERGE_ROWS: tl.constexpr = False, PF_LINES: tl.constexpr = 1,
     PF_LINE: tl.constexpr = 64,
 ):
-    # Decode with PRE_WAIT under PDL: what earlier steps wrote (the metadata, copied before the
-    # step) loads before the wait, and the first K/V tile is asked of L2, while rotary + the KV
-    # store still run.
-    PRE: tl.constexpr = IS_DECODE and PRE_WAIT and PDL >= 1
+    # Split decode (few sequences: latency-bound) with PRE_WAIT under PDL: what earlier steps
+    # wrote (the metadata, copied before the step) loads before the wait, and the first K/V tile
+    # is asked of L2, while rotary + the KV store still run.
+    PRE: tl.constexpr = IS_DECODE and PRE_WAIT and PDL >= 1 and NUM_SPLITS > 1
     if not PRE:
         wait_previous(PDL, EARLY)   # q and the new K/V come from the kernels just before
     tile = tl.program_id(0)
