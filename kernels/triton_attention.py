@@ -12,6 +12,10 @@ the GPU, split each context into NUM_SPLITS chunks; the last chunk's program to 
 partial results by their log-sum-exp (an arrival counter, triton_launch.py: one launch, not two).
 The other rows take the prefill tiles. Launch shapes depend only on tensor shapes
 and host integers, never on tensor values, so a decode step can be captured in a CUDA graph.
+
+Split decode is latency-bound (a few dozen programs): under PDL its programs read the metadata and
+ask L2 for their first K/V tile before waiting on the kernel before (rotary + the KV store), and
+the last split merges all of a tile's heads in one load (docs/PERF.md run 21).
 """
 from __future__ import annotations
 
@@ -95,6 +99,8 @@ def _attention_kernel(
     q_pos = ctx - q_len + tok                   # absolute position of each row's query
     dims = tl.arange(0, HEAD_DIM)
     q_off = (q_begin + tok)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
+    if not PRE:
+        q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
 
     # K/V range this tile needs: causal end at its last query, window start at its first.
     kv_end = ctx - q_len + tl.minimum(q0 + BLOCK_Q, q_len)
@@ -116,12 +122,25 @@ def _attention_kernel(
         _prefetch_tile(k_cache, v_cache, table, kv_start, kv_end, cols, kv_head, stride_cb, stride_cs,
                        BLOCK_SIZE, PF_LINES, PF_LINE)
         wait_previous(PDL, EARLY)
-    q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
     for start in range(kv_start, kv_end, BLOCK_N):
-        k, v, n = _kv_tile(k_cache, v_cache, table, start, kv_end, cols, dims, kv_head, stride_cb,
-                           stride_cs, BLOCK_SIZE)
-        m_i, l_i, acc = _attend(q, k, v, n, n < kv_end, q_pos, m_i, l_i, acc, qk_scale, window,
-                                USE_WINDOW)
+        n = start + cols
+        n_ok = n < kv_end
+        page = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0)
+        kv_off = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head
+        k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=n_ok[None, :], other=0.0)
+        s = tl.dot(q, k.to(q.dtype)) * qk_scale
+        ok = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
+        if USE_WINDOW:
+            ok = ok & (n[None, :] > q_pos[:, None] - window)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=n_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
+        m_i = m_new
 
     # Rows that saw no key (empty split) have l_i = 0: their output is 0 and their lse -inf.
     seen = l_i > 0
@@ -149,20 +168,6 @@ def _attention_kernel(
             tl.atomic_xchg(counter, 0)   # re-armed for the next launch (graph replays)
 
 
-@triton.jit
-def _kv_tile(k_cache, v_cache, table, start, end, cols, dims, kv_head, stride_cb, stride_cs,
-             BLOCK_SIZE: tl.constexpr):
-    """K^T [HEAD_DIM, BLOCK_N] and V [BLOCK_N, HEAD_DIM] of positions start + cols (zero from end
-    on), gathered through the sequence's block table, and those positions."""
-    n = start + cols
-    n_ok = n < end
-    page = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0)
-    kv_off = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head
-    k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=n_ok[None, :], other=0.0)
-    v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=n_ok[:, None], other=0.0)
-    return k, v, n
-
-
 # `prefetch.global.L2` of one address; $0 is a dummy out (inline asm needs one).
 _PREFETCH_L2 = tl.constexpr("prefetch.global.L2 [$1];\n mov.u32 $0, 0;")
 
@@ -179,22 +184,6 @@ def _prefetch_tile(k_cache, v_cache, table, start, end, cols, kv_head, stride_cb
     lines = tl.where(n_ok[:, None], row[:, None] + (tl.arange(0, LINES) * LINE)[None, :], 0)
     tl.inline_asm_elementwise(_PREFETCH_L2, "=r,l", [k_cache + lines], dtype=tl.int32, is_pure=False, pack=1)
     tl.inline_asm_elementwise(_PREFETCH_L2, "=r,l", [v_cache + lines], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _attend(q, k, v, n, n_ok, q_pos, m_i, l_i, acc, qk_scale, window, USE_WINDOW: tl.constexpr):
-    """One K/V tile into the online softmax: (running max, running sum, unnormalized output)."""
-    s = tl.dot(q, k.to(q.dtype)) * qk_scale
-    ok = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
-    if USE_WINDOW:
-        ok = ok & (n[None, :] > q_pos[:, None] - window)
-    s = tl.where(ok, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype))
-    return m_new, l_i, acc
 
 
 @triton.jit
@@ -215,6 +204,8 @@ def _merge_rows(part_out, part_lse, out_ptr, token, kh, stride_ot, stride_oh, QG
     o = tl.sum(o * w[:, :, None], 1) / tl.sum(w, 1)[:, None]
     tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + dims[None, :],
              o.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+
+
 @triton.jit
 def _merge_splits(part_out, part_lse, out_ptr, q_begin, q0, q_len, kh, stride_ot, stride_oh,
                   QG: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,

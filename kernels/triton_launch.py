@@ -71,7 +71,8 @@ def pdl_launch(device: torch.device) -> dict:
 # attention's adds nothing for bf16 and costs int4 too, so it is off. scripts/gpu_early_start.py A/Bs them.
 EARLY_ROPE = True
 EARLY_ATTENTION = False
-# Decode attention loads what earlier steps wrote (metadata, past tokens' K/V) before its wait.
+# Split decode attention reads the metadata and asks L2 for its first K/V tile before its wait
+# (int4 batch 1 +1-2%, docs/PERF.md run 21).
 ATTENTION_PRE_WAIT = True
 
 

@@ -1,8 +1,9 @@
 """Batch-1 decode linears on int4 weights: y = x W^T for one row of x, with its fusions.
 
 `int4_gemv` is the entry. On CUDA with group 128 (`default_config`) it launches int4_mma.py's
-tensor-core kernel, on x packed here (`pack_x(mma=True)`); other groups, and the CPU interpreter,
-take this module's kernel in packed half precision, described below.
+tensor-core kernel, which packs x itself (`pack_in_kernel`; or, as an option, on x packed by
+`pack_x(mma=True)`); other groups, and the CPU interpreter, take this module's kernel in packed
+half precision, described below.
 
 The fma kernel (int4_kernels.py) decodes each weight into fp32 and spends about 4.5 instructions
 per weight (SASS, docs/PERF.md): issue-bound at 1.9 TB/s, below HBM. Here each int32 word of 8

@@ -14,12 +14,12 @@ the rows and 4 across, the warp repeating every 8 * num_warps rows. Thread (g = 
 are the MMA tile's rows g and g + 8. For word i of the four, its codes (j, j + 4) ORed into fp16
 1024 (one LOP3, `0x000f000f`) are the A pair at K slots (2t, 2t + 1), codes (2, 6) at (2t + 8, 2t +
 9); codes (1, 5) and (3, 7) masked in place (`0x00f000f0`: 1024 + 16 code) fill a second MMA whose x
-is over 16 (int4_pack.pack_x(mma=True)). B is x's pairs for the same words, which pack_x writes in
-exactly that order, so the 16 K slots of each MMA are 16 of the group's K in some order that the
-weights and x share. All 8 columns of B hold the same x; column 0 of C is the result.
+is over 16 (int4_pack.pack_words(MMA)). B is x's pairs for the same words, which pack_words writes
+in exactly that order (each program for its own split, PACK, or pack_x's launch before), so the 16
+K slots of each MMA are 16 of the group's K in some order that the weights and x share. All 8 columns of B hold the same x; column 0 of C is the result.
 
 What the sums carry. Each product is (1024 + code) x exactly in fp32 and the MMA sums in fp32, so a
-group's C is code . x + 1024 * (sum of x's pairs as packed). pack_x gives that constant per group,
+group's C is code . x + 1024 * (sum of x's pairs as packed). pack_words gives that constant per group,
 and the sum of x for the zero's term (w = code * scale + zero): a row gains scale * (C - constant) +
 zero * sum(x), all in fp32. The codes are never rounded: for fp16 and bf16 x this is at least as
 exact as the dequantize-then-matmul reference.

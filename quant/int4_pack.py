@@ -1,11 +1,15 @@
-"""x for the batch-1 int4 kernels: one small launch before each GEMV adds the residual, applies
-RMSNorm (rounded as `rms_norm` rounds, so x holds what the unfused path feeds the linear) and packs
-x into the fp16 pairs the kernels multiply codes with, with the sums they need.
+"""x for the batch-1 int4 kernels: the residual added, RMSNorm applied (rounded as `rms_norm`
+rounds, so x holds what the unfused path feeds the linear) and x packed into the fp16 pairs the
+kernels multiply codes with, with the sums they need.
 
 Two forms: int4_gemv.py's (four int32 planes of pairs and each word's sum of x) and, with mma,
 int4_mma.py's (the pairs as two int64 planes, an MMA's B operand each, and two constants per group).
-bf16 to fp16 is exact for |x| < 65504, which decoder activations stay well under. Packing inside
-the GEMV instead cost more than the launch (docs/PERF.md, run 14).
+bf16 to fp16 is exact for |x| < 65504, which decoder activations stay well under.
+
+`pack_words` and `row_rstd` do the work. `pack_x` runs them in a small launch before the GEMV (the
+packed-fp16 GEMV's way: packing inside its loop cost more than the launch, docs/PERF.md run 14);
+the tensor-core GEMV runs them itself by default, each program its split's words before its loop
+(int4_mma.py's PACK: run 21).
 """
 from __future__ import annotations
 

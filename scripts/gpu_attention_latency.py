@@ -1,12 +1,13 @@
 """Issue 6, batch 1: decode attention's latency on the critical path, end to end, in one run.
 
-Two changes to kernels/triton_attention.py, together: the decode tiles load what earlier steps wrote
-(metadata, past tokens' K/V) before their PDL wait (triton_launch.ATTENTION_PRE_WAIT), and the last
-split merges all of a tile's rows in one load (triton_attention.MERGE_ROWS). `deploy bench --batch-1`
+Two changes to kernels/triton_attention.py for split decode (few sequences), together: its programs
+read the metadata and ask L2 for their first K/V tile before their PDL wait
+(triton_launch.ATTENTION_PRE_WAIT), and the last split merges all of a tile's rows in one load
+(triton_attention.MERGE_ROWS). `deploy bench --batch-1`
 decode tok/s of Llama-3-8B dims, int4 and bf16, both off (run 21's kernel) and both on,
 interleaved, a fresh engine each, REPS requests; the 64 greedy tokens of the bench prompt must be
-the same in both modes (the merge's sum order may differ in the last bit, the tokens may not
-differ at bf16 rounding unless a near-tie: reported, not asserted).
+compared across modes (the merge sums in another order, so a near-tie could flip one: reported,
+not asserted).
 Usage (device machine): python3 scripts/gpu_attention_latency.py [REPS]
 """
 from __future__ import annotations
