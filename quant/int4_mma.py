@@ -16,7 +16,8 @@ are the MMA tile's rows g and g + 8. For word i of the four, its codes (j, j + 4
 9); codes (1, 5) and (3, 7) masked in place (`0x00f000f0`: 1024 + 16 code) fill a second MMA whose x
 is over 16 (int4_pack.pack_words(MMA)). B is x's pairs for the same words, which pack_words writes
 in exactly that order (each program for its own split, PACK, or pack_x's launch before), so the 16
-K slots of each MMA are 16 of the group's K in some order that the weights and x share. All 8 columns of B hold the same x; column 0 of C is the result.
+K slots of each MMA are 16 of the group's K in some order that the weights and x share. All 8
+columns of B hold the same x; column 0 of C is the result.
 
 What the sums carry. Each product is (1024 + code) x exactly in fp32 and the MMA sums in fp32, so a
 group's C is code . x + 1024 * (sum of x's pairs as packed). pack_words gives that constant per group,
