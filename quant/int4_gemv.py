@@ -308,9 +308,9 @@ def mma_config(programs: int, blocks: int, silu_mul: bool, sms: int) -> Int4Gemv
 def pack_in_kernel(blocks: int, split: int) -> dict:
     """x packed by the tensor-core GEMV's own programs, each its split's words in one go (up to 512)
     and the norm's 1/rms from loads of up to 4096 wide: 1-2 L2 round trips after the wait instead of
-    a pack_x launch. A Llama-3-8B layer's four linears: 58.2 -> 53.2 us, as fast as on x packed
-    beforehand (54.3); end to end +2-3% (docs/PERF.md run 21). Narrower loads cost up to 10 us a
-    layer: each round trip waits on L2."""
+    a pack_x launch. A Llama-3-8B layer's four linears: 58.0 -> 52.2 us, at the floor of x packed
+    beforehand (51.9); batch-1 decode +1.2-2.9% (docs/PERF.md run 21). Narrower chunks cost up to
+    10 us a layer: each round trip waits on L2."""
     return dict(pack_in_kernel=True, pack_words=min(512, triton.next_power_of_2(64 * blocks // split)),
                 rstd_block=min(4096, triton.next_power_of_2(512 * blocks)))
 

@@ -143,7 +143,7 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                      SPLITS: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr = 1,
                      EARLY: tl.constexpr = False, PACK: tl.constexpr = False,
                      NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
-                     PACK_C: tl.constexpr = 64, RSTD_BLOCK: tl.constexpr = 1024):
+                     PACK_C: tl.constexpr = 512, RSTD_BLOCK: tl.constexpr = 4096):
     """Grid (N tiles, K splits), whole tiles only. A program walks its rows' K split in blocks of
     four groups, each block's words, scales and zeros asked for AHEAD (1 or 2) blocks before it is
     summed. EARLY: the next kernel may launch before this one waits (wait_previous).
@@ -205,8 +205,8 @@ class PackInKernel:
     norm_weight: torch.Tensor | None = None
     residual_out: torch.Tensor | None = None
     eps: float = 0.0
-    words: int = 64     # PACK_C
-    rstd_block: int = 1024
+    words: int = 512        # PACK_C: words packed at a time
+    rstd_block: int = 4096  # RSTD_BLOCK: width of the norm's loads
 
 
 def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split_k: int, num_warps: int,
@@ -225,5 +225,5 @@ def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split
         N, K // 8, K // GROUP, words_per_split, split_k, BLOCK_N=block_n, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
         PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH, PACK=pack is not None, NORM=norm,
-        RESIDUAL=residual is not None, PACK_C=pack.words if pack else 64,
-        RSTD_BLOCK=pack.rstd_block if pack else 1024, num_warps=num_warps, **launch_options)
+        RESIDUAL=residual is not None, PACK_C=pack.words if pack else 512,
+        RSTD_BLOCK=pack.rstd_block if pack else 4096, num_warps=num_warps, **launch_options)

@@ -24,7 +24,7 @@ def aot() -> int:
     bin_dir = triton_bin_dir()
     ptrs = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
             "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "xp_ptr": "*i32",
-            "xw_ptr": "*fp32", "xg_ptr": "*fp32"}
+            "xw_ptr": "*fp32", "xg_ptr": "*fp32", "r_ptr": "*bf16", "nw_ptr": "*bf16", "r_out_ptr": "*bf16"}
     div16 = ("N", "KW", "groups", "words_per_split", "stride_xm", "stride_ym")
     common = dict(GROUP=128, USE_SPLIT=True, HAS_BIAS=False)
     fma = ((1, 128, 1, 4), (1, 256, 1, 4), (1, 64, 2, 2), (2, 256, 1, 4))
@@ -37,10 +37,12 @@ def aot() -> int:
     variants += [(G4._int4_gemv_kernel, dict(gemv, BLOCK_N=bn, SILU_MUL=silu), nw,
                   bn * 512 * (2 if silu else 1))
                  for bn, nw, silu in ((64, 4, False), (64, 4, True), (32, 4, False))]
-    mma = dict(SPLITS=4, PDL=2, USE_SPLIT=True, HAS_BIAS=False, EARLY=False)
-    variants += [(M4._int4_mma_kernel, dict(mma, BLOCK_N=bn, SILU_MUL=silu, AHEAD=ahead), nw,
-                  bn * 512 * (2 if silu else 1))
-                 for bn, nw, silu, ahead in ((64, 4, False, 1), (64, 4, False, 2), (64, 4, True, 1), (32, 2, True, 1))]
+    mma = dict(SPLITS=4, PDL=2, USE_SPLIT=True, HAS_BIAS=False, EARLY=False, RESIDUAL=False, RSTD_BLOCK=4096)
+    variants += [(M4._int4_mma_kernel, dict(mma, BLOCK_N=bn, SILU_MUL=silu, AHEAD=ahead, PACK=pack, NORM=pack and silu,
+                                            PACK_C=words), nw, bn * 512 * (2 if silu else 1))
+                 for bn, nw, silu, ahead, pack, words in ((64, 4, False, 1, False, 512), (64, 4, False, 2, False, 512),
+                                                          (64, 4, True, 1, False, 512), (32, 2, True, 1, False, 512),
+                                                          (64, 4, False, 2, True, 512), (64, 4, True, 1, True, 512))]
     variants += [(K4._int4_gemm_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=8, NUM_STAGES=3, PRECISION="tf32",
                                              FOLD=fold), nw, bn * 128)
                  for bm, bn, nw, fold in ((64, 128, 8, False), (64, 64, 4, False), (128, 128, 8, False),
@@ -49,7 +51,7 @@ def aot() -> int:
         consts = {k: v for k, v in {**common, **consts}.items() if k in fn.arg_names}
         args = [n for n in fn.arg_names if n not in consts]
         types = dict(ptrs, xp_ptr="*i64") if fn is M4._int4_mma_kernel else ptrs   # pack_x(mma=True)'s pairs
-        kernel = compile_for_h100(fn, {n: types.get(n, "i32") for n in args}, consts,
+        kernel = compile_for_h100(fn, {n: types.get(n, "fp32" if n == "eps" else "i32") for n in args}, consts,
                                   [n for n in args if n in ptrs or n in div16], nw, 3)
         with tempfile.TemporaryDirectory() as d:
             with open(f"{d}/k.cubin", "wb") as f:

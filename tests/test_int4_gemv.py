@@ -145,6 +145,7 @@ def test_int4_gemv_mma_configs_gpu(config):
     check_int4_gemv(2048, k, 128, torch.bfloat16, "cuda", bias=True, config=config)
     check_int4_gemv(1024, k, 128, torch.float16, "cuda", norm=True, residual=True, silu=True,
                     config=config)
+    check_int4_gemv(1024, k, 128, torch.bfloat16, "cuda", norm=True, config=config)   # a first layer
 
 
 @pytest.mark.parametrize("early", [(False, False), (True, False), (True, True)])
