@@ -130,19 +130,21 @@ def rstd_block(K: int) -> int:
 
 
 def pack_x(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
-           residual: torch.Tensor | None = None, odd_over_16: bool = False, mma: bool = False):
+           residual: torch.Tensor | None = None, odd_over_16: bool = False, mma: bool = False,
+           words: int = 64):
     """(xp, xw, residual out): x [1, K], after the residual add and RMSNorm when norm_weight is given,
     as the GEMV's fp16 pairs [4, K / 8] (int32) and word sums [K / 8] (fp32); mma (int4_mma.py):
     pairs 1 and 3 over 16, as xp [2, K / 8] int64 and, instead of xw, [2, K / 128]: per 128 K 1024 *
-    the sum of the pairs as packed, and the sum of x."""
+    the sum of the pairs as packed, and the sum of x. `words`: a program's words (a power of two,
+    >= 16 with mma), as the tensor-core GEMV's pack_words chunks (tests compare the two)."""
     K = x.shape[1]
     norm = norm_weight is not None
     xp, xw, r_out = pack_buffers(x, norm, residual, mma)
     pdl = pdl_supported(x.device)
-    _pack_x_kernel[(triton.cdiv(K // 8, 64),)](
+    _pack_x_kernel[(triton.cdiv(K // 8, words),)](
         x, residual if residual is not None else x, norm_weight if norm else x,
         r_out if r_out is not None else x, xp, xw, K, eps, NORM=norm,
-        RESIDUAL=norm and residual is not None, BLOCK_C=64, RSTD_BLOCK=rstd_block(K),
+        RESIDUAL=norm and residual is not None, BLOCK_C=words, RSTD_BLOCK=rstd_block(K),
         F16X2=x.is_cuda, PDL=pdl, ODD_OVER_16=odd_over_16 or mma, MMA=mma, EARLY=EARLY_LAUNCH, num_warps=4,
         **(pdl_launch(x.device) if pdl else {}))
     return xp, xw, r_out

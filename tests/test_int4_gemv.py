@@ -241,6 +241,26 @@ def _check_pack_mma(x, plain, xw) -> None:
     groups = halves.float().permute(1, 0, 2, 3).reshape(-1, 16 * 8).sum(1)
     torch.testing.assert_close(xg[0], 1024 * groups, rtol=1e-6, atol=1e-3)
     torch.testing.assert_close(xg[1], xw.view(-1, 16).sum(1), rtol=1e-6, atol=1e-5)
+    _check_pack_chunks(x)
+
+
+def _check_pack_chunks(x) -> None:
+    """pack_words as the tensor-core GEMV runs it (int4_mma.py's PACK: a split's words in one chunk
+    of up to 512, masked past the split's end), through pack_x's `words`: the same pairs as 64-word
+    chunks, bit for bit, and the same group sums up to the order of the additions; after RMSNorm
+    with a residual too."""
+    from pagedeploy.quant.int4_pack import pack_x
+    gen = torch.Generator().manual_seed(8)
+    k = x.shape[1]
+    norm = dict(norm_weight=(1 + 0.2 * torch.randn(k, generator=gen)).to(x.dtype), eps=1e-6,
+                residual=(3 * torch.randn(1, k, generator=gen)).to(x.dtype))
+    for kw in ({}, norm):
+        xp, xg, r_out = pack_x(x, mma=True, **kw)
+        for words in (16, 128, 512):   # 512 > K / 8 = 64: one chunk, most of it masked
+            xp_c, xg_c, r_c = pack_x(x, mma=True, words=words, **kw)
+            assert torch.equal(xp_c, xp), words
+            torch.testing.assert_close(xg_c, xg, rtol=1e-6, atol=1e-4)
+            assert (r_out is None and r_c is None) or torch.equal(r_c, r_out)
 
 
 CPU_GROUPS = {"int4_gemv": _cpu_cases}
