@@ -1,0 +1,68 @@
+"""The GPU-only paths of the kernels compile for sm_90a on the CPU (Triton's own ptxas, no GPU
+needed), and their PTX has the shape they rely on.
+
+The CPU interpreter cannot run them (inline PTX, programmatic dependent launch), so without this CI
+would not see them at all: the tensor-core int4 GEMV packing x itself (int4_mma.py's PACK) and split
+decode attention starting before its wait (triton_attention.py's PRE_WAIT). The same compile that
+`scripts/gpu_int4.py --aot` and `scripts/gpu_kernels.py --aot` run, on the shipped launch shapes.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from kernel_checks import needs_triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
+
+PTR = "*bf16"
+
+
+def _compile(fn, consts: dict, types: dict, num_warps: int, num_stages: int) -> str:
+    """The PTX of `fn` for sm_90a; ptxas must also accept it with no spills."""
+    from gpu_common import compile_for_h100, ptxas_usage
+    args = [n for n in fn.arg_names if n not in consts]
+    arg_types = {n: types.get(n, "fp32" if n in ("eps", "qk_scale") else "i32") for n in args}
+    div16 = [n for n in args if arg_types[n].startswith("*") or n.startswith("stride")]
+    kernel = compile_for_h100(fn, arg_types, consts, div16, num_warps, num_stages)
+    ptx = kernel.asm["ptx"]
+    usage = ptxas_usage(ptx)
+    assert "0 bytes spill stores" in usage, usage
+    return ptx
+
+
+@needs_triton
+def test_int4_mma_packs_x_after_its_wait():
+    """gate_up (norm + residual, silu, one block ahead) and down (two ahead) as mma_config launches
+    them: the packing's stores and the barrier come after griddepcontrol.wait, the MMAs after both."""
+    from pagedeploy.quant import int4_mma
+    types = {n: PTR for n in ("x_ptr", "r_ptr", "nw_ptr", "r_out_ptr", "b_ptr", "y_ptr")}
+    types |= {"xp_ptr": "*i64", "xg_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
+              "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    for silu, ahead, split in ((True, 1, 1), (False, 2, 4)):
+        consts = dict(BLOCK_N=64, SILU_MUL=silu, HAS_BIAS=False, USE_SPLIT=split > 1, SPLITS=split, PDL=2,
+                      AHEAD=ahead, EARLY=True, PACK=True, NORM=silu, RESIDUAL=silu, PACK_C=512, RSTD_BLOCK=4096)
+        ptx = _compile(int4_mma._int4_mma_kernel, consts, types, 4, 3)
+        wait = ptx.index("griddepcontrol.wait")
+        barrier = ptx.index("bar.sync", wait)
+        assert ptx.find("st.global", wait) < barrier < ptx.index("mma.sync.aligned.m16n8k16", wait)
+
+
+@needs_triton
+def test_split_decode_attention_prefetches_before_its_wait():
+    """Split decode asks L2 for its first K/V tile before griddepcontrol.wait; unsplit decode (many
+    sequences) keeps the plain kernel, with no prefetch at all."""
+    from pagedeploy.kernels.triton_attention import _attention_kernel, launch_config
+    types = {n: PTR for n in ("q_ptr", "k_cache", "v_cache", "out_ptr")}
+    types |= {n: "*i32" for n in ("block_tables", "context_lens", "query_start_loc", "counters")}
+    types |= {"part_out": "*fp32", "part_lse": "*fp32"}
+    cfg = launch_config(True, 4)
+    for splits in (4, 1):
+        consts = dict(QG=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+                      NUM_SPLITS=splits, IS_DECODE=True, USE_WINDOW=False, NUM_HEADS=32, PDL=2, EARLY=False,
+                      PRE_WAIT=True, QG_P2=4, MERGE_ROWS=True, PF_LINES=2, PF_LINE=64)
+        ptx = _compile(_attention_kernel, consts, types, cfg["num_warps"], cfg["num_stages"])
+        if splits > 1:
+            assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
+        else:
+            assert "prefetch.global.L2" not in ptx
