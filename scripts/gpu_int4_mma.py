@@ -10,7 +10,9 @@ packed-fp16 GEMV, through int4_mma (also with quantize_lm_head, and with the swe
 per linear), bf16.
 `--early`: the default launch only, with the early launches off, in pack_x only
 (int4_pack.EARLY_LAUNCH) and in pack_x and the GEMV (int4_mma.EARLY_LAUNCH, as shipped), kernel by
-kernel and end to end. Every other row runs the early launches as shipped.
+kernel and end to end. Every other row runs the early launches as shipped. Since run 21 the default
+launch packs x inside the GEMV (no pack_x), so pack_x's switch no longer changes it;
+scripts/gpu_int4_fold.py compares the two routes.
 Usage (device machine): python3 scripts/gpu_int4_mma.py [REPS] [--kernels-only] [--early] [--shapes=gate_up,down]
        python3 scripts/gpu_int4_mma.py --head   (the lm_head alone: bf16 routes, int4 launches)
 """
