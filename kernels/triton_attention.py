@@ -63,8 +63,7 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     IS_DECODE: tl.constexpr, USE_WINDOW: tl.constexpr, NUM_HEADS: tl.constexpr,
     PDL: tl.constexpr, EARLY: tl.constexpr = False, PRE_WAIT: tl.constexpr = False,
-    QG_P2: tl.constexpr = 1, MERGE_ROWS: tl.constexpr = False, PF_LINES: tl.constexpr = 1,
-    PF_LINE: tl.constexpr = 64,
+    QG_P2: tl.constexpr = 1, MERGE_ROWS: tl.constexpr = False,
 ):
     # Split decode (few sequences: latency-bound) with PRE_WAIT under PDL: what earlier steps
     # wrote (the metadata, copied before the step) loads before the wait, and the first K/V tile
@@ -120,14 +119,13 @@ def _attention_kernel(
     table = block_tables + seq * stride_bt
     if PRE:   # the split's first K/V rows into L2 (the new token's too: L2 sees the store after)
         _prefetch_tile(k_cache, v_cache, table, kv_start, kv_end, cols, kv_head, stride_cb, stride_cs,
-                       BLOCK_SIZE, PF_LINES, PF_LINE)
+                       BLOCK_SIZE, HEAD_DIM)
         wait_previous(PDL, EARLY)
         q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
     for start in range(kv_start, kv_end, BLOCK_N):
         n = start + cols
         n_ok = n < kv_end
-        page = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0)
-        kv_off = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head
+        kv_off = _kv_rows(table, n, n_ok, kv_head, stride_cb, stride_cs, BLOCK_SIZE)
         k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=n_ok[None, :], other=0.0)
         s = tl.dot(q, k.to(q.dtype)) * qk_scale
         ok = n_ok[None, :] & (n[None, :] <= q_pos[:, None])
@@ -173,14 +171,22 @@ _PREFETCH_L2 = tl.constexpr("prefetch.global.L2 [$1];\n mov.u32 $0, 0;")
 
 
 @triton.jit
+def _kv_rows(table, n, n_ok, kv_head, stride_cb, stride_cs, BLOCK_SIZE: tl.constexpr):
+    """Element offsets of positions n's K/V rows (this kv head) in the cache, through the block table."""
+    page = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0)
+    return page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head
+
+
+@triton.jit
 def _prefetch_tile(k_cache, v_cache, table, start, end, cols, kv_head, stride_cb, stride_cs,
-                   BLOCK_SIZE: tl.constexpr, LINES: tl.constexpr, LINE: tl.constexpr):
-    """Ask L2 for the K and V rows of positions [start, min(start + BLOCK_N, end)): LINES lines of
-    LINE elements (128 bytes) a row. Holds no register, returns nothing."""
+                   BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Ask L2 for the 128-byte lines of the K and V rows of positions [start, min(start + BLOCK_N,
+    end)). Holds no register, returns nothing."""
     n = start + cols
     n_ok = n < end
-    page = tl.load(table + n // BLOCK_SIZE, mask=n_ok, other=0)
-    row = page.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head
+    row = _kv_rows(table, n, n_ok, kv_head, stride_cb, stride_cs, BLOCK_SIZE)
+    LINE: tl.constexpr = 1024 // k_cache.dtype.element_ty.primitive_bitwidth   # elements a line
+    LINES: tl.constexpr = (HEAD_DIM + LINE - 1) // LINE
     lines = tl.where(n_ok[:, None], row[:, None] + (tl.arange(0, LINES) * LINE)[None, :], 0)
     tl.inline_asm_elementwise(_PREFETCH_L2, "=r,l", [k_cache + lines], dtype=tl.int32, is_pure=False, pack=1)
     tl.inline_asm_elementwise(_PREFETCH_L2, "=r,l", [v_cache + lines], dtype=tl.int32, is_pure=False, pack=1)
@@ -322,7 +328,6 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, ou
         BLOCK_N=cfg["block_n"], NUM_SPLITS=num_splits, IS_DECODE=decode,
         USE_WINDOW=window is not None, NUM_HEADS=num_heads, PDL=pdl, EARLY=triton_launch.EARLY_ATTENTION,
         PRE_WAIT=triton_launch.ATTENTION_PRE_WAIT, QG_P2=triton.next_power_of_2(qg), MERGE_ROWS=MERGE_ROWS,
-        PF_LINE=128 // k_cache.element_size(), PF_LINES=triton.cdiv(head_dim * k_cache.element_size(), 128),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **launch)
 
 

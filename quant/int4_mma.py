@@ -215,15 +215,15 @@ def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split
     """One launch over x packed by int4_pack.pack_x(mma=True), or packed by the kernel into xp and
     xg (int4_pack.pack_buffers) from `pack`."""
     words_per_split = K // 8 // split_k
-    x = pack.x if pack else y
-    norm = pack is not None and pack.norm_weight is not None
-    residual = pack.residual if norm else None
+    p = pack or PackInKernel(y)   # without packing, placeholders the kernel does not read
+    norm = p.norm_weight is not None
+    residual = p.residual if norm else None   # the residual is added only in front of a norm
     _int4_mma_kernel[(N // block_n, split_k)](
         xp, xg, w.packed, w.scales, w.zeros, bias if bias is not None else y, y, ws, counters,
-        x, residual if residual is not None else x, pack.norm_weight if norm else x,
-        pack.residual_out if norm and residual is not None else x, pack.eps if pack else 0.0,
+        p.x, residual if residual is not None else p.x, p.norm_weight if norm else p.x,
+        p.residual_out if residual is not None else p.x, p.eps,
         N, K // 8, K // GROUP, words_per_split, split_k, BLOCK_N=block_n, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
         PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH, PACK=pack is not None, NORM=norm,
-        RESIDUAL=residual is not None, PACK_C=pack.words if pack else 512,
-        RSTD_BLOCK=pack.rstd_block if pack else 4096, num_warps=num_warps, **launch_options)
+        RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block, num_warps=num_warps,
+        **launch_options)

@@ -313,7 +313,7 @@ def aot_check() -> int:
         consts = dict(QG=qg, HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_M=cfg["block_m"],
                       BLOCK_N=cfg["block_n"], NUM_SPLITS=splits, IS_DECODE=decode,
                       USE_WINDOW=window, NUM_HEADS=8 * qg, PDL=2, EARLY=False, PRE_WAIT=True,
-                      QG_P2=1 << (qg - 1).bit_length(), MERGE_ROWS=True, PF_LINES=d // 64, PF_LINE=64)
+                      QG_P2=1 << (qg - 1).bit_length(), MERGE_ROWS=True)
         args = [n for n in names if n not in consts]
         arg_types = {n: ("*i32" if n in ("block_tables", "context_lens", "query_start_loc") else
                          "*fp32" if n.startswith("part") else "*i32" if n == "counters" else

@@ -60,7 +60,7 @@ def test_split_decode_attention_prefetches_before_its_wait():
     for splits in (4, 1):
         consts = dict(QG=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
                       NUM_SPLITS=splits, IS_DECODE=True, USE_WINDOW=False, NUM_HEADS=32, PDL=2, EARLY=False,
-                      PRE_WAIT=True, QG_P2=4, MERGE_ROWS=True, PF_LINES=2, PF_LINE=64)
+                      PRE_WAIT=True, QG_P2=4, MERGE_ROWS=True)
         ptx = _compile(_attention_kernel, consts, types, cfg["num_warps"], cfg["num_stages"])
         if splits > 1:
             assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
