@@ -8,8 +8,11 @@ table, so a tile may span several cache blocks and any block size works.
 
 Decode rows (one query token each: the whole batch when T == B, or the batch's first num_decodes
 sequences) use one tile per sequence and, when there are too few (sequence, kv head) pairs to fill
-the GPU, split each context into NUM_SPLITS chunks; the last chunk's program to finish merges the
-partial results by their log-sum-exp (an arrival counter, triton_launch.py: one launch, not two).
+the GPU, split each context into up to NUM_SPLITS chunks of at least MIN_CHUNK tokens; the last
+chunk's program to finish merges the partial results by their log-sum-exp (an arrival counter,
+triton_launch.py: one launch, not two). The grid is sized for the longest context the launch may
+see; the programs of splits a shorter context does not need end at once, and a context that fits
+one chunk is written by its one program with no merge.
 The other rows take the prefill tiles. Launch shapes depend only on tensor shapes
 and host integers, never on tensor values, so a decode step can be captured in a CUDA graph.
 
@@ -29,6 +32,10 @@ from .triton_launch import arrival_counters, num_sms, pdl_launch, pdl_supported,
 _LOG2E = 1.4426950408889634
 # A decode tile's split merge loads all its rows at once (_merge_rows), not row by row.
 MERGE_ROWS = True
+# Fewest context tokens a split takes. The grid's split count is sized for the longest context a
+# launch may see (a CUDA graph's is max_model_len); each (sequence, kv head) uses only
+# min(splits, ceil(context / MIN_CHUNK)) of them, and one alone writes its output with no merge.
+MIN_CHUNK = 64
 # Running-max start: finite, so a row with every key masked gets exp2(-inf - m) = 0, never NaN.
 _NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -52,11 +59,11 @@ def _find_seq(query_start_loc, tile, num_seqs, BLOCK_Q: tl.constexpr):
 # batch: num_seqs and the block-table width (Triton specializes integers equal to 1 or divisible by
 # 16: a batch of one would compile anew), and the alignment of the per-sequence tables, which are
 # sliced at the decode/prefill split.
-@triton.jit(do_not_specialize=["num_seqs", "stride_bt"],
+@triton.jit(do_not_specialize=["num_seqs", "stride_bt", "min_chunk"],
             do_not_specialize_on_alignment=["block_tables", "context_lens", "query_start_loc"])
 def _attention_kernel(
     q_ptr, k_cache, v_cache, block_tables, context_lens, query_start_loc, out_ptr,
-    part_out, part_lse, counters, num_seqs, qk_scale, window,
+    part_out, part_lse, counters, num_seqs, qk_scale, window, min_chunk,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cb, stride_cs, stride_ch, stride_bt,
     QG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -106,8 +113,12 @@ def _attention_kernel(
     kv_start = 0
     if USE_WINDOW:
         kv_start = tl.maximum(ctx - q_len + q0 - window + 1, 0)
+    active = 1   # splits with work: NUM_SPLITS is the grid's (sized for the longest context)
     if NUM_SPLITS > 1:
-        chunk = tl.cdiv(tl.cdiv(kv_end - kv_start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        active = tl.minimum(tl.cdiv(kv_end - kv_start, min_chunk), NUM_SPLITS)
+        if split >= active:   # past this context: no work, no partial, no arrival (PRE: no wait)
+            return
+        chunk = tl.cdiv(tl.cdiv(kv_end - kv_start, active), BLOCK_N) * BLOCK_N
         kv_start = kv_start + split * chunk
         kv_end = tl.minimum(kv_end, kv_start + chunk)
 
@@ -144,7 +155,7 @@ def _attention_kernel(
     seen = l_i > 0
     o = acc / tl.where(seen, l_i, 1.0)[:, None]
     token = q_begin + tok
-    if NUM_SPLITS == 1:
+    if active == 1:   # the whole range in this program: no partials, no merge
         out_off = token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
         tl.store(out_ptr + out_off, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
     else:
@@ -153,15 +164,15 @@ def _attention_kernel(
                  mask=row_ok[:, None])
         lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
         tl.store(part_lse + slot + split, lse, mask=row_ok)
-        # The last split of this (tile, kv head) to finish merges them all: no second launch.
+        # The last active split of this (tile, kv head) to finish merges them: no second launch.
         tl.debug_barrier()   # every thread's partial is written before the release below
         counter = counters + tile * tl.num_programs(1) + kh
-        if tl.atomic_add(counter, 1) == NUM_SPLITS - 1:   # acq_rel, gpu scope
+        if tl.atomic_add(counter, 1) == active - 1:   # acq_rel, gpu scope
             if IS_DECODE and MERGE_ROWS and QG_P2 * NUM_SPLITS <= 64:   # one token: all rows at once
-                _merge_rows(part_out, part_lse, out_ptr, q_begin, kh, stride_ot, stride_oh, QG, QG_P2,
-                            HEAD_DIM, NUM_SPLITS, NUM_HEADS)
+                _merge_rows(part_out, part_lse, out_ptr, q_begin, kh, active, stride_ot, stride_oh, QG,
+                            QG_P2, HEAD_DIM, NUM_SPLITS, NUM_HEADS)
             else:
-                _merge_splits(part_out, part_lse, out_ptr, q_begin, q0, q_len, kh, stride_ot,
+                _merge_splits(part_out, part_lse, out_ptr, q_begin, q0, q_len, kh, active, stride_ot,
                               stride_oh, QG, BLOCK_Q, HEAD_DIM, NUM_SPLITS, NUM_HEADS)
             tl.atomic_xchg(counter, 0)   # re-armed for the next launch (graph replays)
 
@@ -193,18 +204,21 @@ def _prefetch_tile(k_cache, v_cache, table, start, end, cols, kv_head, stride_cb
 
 
 @triton.jit
-def _merge_rows(part_out, part_lse, out_ptr, token, kh, stride_ot, stride_oh, QG: tl.constexpr,
-                QG_P2: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                NUM_HEADS: tl.constexpr):
+def _merge_rows(part_out, part_lse, out_ptr, token, kh, active, stride_ot, stride_oh,
+                QG: tl.constexpr, QG_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr):
     """_merge_splits for a decode tile (one token, its QG heads: QG_P2 rows, the power of two
     above), all rows in one load: one round trip to L2, not one per row."""
     r = tl.arange(0, QG_P2)
     r_ok = r < QG
+    splits = tl.arange(0, NUM_SPLITS)
+    ok = r_ok[:, None] & (splits < active)[None, :]
     head = kh * QG + r
-    slot = ((token * NUM_HEADS + head) * NUM_SPLITS)[:, None] + tl.arange(0, NUM_SPLITS)[None, :]
+    slot = ((token * NUM_HEADS + head) * NUM_SPLITS)[:, None] + splits[None, :]
     dims = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse + slot, mask=r_ok[:, None], other=0.0, cache_modifier=".cg")
-    o = tl.load(part_out + slot[:, :, None] * HEAD_DIM + dims[None, None, :], mask=r_ok[:, None, None],
+    lse = tl.load(part_lse + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
+    lse = tl.where(r_ok[:, None], lse, 0.0)   # padding rows: finite, never stored
+    o = tl.load(part_out + slot[:, :, None] * HEAD_DIM + dims[None, None, :], mask=ok[:, :, None],
                 other=0.0, cache_modifier=".cg")
     w = tl.exp2(lse - tl.max(lse, 1)[:, None])
     o = tl.sum(o * w[:, :, None], 1) / tl.sum(w, 1)[:, None]
@@ -213,32 +227,36 @@ def _merge_rows(part_out, part_lse, out_ptr, token, kh, stride_ot, stride_oh, QG
 
 
 @triton.jit
-def _merge_splits(part_out, part_lse, out_ptr, q_begin, q0, q_len, kh, stride_ot, stride_oh,
-                  QG: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _merge_splits(part_out, part_lse, out_ptr, q_begin, q0, q_len, kh, active, stride_ot,
+                  stride_oh, QG: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
                   NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr):
-    """out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse), for each of the tile's real rows:
-    all of a row's splits in one load (empty splits have lse -inf, weight 0)."""
+    """out = sum_s w_s o_s / sum_s w_s, w_s = 2^(lse_s - max lse), over the `active` splits, for
+    each of the tile's real rows: all of a row's splits in one load (empty splits have lse -inf,
+    weight 0)."""
     splits = tl.arange(0, NUM_SPLITS)
+    s_ok = splits < active
     dims = tl.arange(0, HEAD_DIM)
     for r in range(BLOCK_Q * QG):
         if q0 + r // QG < q_len:
             token = q_begin + q0 + r // QG
             head = kh * QG + r % QG
             slot = (token * NUM_HEADS + head) * NUM_SPLITS + splits
-            lse = tl.load(part_lse + slot, cache_modifier=".cg")
+            lse = tl.load(part_lse + slot, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
             w = tl.exp2(lse - tl.max(lse, 0))
-            o = tl.load(part_out + slot[:, None] * HEAD_DIM + dims[None, :], cache_modifier=".cg")
+            o = tl.load(part_out + slot[:, None] * HEAD_DIM + dims[None, :], mask=s_ok[:, None],
+                        other=0.0, cache_modifier=".cg")
             o = tl.sum(o * w[:, None], 0) / tl.sum(w, 0)
             tl.store(out_ptr + token * stride_ot + head * stride_oh + dims,
                      o.to(out_ptr.dtype.element_ty))
 
 
 def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device,
-                  min_chunk: int = 64, max_splits: int = 64) -> int:
+                  min_chunk: int | None = None, max_splits: int = 64) -> int:
     """Context chunks per (sequence, kv head): enough programs for ~2 per SM, >= min_chunk tokens
     each, rounded down to a power of two. On the H100 sweep (docs/PERF.md, "Kernels") this picks the
     fastest or within 0.7 us of it: B=1 ctx 512 -> 8, ctx 4096 -> 32; B=64 (512 programs) -> 1."""
     programs = num_seqs * num_kv_heads
+    min_chunk = min_chunk or MIN_CHUNK
     want = triton.cdiv(2 * num_sms(device, interpreter=8), programs)
     splits = min(want, triton.cdiv(max_context, min_chunk), max_splits)
     return 1 if splits <= 1 else 1 << (splits.bit_length() - 1)
@@ -271,7 +289,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     needs a device sync: num_decodes (the first num_decodes sequences have one query token each:
     they go to the decode kernel, the rest to the prefill kernel; by default the whole batch is
     decode when T == B, else prefill), max_context_len (bounds the split count; by default the
-    block table's width), num_splits (force a split count, for tuning), out (a [T, H, D] buffer to
+    block table's width), num_splits (force a split count, each split taking an equal share of
+    the context however short, for tuning and tests), out (a [T, H, D] buffer to
     write, e.g. a CUDA graph's static output), tune (launch_config overrides, for tuning).
     """
     num_tokens, num_heads, head_dim = q.shape
@@ -285,8 +304,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     assert out.shape == q.shape and out.stride(-1) == 1
     if num_decodes is None:
         num_decodes = num_seqs if num_tokens == num_seqs else 0
+    min_chunk = MIN_CHUNK if num_splits is None else 1
     args = (q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, scale,
-            sliding_window, tune)
+            sliding_window, min_chunk, tune)
     if num_decodes:
         if num_splits is None:
             bound = max_context_len or block_tables.shape[1] * block_size
@@ -299,7 +319,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def _launch(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, scale,
-            window, tune, *, first: int, count: int, decode: bool, num_splits: int) -> None:
+            window, min_chunk, tune, *, first: int, count: int, decode: bool, num_splits: int) -> None:
     """Run sequences [first, first + count) (their tokens follow one another in q)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -321,7 +341,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, ou
     launch = pdl_launch(q.device) if pdl else {}
     _attention_kernel[(grid0, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables[seqs], context_lens[seqs], query_start_loc[first:],
-        out, part_out, part_lse, counters, count, scale * _LOG2E, window or 0,
+        out, part_out, part_lse, counters, count, scale * _LOG2E, window or 0, min_chunk,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         QG=qg, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1], BLOCK_M=cfg["block_m"],

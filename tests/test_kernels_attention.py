@@ -60,9 +60,11 @@ def attention_case(q_lens, ctx_lens, h, kh, d, bs, dtype, device, seed=0):
 
 
 def check_attention(kind, num_seqs, max_ctx, h, kh, d, bs, dtype, device, seed=0,
-                    window=None, **hints):
+                    window=None, ctx_lens=None, **hints):
+    """ctx_lens: given decode contexts in place of random ones."""
     from pagedeploy.kernels.triton_attention import paged_attention
-    q_lens, ctx_lens = lengths(kind, num_seqs, max_ctx, random.Random(seed))
+    q_lens, ctx_lens = ([1] * len(ctx_lens), ctx_lens) if ctx_lens else \
+        lengths(kind, num_seqs, max_ctx, random.Random(seed))
     case = attention_case(q_lens, ctx_lens, h, kh, d, bs, dtype, device, seed)
     if kind == "split":
         hints["num_decodes"] = num_seqs // 2
@@ -140,6 +142,16 @@ def test_decode_cuda_graph_gpu():
 
 # --------------------------------------------------------------------------- CPU interpreter
 
+def check_short_contexts():
+    """A grid of 4 splits sized for a 1024-token bound (a CUDA graph's max_model_len): contexts
+    that need 4 splits (the last one short), 2, and 1 (written with no merge), and one token."""
+    from pagedeploy.kernels.triton_attention import MIN_CHUNK, decode_splits
+    assert MIN_CHUNK == 64 and decode_splits(4, 1, 1024, torch.device("cpu")) == 4
+    for lens in ([200, 65, 64, 1], [129, 30, 256, 7]):
+        check_attention("decode", 4, 0, 4, 1, 16, 16, torch.float32, "cpu", ctx_lens=lens,
+                        max_context_len=1024)
+
+
 CPU_GROUPS = {  # small sizes for the interpreter (~1e4x slower than the GPU)
     "decode": lambda: [
         check_attention("decode", 5, 90, 4, 4, 16, 16, torch.float32, "cpu", seed=1),
@@ -148,6 +160,7 @@ CPU_GROUPS = {  # small sizes for the interpreter (~1e4x slower than the GPU)
         check_attention("decode", 2, 200, 16, 2, 16, 64, torch.float32, "cpu", seed=4,
                         num_splits=2, window=50),
         check_attention("decode", 3, 60, 4, 2, 16, 8, torch.float32, "cpu", seed=12),  # bs 8
+        check_short_contexts(),
     ],
     "prefill": lambda: [
         check_attention("prefill", 3, 40, 4, 2, 16, 16, torch.float32, "cpu", seed=5),
