@@ -168,7 +168,7 @@ def _attention_kernel(
         tl.debug_barrier()   # every thread's partial is written before the release below
         counter = counters + tile * tl.num_programs(1) + kh
         if tl.atomic_add(counter, 1) == active - 1:   # acq_rel, gpu scope
-            if IS_DECODE and MERGE_ROWS and QG_P2 * NUM_SPLITS <= 64:   # one token: all rows at once
+            if IS_DECODE and MERGE_ROWS:   # one token: all its rows at once
                 _merge_rows(part_out, part_lse, out_ptr, q_begin, kh, active, stride_ot, stride_oh, QG,
                             QG_P2, HEAD_DIM, NUM_SPLITS, NUM_HEADS)
             else:
@@ -208,20 +208,32 @@ def _merge_rows(part_out, part_lse, out_ptr, token, kh, active, stride_ot, strid
                 QG: tl.constexpr, QG_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
                 NUM_SPLITS: tl.constexpr, NUM_HEADS: tl.constexpr):
     """_merge_splits for a decode tile (one token, its QG heads: QG_P2 rows, the power of two
-    above), all rows in one load: one round trip to L2, not one per row."""
+    above), all rows at once and up to 64 // QG_P2 splits a load (a [QG_P2, splits, HEAD_DIM]
+    tile of at most 64 rows): one round trip to L2 for most contexts, not one per row, whatever
+    the grid's NUM_SPLITS. Partials fold in with a running max, as in the main loop."""
+    CHUNK: tl.constexpr = max(1, min(NUM_SPLITS, 64 // QG_P2))
     r = tl.arange(0, QG_P2)
     r_ok = r < QG
-    splits = tl.arange(0, NUM_SPLITS)
-    ok = r_ok[:, None] & (splits < active)[None, :]
     head = kh * QG + r
-    slot = ((token * NUM_HEADS + head) * NUM_SPLITS)[:, None] + splits[None, :]
+    base = (token * NUM_HEADS + head) * NUM_SPLITS
     dims = tl.arange(0, HEAD_DIM)
-    lse = tl.load(part_lse + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
-    lse = tl.where(r_ok[:, None], lse, 0.0)   # padding rows: finite, never stored
-    o = tl.load(part_out + slot[:, :, None] * HEAD_DIM + dims[None, None, :], mask=ok[:, :, None],
-                other=0.0, cache_modifier=".cg")
-    w = tl.exp2(lse - tl.max(lse, 1)[:, None])
-    o = tl.sum(o * w[:, :, None], 1) / tl.sum(w, 1)[:, None]
+    m = tl.full([QG_P2], _NEG_BIG, tl.float32)
+    total = tl.zeros([QG_P2], tl.float32)
+    acc = tl.zeros([QG_P2, HEAD_DIM], tl.float32)
+    for first in range(0, active, CHUNK):
+        splits = first + tl.arange(0, CHUNK)
+        ok = r_ok[:, None] & (splits < active)[None, :]
+        slot = base[:, None] + splits[None, :]
+        lse = tl.load(part_lse + slot, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(part_out + slot[:, :, None] * HEAD_DIM + dims[None, None, :], mask=ok[:, :, None],
+                    other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new[:, None])   # empty and absent splits: lse -inf, weight 0
+        acc = acc * alpha[:, None] + tl.sum(o * w[:, :, None], 1)
+        total = total * alpha + tl.sum(w, 1)
+        m = m_new
+    o = acc / tl.where(r_ok, total, 1.0)[:, None]
     tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + dims[None, :],
              o.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
 

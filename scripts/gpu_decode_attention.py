@@ -3,10 +3,11 @@
 Chain: LAYERS copies of a Llama-3-8B layer's attention half at batch 1 as the model runs it (qkv
 linear with its norm, rotary + KV store, paged attention, o linear), int4 or bf16, in one CUDA
 graph (PDL as in the model), median microseconds a layer, at several contexts. Attention modes:
-none (o reads q: the floor), run 21's (every split of the grid arrives and merges:
-min_chunk 1), the shipped default (only the splits a context needs: MIN_CHUNK), MIN_CHUNK
-128/256/512, the grid sized by the context itself rather than the graph's 8192-token bound, and
-the pre-wait off. Each mode's attention output is checked against the torch reference first.
+none (o reads q: the floor); run 21's (every split of the grid sized for the graph's 8192-token
+bound arrives, min_chunk 1, and 32 splits merge row by row); the shipped default (only the splits
+a context needs, MIN_CHUNK tokens at least, merged all rows at once); each of those two changes
+alone; MIN_CHUNK 128/256; the grid sized by the context itself; the pre-wait off; one pipeline
+stage, 32-token tiles, 2 warps. Each mode's attention output is checked against the torch reference first.
 Then `deploy bench --batch-1` decode tok/s of Llama-3-8B dims, int4 and bf16, run 21's attention
 against the default, interleaved, a fresh engine each; 64 greedy tokens compared across modes.
 Usage (device machine): python3 scripts/gpu_decode_attention.py [REPS] [--kernels-only]
@@ -35,15 +36,19 @@ log = RunLog("decode_attention.log")
 LAYERS, BOUND, BS = 8, 8192, 16
 H, KH, D, HIDDEN = 32, 8, 128, 4096
 CONTEXTS = (128, 256, 512, 1024, 2048, 4096)
-# mode: (MIN_CHUNK, bound the grid is sized by (None: the context), pre-wait)
-MODES = {"run 21 (all splits)": (1, BOUND, True), "default": (A.MIN_CHUNK, BOUND, True),
-         "min_chunk 128": (128, BOUND, True), "min_chunk 256": (256, BOUND, True),
-         "min_chunk 512": (512, BOUND, True), "grid by context": (A.MIN_CHUNK, None, True),
-         "default, no pre-wait": (A.MIN_CHUNK, BOUND, False)}
+# mode: (MIN_CHUNK, bound the grid is sized by (None: the context), pre-wait, merge all rows at
+# once, launch_config overrides)
+MODES = {"run 21": (1, BOUND, True, False, None), "default": (A.MIN_CHUNK, BOUND, True, True, None),
+         "all splits arrive": (1, BOUND, True, True, None), "merge by row": (A.MIN_CHUNK, BOUND, True, False, None),
+         "min_chunk 128": (128, BOUND, True, True, None), "min_chunk 256": (256, BOUND, True, True, None),
+         "grid by context": (A.MIN_CHUNK, None, True, True, None), "no pre-wait": (A.MIN_CHUNK, BOUND, False, True, None),
+         "1 stage": (A.MIN_CHUNK, BOUND, True, True, dict(num_stages=1)),
+         "block_n 32": (32, BOUND, True, True, dict(block_n=32)),
+         "2 warps": (A.MIN_CHUNK, BOUND, True, True, dict(num_warps=2))}
 
 
 def set_mode(mode) -> None:
-    A.MIN_CHUNK, _, triton_launch.ATTENTION_PRE_WAIT = mode
+    A.MIN_CHUNK, _, triton_launch.ATTENTION_PRE_WAIT, A.MERGE_ROWS, _ = mode
 
 
 class Layer:
@@ -76,21 +81,21 @@ class Layer:
     def linear(self, x, w, **fus):
         return G.int4_gemv(x, w, **fus)[0] if self.int4 else fused_linear(x, w, **fus)[0]
 
-    def attention(self, q, bound):
+    def attention(self, q, mode):
         return A.paged_attention(q, self.k_cache, self.v_cache, self.table, self.ctx, self.qsl, D ** -0.5,
-                                 num_decodes=1, max_context_len=bound or self.bound)
+                                 num_decodes=1, max_context_len=mode[1] or self.bound, tune=mode[4])
 
     def run(self, mode, skip: bool = False):
         qkv = self.linear(self.x, self.wqkv, norm_weight=self.norm, eps=1e-6, residual=self.res)
         q = qk_norm_rope_store(qkv, None, None, 0.0, self.pos, self.cos_sin, self.k_cache, self.v_cache,
                                self.slot, H, KH, D, early_launch=not self.int4)
-        o = q if skip else self.attention(q, mode[1])
+        o = q if skip else self.attention(q, mode)
         return self.linear(o.reshape(1, H * D), self.wo)
 
 
 def check(layer: Layer, mode) -> float:
     q = torch.randn(1, H, D, device="cuda").to(torch.bfloat16)
-    got = layer.attention(q, mode[1])
+    got = layer.attention(q, mode)
     up = lambda t: t.float()  # noqa: E731
     expect = ref.paged_attention_ref(up(q), up(layer.k_cache), up(layer.v_cache), layer.table, layer.ctx,
                                      layer.qsl, D ** -0.5)
@@ -129,12 +134,12 @@ def main() -> int:
         return 0
     rows, first = {"int4": [], "none": []}, {}
     for quant in ("int4", "none", "int4"):
-        for name in ("run 21 (all splits)", "default"):
+        for name in ("run 21", "default"):
             set_mode(MODES[name])
             tokens: list[int] = []
             speeds = B1.batch1_speeds([f"quantization={quant}"], reps, tokens)
             first.setdefault((quant, name), tokens)
-            other = first.get((quant, "run 21 (all splits)"))
+            other = first.get((quant, "run 21"))
             log(f"{quant} {name}: " + " ".join(f"{s:7.1f}" for s in speeds)
                 + f"  tokens {'same' if tokens == first[(quant, name)] else 'DIFFER'} as its first run, "
                 + f"{'same' if tokens == other else 'other'} as run 21's")

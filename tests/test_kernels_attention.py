@@ -144,12 +144,16 @@ def test_decode_cuda_graph_gpu():
 
 def check_short_contexts():
     """A grid of 4 splits sized for a 1024-token bound (a CUDA graph's max_model_len): contexts
-    that need 4 splits (the last one short), 2, and 1 (written with no merge), and one token."""
+    that need 4 splits (the last one short), 2, and 1 (written with no merge), and one token; then
+    a merge of more splits than one load takes."""
     from pagedeploy.kernels.triton_attention import MIN_CHUNK, decode_splits
     assert MIN_CHUNK == 64 and decode_splits(4, 1, 1024, torch.device("cpu")) == 4
     for lens in ([200, 65, 64, 1], [129, 30, 256, 7]):
         check_attention("decode", 4, 0, 4, 1, 16, 16, torch.float32, "cpu", ctx_lens=lens,
                         max_context_len=1024)
+    # group 16: the merge folds 4 splits a load, so 8 forced splits (some empty) take two
+    check_attention("decode", 2, 0, 16, 1, 16, 16, torch.float32, "cpu", ctx_lens=[300, 5],
+                    num_splits=8)
 
 
 CPU_GROUPS = {  # small sizes for the interpreter (~1e4x slower than the GPU)
