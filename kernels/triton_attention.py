@@ -274,12 +274,14 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: to
     return 1 if splits <= 1 else 1 << (splits.bit_length() - 1)
 
 
-def launch_config(decode: bool, qg: int, tune: dict | None = None) -> dict:
+def launch_config(decode: bool, qg: int, tune: dict | None = None, splits: int = 1) -> dict:
     """Tile sizes: decode tiles are one token's GQA group (>= 16 rows for tl.dot); prefill tiles
-    pack block_m // qg query tokens of one sequence."""
+    pack block_m // qg query tokens of one sequence. Split decode (few sequences) is latency-bound
+    and its programs see one or two tiles each: loaded straight into registers (one stage), not
+    staged through shared memory first, it is 0.4-2 us a layer faster (docs/PERF.md run 22)."""
     if decode:
         cfg = dict(block_m=max(16, triton.next_power_of_2(qg)), block_n=64, num_warps=4,
-                   num_stages=2)
+                   num_stages=1 if splits > 1 else 2)
     else:
         # H100 sweep (docs/PERF.md, "Kernels"): 128x32 tiles, 8 warps beat 64x64, 4 warps by 6-10%
         cfg = dict(block_m=max(128, triton.next_power_of_2(qg)), block_n=32, num_warps=8,
@@ -336,7 +338,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, ou
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     qg = num_heads // num_kv_heads
-    cfg = launch_config(decode, qg, tune)
+    cfg = launch_config(decode, qg, tune, num_splits)
     # A decode tile is one sequence; prefill tiles are found by _find_seq, which needs at most
     # this many (query_start_loc[b] // block_q + b never exceeds it).
     grid0 = count if decode else num_tokens // (cfg["block_m"] // qg) + count

@@ -309,7 +309,7 @@ def aot_check() -> int:
     variants = [(2, 128, 16, True, 1, False), (4, 128, 256, True, 32, True), (4, 128, 16, True, 4, False),
                 (2, 128, 16, False, 1, False), (7, 64, 8, False, 1, True)]
     for qg, d, bs, decode, splits, window in variants:
-        cfg = launch_config(decode, qg)
+        cfg = launch_config(decode, qg, splits=splits)
         consts = dict(QG=qg, HEAD_DIM=d, BLOCK_SIZE=bs, BLOCK_M=cfg["block_m"],
                       BLOCK_N=cfg["block_n"], NUM_SPLITS=splits, IS_DECODE=decode,
                       USE_WINDOW=window, NUM_HEADS=8 * qg, PDL=2, EARLY=False, PRE_WAIT=True,

@@ -56,8 +56,8 @@ def test_split_decode_attention_prefetches_before_its_wait():
     types = {n: PTR for n in ("q_ptr", "k_cache", "v_cache", "out_ptr")}
     types |= {n: "*i32" for n in ("block_tables", "context_lens", "query_start_loc", "counters")}
     types |= {"part_out": "*fp32", "part_lse": "*fp32"}
-    cfg = launch_config(True, 4)
     for splits in (32, 4, 1):
+        cfg = launch_config(True, 4, splits=splits)
         consts = dict(QG=4, HEAD_DIM=128, BLOCK_SIZE=16, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
                       NUM_SPLITS=splits, IS_DECODE=True, USE_WINDOW=False, NUM_HEADS=32, PDL=2, EARLY=False,
                       PRE_WAIT=True, QG_P2=4, MERGE_ROWS=True)
