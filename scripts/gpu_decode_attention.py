@@ -132,18 +132,8 @@ def main() -> int:
     chain_table()
     if "--kernels-only" in sys.argv:
         return 0
-    rows, first = {"int4": [], "none": []}, {}
-    for quant in ("int4", "none", "int4"):
-        for name in ("run 21", "default"):
-            set_mode(MODES[name])
-            tokens: list[int] = []
-            speeds = B1.batch1_speeds([f"quantization={quant}"], reps, tokens)
-            first.setdefault((quant, name), tokens)
-            other = first.get((quant, "run 21"))
-            log(f"{quant} {name}: " + " ".join(f"{s:7.1f}" for s in speeds)
-                + f"  tokens {'same' if tokens == first[(quant, name)] else 'DIFFER'} as its first run, "
-                + f"{'same' if tokens == other else 'other'} as run 21's")
-            rows[quant].append((f"{quant} {name}", speeds))
+    rows = B1.interleaved_ab({name: lambda name=name: set_mode(MODES[name]) for name in ("run 21", "default")},
+                             reps, log)
     set_mode(MODES["default"])
     B1.log_speeds(rows["int4"] + rows["none"][1:2], log)   # ratios to bf16 with the default
     B1.log_speeds(rows["none"], log)

@@ -149,6 +149,26 @@ def batch1_speeds(overrides: list[str], reps: int, tokens: list[int] | None = No
     return speeds
 
 
+def interleaved_ab(modes: dict, reps: int, out: RunLog) -> dict[str, list]:
+    """Batch-1 decode tok/s of int4, bf16, then int4 again, each of `modes` (name: a function that
+    switches it on) in turn on a fresh engine, REPS requests each: {"int4": rows, "none": rows},
+    rows (label, speeds) as log_speeds takes them. Each mode's 64 greedy tokens are compared with its
+    own first run (they must repeat) and with the first mode's (reported: a near-tie may flip)."""
+    rows, first = {"int4": [], "none": []}, {}
+    base = next(iter(modes))
+    for quant in ("int4", "none", "int4"):
+        for name, switch_on in modes.items():
+            switch_on()
+            tokens: list[int] = []
+            speeds = batch1_speeds([f"quantization={quant}"], reps, tokens)
+            first.setdefault((quant, name), tokens)
+            out(f"{quant} {name}: " + " ".join(f"{s:7.1f}" for s in speeds)
+                + f"  tokens {'same' if tokens == first[(quant, name)] else 'DIFFER'} as its first run, "
+                + f"{'same' if tokens == first.get((quant, base)) else 'other'} as {base}'s")
+            rows[quant].append((f"{quant} {name}", speeds))
+    return rows
+
+
 def end_to_end(reps: int) -> list:
     rows, uses = [], QuantLinear.uses_gemv
     old_route = lambda self, x: False  # noqa: E731
