@@ -10,7 +10,8 @@ alone; MIN_CHUNK 128/256; the grid sized by the context itself; the pre-wait off
 stages (the default before run 22's call 4), 32-token tiles, 2 warps. Each mode's attention output is checked against the torch reference first.
 Then `deploy bench --batch-1` decode tok/s of Llama-3-8B dims, int4 and bf16, run 21's attention
 against the default, interleaved, a fresh engine each; 64 greedy tokens compared across modes.
-Usage (device machine): python3 scripts/gpu_decode_attention.py [REPS] [--kernels-only]
+Usage (device machine): python3 scripts/gpu_decode_attention.py [REPS] [--kernels-only | --e2e-only]
+[--ab=MODE,MODE]   (the end-to-end modes, "run 21,default" by default; the first is the baseline)
 """
 from __future__ import annotations
 
@@ -47,8 +48,15 @@ MODES = {"run 21": (1, BOUND, True, False, dict(num_stages=2)), "default": (A.MI
          "2 warps": (A.MIN_CHUNK, BOUND, True, True, dict(num_warps=2))}
 
 
+CONFIG = A.launch_config
+
+
 def set_mode(mode) -> None:
-    A.MIN_CHUNK, _, triton_launch.ATTENTION_PRE_WAIT, A.MERGE_ROWS, _ = mode
+    """Switch the module's knobs to `mode`; its launch_config overrides apply to every launch
+    (end to end the model passes none)."""
+    A.MIN_CHUNK, _, triton_launch.ATTENTION_PRE_WAIT, A.MERGE_ROWS, tune = mode
+    A.launch_config = lambda decode, qg, extra=None, splits=1: CONFIG(decode, qg, {**(tune or {}), **(extra or {})},
+                                                                     splits)
 
 
 class Layer:
@@ -129,13 +137,14 @@ def chain_table() -> dict:
 
 def main() -> int:
     reps = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 3
-    chain_table()
+    ab = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--ab=")), ["run 21", "default"])
+    if "--e2e-only" not in sys.argv:
+        chain_table()
     if "--kernels-only" in sys.argv:
         return 0
-    rows = B1.interleaved_ab({name: lambda name=name: set_mode(MODES[name]) for name in ("run 21", "default")},
-                             reps, log)
+    rows = B1.interleaved_ab({name: lambda name=name: set_mode(MODES[name]) for name in ab}, reps, log)
     set_mode(MODES["default"])
-    B1.log_speeds(rows["int4"] + rows["none"][1:2], log)   # ratios to bf16 with the default
+    B1.log_speeds(rows["int4"] + rows["none"][1:2], log)   # ratios to bf16 with the second mode
     B1.log_speeds(rows["none"], log)
     return 0
 
