@@ -17,8 +17,9 @@ The other rows take the prefill tiles. Launch shapes depend only on tensor shape
 and host integers, never on tensor values, so a decode step can be captured in a CUDA graph.
 
 Split decode is latency-bound (a few dozen programs): under PDL its programs read the metadata and
-ask L2 for their first K/V tile before waiting on the kernel before (rotary + the KV store), and
-the last split merges all of a tile's heads in one load (docs/PERF.md run 21).
+ask L2 for their first K/V tile before waiting on the kernel before (rotary + the KV store), load
+their one or two tiles straight into registers (one pipeline stage), and the last split merges all
+of a tile's heads at once, 64 // QG_P2 splits a load (docs/PERF.md runs 21, 22).
 """
 from __future__ import annotations
 
@@ -278,7 +279,8 @@ def launch_config(decode: bool, qg: int, tune: dict | None = None, splits: int =
     """Tile sizes: decode tiles are one token's GQA group (>= 16 rows for tl.dot); prefill tiles
     pack block_m // qg query tokens of one sequence. Split decode (few sequences) is latency-bound
     and its programs see one or two tiles each: loaded straight into registers (one stage), not
-    staged through shared memory first, it is 0.4-2 us a layer faster (docs/PERF.md run 22)."""
+    staged through shared memory first. In a chain of Llama-3-8B layers that is 0.2-2.2 us a layer
+    faster from 512 tokens of context on; at 128-384, end to end, no change (docs/PERF.md run 22)."""
     if decode:
         cfg = dict(block_m=max(16, triton.next_power_of_2(qg)), block_n=64, num_warps=4,
                    num_stages=1 if splits > 1 else 2)
