@@ -3,9 +3,9 @@
 Two changes to kernels/triton_attention.py for split decode (few sequences), together: its programs
 read the metadata and ask L2 for their first K/V tile before their PDL wait
 (triton_launch.ATTENTION_PRE_WAIT), and the last split merges all of a tile's rows at once
-(triton_attention.MERGE_ROWS; off, row by row). scripts/gpu_decode_attention.py has run 22's modes. `deploy bench --batch-1`
-decode tok/s of Llama-3-8B dims, int4 and bf16, both off (run 20's split decode, but for run
-22's changes, which stay) and both on,
+(triton_attention.MERGE_ROWS; off: row by row). `deploy bench --batch-1` decode tok/s of Llama-3-8B
+dims, int4 and bf16, both off and both on (run 22's other changes stay in both:
+scripts/gpu_decode_attention.py times those),
 interleaved, a fresh engine each, REPS requests; the 64 greedy tokens of the bench prompt must be
 compared across modes (the merge sums in another order, so a near-tie could flip one: reported,
 not asserted).

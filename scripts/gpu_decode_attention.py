@@ -7,7 +7,8 @@ none (o reads q: the floor); run 21's (every split of the grid sized for the gra
 bound arrives, min_chunk 1, and 32 splits merge row by row); the shipped default (only the splits
 a context needs, MIN_CHUNK tokens at least, merged all rows at once); each of those two changes
 alone; MIN_CHUNK 128/256; the grid sized by the context itself; the pre-wait off; two pipeline
-stages (the default before run 22's call 4), 32-token tiles, 2 warps. Each mode's attention output is checked against the torch reference first.
+stages (the default before run 22's call 3), 32-token tiles, 2 warps. Each mode's attention
+output is checked against the torch reference first.
 Then `deploy bench --batch-1` decode tok/s of Llama-3-8B dims, int4 and bf16, run 21's attention
 against the default, interleaved, a fresh engine each; 64 greedy tokens compared across modes.
 Usage (device machine): python3 scripts/gpu_decode_attention.py [REPS] [--kernels-only | --e2e-only]
@@ -39,14 +40,20 @@ H, KH, D, HIDDEN = 32, 8, 128, 4096
 CONTEXTS = (128, 256, 512, 1024, 2048, 4096)
 # mode: (MIN_CHUNK, bound the grid is sized by (None: the context), pre-wait, merge all rows at
 # once, launch_config overrides)
-MODES = {"run 21": (1, BOUND, True, False, dict(num_stages=2)), "default": (A.MIN_CHUNK, BOUND, True, True, None),
-         "all splits arrive": (1, BOUND, True, True, None), "merge by row": (A.MIN_CHUNK, BOUND, True, False, None),
-         "min_chunk 128": (128, BOUND, True, True, None), "min_chunk 256": (256, BOUND, True, True, None),
-         "grid by context": (A.MIN_CHUNK, None, True, True, None), "no pre-wait": (A.MIN_CHUNK, BOUND, False, True, None),
-         "2 stages": (A.MIN_CHUNK, BOUND, True, True, dict(num_stages=2)),
-         "block_n 32": (32, BOUND, True, True, dict(block_n=32)),
-         "2 warps": (A.MIN_CHUNK, BOUND, True, True, dict(num_warps=2))}
-
+NEW = A.MIN_CHUNK
+MODES = {
+    "run 21": (1, BOUND, True, False, dict(num_stages=2)),
+    "default": (NEW, BOUND, True, True, None),
+    "all splits arrive": (1, BOUND, True, True, None),
+    "merge by row": (NEW, BOUND, True, False, None),
+    "min_chunk 128": (128, BOUND, True, True, None),
+    "min_chunk 256": (256, BOUND, True, True, None),
+    "grid by context": (NEW, None, True, True, None),
+    "no pre-wait": (NEW, BOUND, False, True, None),
+    "2 stages": (NEW, BOUND, True, True, dict(num_stages=2)),
+    "block_n 32": (32, BOUND, True, True, dict(block_n=32)),
+    "2 warps": (NEW, BOUND, True, True, dict(num_warps=2)),
+}
 
 CONFIG = A.launch_config
 
@@ -55,8 +62,9 @@ def set_mode(mode) -> None:
     """Switch the module's knobs to `mode`; its launch_config overrides apply to every launch
     (end to end the model passes none)."""
     A.MIN_CHUNK, _, triton_launch.ATTENTION_PRE_WAIT, A.MERGE_ROWS, tune = mode
-    A.launch_config = lambda decode, qg, extra=None, splits=1: CONFIG(decode, qg, {**(tune or {}), **(extra or {})},
-                                                                     splits)
+    def config(decode, qg, extra=None, splits=1):
+        return CONFIG(decode, qg, {**(tune or {}), **(extra or {})}, splits)
+    A.launch_config = config
 
 
 class Layer:
@@ -66,7 +74,8 @@ class Layer:
         bf = torch.bfloat16
         g = torch.Generator(device="cuda").manual_seed(i)
         if int4:
-            self.wqkv, self.wo = random_int4(6144, HIDDEN, seed=2 * i), random_int4(HIDDEN, HIDDEN, seed=2 * i + 1)
+            self.wqkv = random_int4(6144, HIDDEN, seed=2 * i)
+            self.wo = random_int4(HIDDEN, HIDDEN, seed=2 * i + 1)
         else:
             self.wqkv = (torch.randn(6144, HIDDEN, device="cuda", generator=g) * 0.02).to(bf)
             self.wo = (torch.randn(HIDDEN, HIDDEN, device="cuda", generator=g) * 0.02).to(bf)
@@ -137,7 +146,8 @@ def chain_table() -> dict:
 
 def main() -> int:
     reps = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 3
-    ab = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--ab=")), ["run 21", "default"])
+    ab = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--ab=")),
+              ["run 21", "default"])
     if "--e2e-only" not in sys.argv:
         chain_table()
     if "--kernels-only" in sys.argv:
