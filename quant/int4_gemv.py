@@ -34,7 +34,7 @@ from pagedeploy.kernels.triton_launch import (arrival_counters, num_sms, pdl_lau
                                               wait_previous)
 
 from .int4 import Int4Weight
-from .int4_pack import pack_buffers, pack_x
+from .int4_pack import pack_buffers, pack_x, rstd_block
 
 
 @dataclass(frozen=True)
@@ -312,7 +312,7 @@ def pack_in_kernel(blocks: int, split: int) -> dict:
     beforehand (51.9); batch-1 decode +1.2-2.9% (docs/PERF.md run 21). Narrower chunks cost up to
     10 us a layer: each round trip waits on L2."""
     return dict(pack_in_kernel=True, pack_words=min(512, triton.next_power_of_2(64 * blocks // split)),
-                rstd_block=min(4096, triton.next_power_of_2(512 * blocks)))
+                rstd_block=rstd_block(512 * blocks))   # K: blocks of 4 groups of 128
 
 
 def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, *,
