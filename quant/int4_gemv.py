@@ -47,6 +47,8 @@ class Int4GemvConfig:
     pack_in_kernel: bool = False   # mma: x packed by the GEMV's programs, no pack_x launch
     pack_words: int = 512  # pack_in_kernel: words packed at a time (a power of two, >= 16)
     rstd_block: int = 4096   # pack_in_kernel: width of the norm's loads (a power of two)
+    stream_k: int = 0      # mma: this many persistent programs, equal runs of (tile, block) units
+                           # (int4_stream.py; split_k unused); 0: the (tiles, splits) grid
 
 
 # ---- device helpers -------------------------------------------------------------------------------
@@ -328,8 +330,8 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
     pdl = pdl_supported(x.device)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
-    counters, ws = arrival_counters(x.device, grid[0] if cfg.split_k > 1 else 0), y
-    if cfg.split_k > 1:
+    counters, ws = arrival_counters(x.device, grid[0] if cfg.split_k > 1 or cfg.stream_k else 0), y
+    if cfg.split_k > 1 and not cfg.stream_k:
         ws = torch.empty(cfg.split_k * N2, dtype=torch.float32, device=x.device)
     if cfg.mma:
         from . import int4_mma   # it builds on this module's helpers
@@ -340,6 +342,11 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
             pack = int4_mma.PackInKernel(x, residual, norm_weight, r_out, eps, cfg.pack_words, cfg.rstd_block)
         else:
             xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
+        if cfg.stream_k:
+            from . import int4_stream
+            int4_stream.launch(xp, xg, w, bias, y, counters, N, K, cfg.block_n, cfg.stream_k, cfg.num_warps,
+                               silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead, pack)
+            return y, r_out
         int4_mma.launch(xp, xg, w, bias, y, ws, counters, N, K, cfg.block_n, cfg.split_k, cfg.num_warps,
                         silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead, pack)
         return y, r_out
