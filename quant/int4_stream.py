@@ -28,6 +28,7 @@ import triton.language as tl
 from pagedeploy.kernels.triton_gemv import _store_y
 from pagedeploy.kernels.triton_launch import wait_previous
 
+from .int4_gemv import _block as _fp16_block
 from .int4_gemv import _load_block
 from . import int4_mma
 from .int4_mma import GROUP, PackInKernel, _advance, _block, _scales
@@ -47,22 +48,40 @@ def _owner(u, programs, units):
 
 
 @triton.jit
-def _unit(w_ptr, s_ptr, z_ptr, u, last, bpt, row0, KW, groups, BLOCK_N: tl.constexpr):
+def _rows(u, bpt, row0, BLOCK_N: tl.constexpr):
+    """Unit u's tile, its rows row0 + tile * BLOCK_N + [0, BLOCK_N) and its first word."""
+    tile = u // bpt
+    return tile, row0 + tile * BLOCK_N + tl.arange(0, BLOCK_N), (u - tile * bpt) * 4
+
+
+@triton.jit
+def _unit(w_ptr, s_ptr, z_ptr, u, last, bpt, row0, KW, groups, BLOCK_N: tl.constexpr, GW: tl.constexpr):
     """Unit u's block (u past `last` clamped to it: the run's last block again, never read past):
     words and scales of rows row0 + (tile u // bpt) * BLOCK_N, block u % bpt."""
-    u = tl.minimum(u, last)
-    tile = u // bpt
-    t = (u - tile * bpt) * 4 * 16
-    offs_n = row0 + tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col = tl.arange(0, 16)
+    tile, offs_n, t = _rows(tl.minimum(u, last), bpt, row0, BLOCK_N)
+    col = tl.arange(0, GW)
     row = w_ptr + offs_n.to(tl.int64)[:, None] * KW + col[None, :]
-    w0, w1, w2, w3 = _load_block(row, t, KW, tl.full([BLOCK_N], True, tl.int1), col, 16, True)
-    return w0, w1, w2, w3, _scales(s_ptr + offs_n * groups, z_ptr + offs_n * groups, t, 16)
+    w0, w1, w2, w3 = _load_block(row, t * GW, KW, tl.full([BLOCK_N], True, tl.int1), col, GW, True)
+    return w0, w1, w2, w3, _scales(s_ptr + offs_n * groups, z_ptr + offs_n * groups, t * GW, GW)
+
+
+@triton.jit
+def _sum_unit(block, u, bpt, row0, xp_ptr, xg_ptr, s_ptr, z_ptr, KW, groups, acc, BLOCK_N: tl.constexpr,
+              GW: tl.constexpr, MMA: tl.constexpr, F16X2: tl.constexpr):
+    """acc += unit u's block times x: int4_mma's MMAs, or int4_gemv's packed-fp16 sums (which
+    load their own scales; in fp32 under the interpreter)."""
+    tile, offs_n, t = _rows(u, bpt, row0, BLOCK_N)
+    if MMA:
+        return _block(block, t * GW, xp_ptr, xg_ptr, KW, groups, acc, GW)
+    w0, w1, w2, w3, _ = block
+    return _fp16_block(w0, w1, w2, w3, t * GW, s_ptr + offs_n * groups, z_ptr + offs_n * groups, offs_n,
+                       tl.full([BLOCK_N], True, tl.int1), KW, xp_ptr, xg_ptr, KW, acc, GW, F16X2, True)
 
 
 @triton.jit
 def _pack_range(x_ptr, r_ptr, nw_ptr, xp_ptr, xg_ptr, c_start, c_end, rstd, K,
                 PACK_C: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Words [c_start, c_end) of x packed as int4_mma takes them (int4_pack.pack_words)."""
     for c0 in range(c_start, c_end, PACK_C):
         pack_words(x_ptr, r_ptr, nw_ptr, xp_ptr, xg_ptr, c0, c_end, rstd, K, PACK_C, NORM, RESIDUAL,
                    True, True, True)
@@ -71,17 +90,16 @@ def _pack_range(x_ptr, r_ptr, nw_ptr, xp_ptr, xg_ptr, c_start, c_end, rstd, K,
 @triton.jit
 def _finish_segment(acc_g, acc_u, tile, seg_start, seg_end, first, pid, programs, units, bpt, N,
                     b_ptr, y_ptr, ws_ptr, lock_ptr, BLOCK_N: tl.constexpr, SILU_MUL: tl.constexpr,
-                    HAS_BIAS: tl.constexpr, MAX_PARTS: tl.constexpr):
+                    HAS_BIAS: tl.constexpr, MAX_PARTS: tl.constexpr, ROW_SUM: tl.constexpr):
     """Tile `tile`'s sums over units [seg_start, seg_end) of this program: stored if they are the
     whole tile, else through the workspace and the tile's arrival counter (module docstring)."""
     rows = tl.arange(0, 1)
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    # Each row's sum sits in one element of each of the 4 threads across it (int4_mma).
-    yg = tl.sum(acc_g * 0.25, 1)[None, :]
+    yg = tl.sum(acc_g * ROW_SUM, 1)[None, :]
     yu = yg
     if SILU_MUL:
-        yu = tl.sum(acc_u * 0.25, 1)[None, :]
+        yu = tl.sum(acc_u * ROW_SUM, 1)[None, :]
     tile_start = tile * bpt
     if (seg_start == tile_start) & (seg_end == tile_start + bpt):
         _store_y(yg, yu, rows, offs_n, rows < 1, mask_n, N, b_ptr, y_ptr, N, SILU_MUL, HAS_BIAS)
@@ -114,24 +132,30 @@ def _int4_stream_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_pt
                         PDL: tl.constexpr, AHEAD: tl.constexpr = 1, EARLY: tl.constexpr = False,
                         PACK: tl.constexpr = False, NORM: tl.constexpr = False,
                         RESIDUAL: tl.constexpr = False, PACK_C: tl.constexpr = 512,
-                        RSTD_BLOCK: tl.constexpr = 4096, MAX_PARTS: tl.constexpr = 4):
+                        RSTD_BLOCK: tl.constexpr = 4096, MAX_PARTS: tl.constexpr = 4,
+                        MMA: tl.constexpr = True, GROUP: tl.constexpr = 128, F16X2: tl.constexpr = True):
     """Grid (programs,): program pid sums units _run(pid) (module docstring), AHEAD (1 or 2) units'
-    words and scales in flight while one is summed."""
+    words and scales in flight while one is summed. MMA: int4_mma's tensor cores (group 128); else
+    int4_gemv's packed-fp16 sums on x from pack_x (any group; PACK not supported), which the CPU
+    interpreter runs in fp32, so CI tests the runs and merges."""
     pid = tl.program_id(0)
-    B: tl.constexpr = 64   # words a unit
+    GW: tl.constexpr = GROUP // 8   # words a group
+    B: tl.constexpr = 4 * GW   # words a unit
+    # MMA: each row's sum sits in one element of each of the 4 threads across it (int4_mma)
+    ROW_SUM: tl.constexpr = 0.25 if MMA else 1.0
     bpt = KW // B
     units = (N // BLOCK_N) * bpt
     u0, u1 = _run(pid, programs, units)
     last = u1 - 1
-    g = _unit(w_ptr, s_ptr, z_ptr, u0, last, bpt, 0, KW, groups, BLOCK_N)   # gate (or the only) rows
+    g = _unit(w_ptr, s_ptr, z_ptr, u0, last, bpt, 0, KW, groups, BLOCK_N, GW)   # gate (or the only) rows
     h = g   # the unit after, when AHEAD == 2
     if AHEAD == 2:
-        h = _unit(w_ptr, s_ptr, z_ptr, u0 + 1, last, bpt, 0, KW, groups, BLOCK_N)
+        h = _unit(w_ptr, s_ptr, z_ptr, u0 + 1, last, bpt, 0, KW, groups, BLOCK_N, GW)
     up, up_after = g, g   # the same for the up rows, N further on
     if SILU_MUL:
-        up = _unit(w_ptr, s_ptr, z_ptr, u0, last, bpt, N, KW, groups, BLOCK_N)
+        up = _unit(w_ptr, s_ptr, z_ptr, u0, last, bpt, N, KW, groups, BLOCK_N, GW)
         if AHEAD == 2:
-            up_after = _unit(w_ptr, s_ptr, z_ptr, u0 + 1, last, bpt, N, KW, groups, BLOCK_N)
+            up_after = _unit(w_ptr, s_ptr, z_ptr, u0 + 1, last, bpt, N, KW, groups, BLOCK_N, GW)
     wait_previous(PDL, EARLY)
     if PACK:
         rstd = row_rstd(x_ptr, r_ptr, r_out_ptr, KW * 8, eps, pid == 0, NORM, RESIDUAL, RSTD_BLOCK)
@@ -146,24 +170,25 @@ def _int4_stream_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_pt
             _pack_range(x_ptr, r_ptr, nw_ptr, xp_ptr, xg_ptr, 0, (b1 + 1) * B, rstd, KW * 8, PACK_C, NORM,
                         RESIDUAL)
         tl.debug_barrier()   # bar.sync: the words' stores are visible to the whole program
-    acc_g = tl.zeros([BLOCK_N, 16], tl.float32)
+    acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
     acc_u = acc_g
     seg_start = u0
     for unit in range(u0, u1):
-        new_g = _unit(w_ptr, s_ptr, z_ptr, unit + AHEAD, last, bpt, 0, KW, groups, BLOCK_N)
+        new_g = _unit(w_ptr, s_ptr, z_ptr, unit + AHEAD, last, bpt, 0, KW, groups, BLOCK_N, GW)
         if SILU_MUL:
-            new_u = _unit(w_ptr, s_ptr, z_ptr, unit + AHEAD, last, bpt, N, KW, groups, BLOCK_N)
-        t = (unit % bpt) * B
-        acc_g = _block(g, t, xp_ptr, xg_ptr, KW, groups, acc_g, 16)
+            new_u = _unit(w_ptr, s_ptr, z_ptr, unit + AHEAD, last, bpt, N, KW, groups, BLOCK_N, GW)
+        acc_g = _sum_unit(g, unit, bpt, 0, xp_ptr, xg_ptr, s_ptr, z_ptr, KW, groups, acc_g, BLOCK_N, GW,
+                          MMA, F16X2)
         g, h = _advance(g, h, new_g, AHEAD)
         if SILU_MUL:
-            acc_u = _block(up, t, xp_ptr, xg_ptr, KW, groups, acc_u, 16)
+            acc_u = _sum_unit(up, unit, bpt, N, xp_ptr, xg_ptr, s_ptr, z_ptr, KW, groups, acc_u, BLOCK_N, GW,
+                              MMA, F16X2)
             up, up_after = _advance(up, up_after, new_u, AHEAD)
         if ((unit + 1) % bpt == 0) | (unit == last):
             _finish_segment(acc_g, acc_u, unit // bpt, seg_start, unit + 1, (seg_start == u0).to(tl.int32),
                             pid, programs, units, bpt, N, b_ptr, y_ptr, ws_ptr, lock_ptr, BLOCK_N,
-                            SILU_MUL, HAS_BIAS, MAX_PARTS)
-            acc_g = tl.zeros([BLOCK_N, 16], tl.float32)
+                            SILU_MUL, HAS_BIAS, MAX_PARTS, ROW_SUM)
+            acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
             acc_u = acc_g
             seg_start = unit + 1
 
@@ -177,10 +202,13 @@ def max_parts(units: int, programs: int, blocks: int) -> int:
 
 def launch(xp, xg, w, bias, y, counters, N: int, K: int, block_n: int, programs: int, num_warps: int,
            silu_mul: bool, pdl: int, launch_options: dict, ahead: int = 1,
-           pack: PackInKernel | None = None) -> None:
+           pack: PackInKernel | None = None, mma: bool = True) -> None:
     """int4_mma.launch's stream-K form: `programs` persistent programs (at most one a unit: a run
-    is never empty), x as there (packed by pack_x(mma=True), or by the programs from `pack`)."""
-    blocks = K // GROUP // 4
+    is never empty), x as there (packed by pack_x(mma=True), or by the programs from `pack`); not
+    mma: x from pack_x(), int4_gemv's sums, any group."""
+    group = w.group_size
+    assert (group == GROUP or not mma) and N % block_n == 0 and K % (4 * group) == 0 and not (pack and not mma)
+    blocks = K // group // 4
     units = N // block_n * blocks
     programs = min(programs, units)
     ws = torch.empty(2 * programs * 2 * block_n, dtype=torch.float32, device=y.device)
@@ -191,7 +219,8 @@ def launch(xp, xg, w, bias, y, counters, N: int, K: int, block_n: int, programs:
         xp, xg, w.packed, w.scales, w.zeros, bias if bias is not None else y, y, ws, counters,
         p.x, residual if residual is not None else p.x, p.norm_weight if norm else p.x,
         p.residual_out if residual is not None else p.x, p.eps,
-        N, K // 8, K // GROUP, programs, BLOCK_N=block_n, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
+        N, K // 8, K // group, programs, BLOCK_N=block_n, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
         PDL=pdl, AHEAD=ahead, EARLY=int4_mma.EARLY_LAUNCH, PACK=pack is not None, NORM=norm,
         RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block,
-        MAX_PARTS=max_parts(units, programs, blocks), num_warps=num_warps, **launch_options)
+        MAX_PARTS=max_parts(units, programs, blocks), MMA=mma, GROUP=group, F16X2=y.is_cuda,
+        num_warps=num_warps, **launch_options)

@@ -238,6 +238,21 @@ def _cpu_cases() -> None:
     check_int4_gemv(16, 640, 128, f16, "cpu", silu=True, config=dict(block_n=16))
     check_int4_gemv(64, 1024, 128, f16, "cpu", norm=True, residual=True, silu=True)   # defaults
     _check_pack_odd_over_16()
+    _check_stream_k()
+
+
+def _check_stream_k() -> None:
+    """Stream-K (int4_stream.py) through the packed-fp16 sums the interpreter runs: 4 tiles of 8
+    units by 1 program (runs over every tile), 3 and 5 (runs ending inside tiles, tiles of 2-3
+    programs), 8 (whole tiles only), 13, 32 (one unit each: 8 programs merge a tile) and 40 (more
+    than the units: one each); then gate_up's two streams with the norm, and group 128."""
+    f16 = torch.float16
+    for programs in (1, 3, 5, 8, 13, 32, 40):
+        check_int4_gemv(64, 1024, 32, f16, "cpu", bias=True, config=dict(block_n=16, stream_k=programs),
+                        seed=programs)   # new inputs each: stale partials of the last call would show
+    check_int4_gemv(32, 512, 32, f16, "cpu", norm=True, residual=True, silu=True, bias=True,
+                    config=dict(block_n=16, stream_k=3))
+    check_int4_gemv(48, 1024, 128, f16, "cpu", norm=True, config=dict(block_n=16, stream_k=4, ahead=2))
 
 
 def _check_pack_odd_over_16() -> None:
