@@ -59,7 +59,8 @@ def test_int4_stream_k_compiles():
               "ws_ptr": "*fp32", "lock_ptr": "*i32"}
     for silu, ahead in ((True, 1), (False, 2)):
         consts = dict(BLOCK_N=64, SILU_MUL=silu, HAS_BIAS=False, PDL=2, AHEAD=ahead, EARLY=True, PACK=True,
-                      NORM=silu, RESIDUAL=silu, PACK_C=512, RSTD_BLOCK=4096, MAX_PARTS=4)
+                      NORM=silu, RESIDUAL=silu, PACK_C=512, RSTD_BLOCK=4096, MAX_PARTS=4, MMA=True, GROUP=128,
+                      F16X2=True)
         ptx = _compile(int4_stream._int4_stream_kernel, consts, types, 4, 3)
         wait = ptx.index("griddepcontrol.wait")
         mma = ptx.index("mma.sync.aligned.m16n8k16", wait)
