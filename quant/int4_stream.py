@@ -48,33 +48,38 @@ def _owner(u, programs, units):
 
 
 @triton.jit
-def _rows(u, bpt, row0, BLOCK_N: tl.constexpr):
-    """Unit u's tile, its rows row0 + tile * BLOCK_N + [0, BLOCK_N) and its first word."""
-    tile = u // bpt
-    return tile, row0 + tile * BLOCK_N + tl.arange(0, BLOCK_N), (u - tile * bpt) * 4
+def _place(u, row0, BPT: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Unit u's first row (row0 + its tile's) and block within the tile."""
+    tile = u // BPT
+    return row0 + tile * BLOCK_N, u - tile * BPT
 
 
 @triton.jit
-def _unit(w_ptr, s_ptr, z_ptr, u, last, bpt, row0, KW, groups, BLOCK_N: tl.constexpr, GW: tl.constexpr):
+def _unit(w_rows, s_rows, z_rows, u, last, row0, KW, groups, BPT: tl.constexpr, BLOCK_N: tl.constexpr,
+          GW: tl.constexpr):
     """Unit u's block (u past `last` clamped to it: the run's last block again, never read past):
-    words and scales of rows row0 + (tile u // bpt) * BLOCK_N, block u % bpt."""
-    tile, offs_n, t = _rows(tl.minimum(u, last), bpt, row0, BLOCK_N)
-    col = tl.arange(0, GW)
-    row = w_ptr + offs_n.to(tl.int64)[:, None] * KW + col[None, :]
-    w0, w1, w2, w3 = _load_block(row, t * GW, KW, tl.full([BLOCK_N], True, tl.int1), col, GW, True)
-    return w0, w1, w2, w3, _scales(s_ptr + offs_n * groups, z_ptr + offs_n * groups, t * GW, GW)
+    words and scales of rows row0 + (tile u // BPT) * BLOCK_N, block u % BPT. w_rows, s_rows,
+    z_rows point at block 0 of rows 0 .. BLOCK_N: a unit moves them by one scalar each, so a unit
+    costs the grid kernel's address arithmetic."""
+    first_row, block = _place(tl.minimum(u, last), row0, BPT, BLOCK_N)
+    w = w_rows + first_row.to(tl.int64) * KW + block * 4 * GW
+    w0, w1, w2, w3 = _load_block(w, 0, KW, tl.full([BLOCK_N], True, tl.int1), tl.arange(0, GW), GW, True)
+    q = first_row * groups + block * 4
+    return w0, w1, w2, w3, _scales(s_rows + q, z_rows + q, 0, GW)
 
 
 @triton.jit
-def _sum_unit(block, u, bpt, row0, xp_ptr, xg_ptr, s_ptr, z_ptr, KW, groups, acc, BLOCK_N: tl.constexpr,
-              GW: tl.constexpr, MMA: tl.constexpr, F16X2: tl.constexpr):
+def _sum_unit(block, u, row0, xp_ptr, xg_ptr, s_rows, z_rows, KW, groups, acc, BPT: tl.constexpr,
+              BLOCK_N: tl.constexpr, GW: tl.constexpr, MMA: tl.constexpr, F16X2: tl.constexpr):
     """acc += unit u's block times x: int4_mma's MMAs, or int4_gemv's packed-fp16 sums (which
     load their own scales; in fp32 under the interpreter)."""
-    tile, offs_n, t = _rows(u, bpt, row0, BLOCK_N)
+    first_row, b = _place(u, row0, BPT, BLOCK_N)
+    t = b * 4 * GW   # the block's first word of K
     if MMA:
-        return _block(block, t * GW, xp_ptr, xg_ptr, KW, groups, acc, GW)
+        return _block(block, t, xp_ptr, xg_ptr, KW, groups, acc, GW)
     w0, w1, w2, w3, _ = block
-    return _fp16_block(w0, w1, w2, w3, t * GW, s_ptr + offs_n * groups, z_ptr + offs_n * groups, offs_n,
+    offs_n = first_row + tl.arange(0, BLOCK_N)
+    return _fp16_block(w0, w1, w2, w3, t, s_rows + first_row * groups, z_rows + first_row * groups, offs_n,
                        tl.full([BLOCK_N], True, tl.int1), KW, xp_ptr, xg_ptr, KW, acc, GW, F16X2, True)
 
 
@@ -133,34 +138,37 @@ def _int4_stream_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_pt
                         PACK: tl.constexpr = False, NORM: tl.constexpr = False,
                         RESIDUAL: tl.constexpr = False, PACK_C: tl.constexpr = 512,
                         RSTD_BLOCK: tl.constexpr = 4096, MAX_PARTS: tl.constexpr = 4,
-                        MMA: tl.constexpr = True, GROUP: tl.constexpr = 128, F16X2: tl.constexpr = True):
+                        MMA: tl.constexpr = True, GROUP: tl.constexpr = 128, F16X2: tl.constexpr = True,
+                        BPT: tl.constexpr = 8):
     """Grid (programs,): program pid sums units _run(pid) (module docstring), AHEAD (1 or 2) units'
     words and scales in flight while one is summed. MMA: int4_mma's tensor cores (group 128); else
     int4_gemv's packed-fp16 sums on x from pack_x (any group; PACK not supported), which the CPU
-    interpreter runs in fp32, so CI tests the runs and merges."""
+    interpreter runs in fp32, so CI tests the runs and merges. BPT: units (blocks) a tile."""
     pid = tl.program_id(0)
     GW: tl.constexpr = GROUP // 8   # words a group
     B: tl.constexpr = 4 * GW   # words a unit
     # MMA: each row's sum sits in one element of each of the 4 threads across it (int4_mma)
     ROW_SUM: tl.constexpr = 0.25 if MMA else 1.0
-    bpt = KW // B
-    units = (N // BLOCK_N) * bpt
+    units = (N // BLOCK_N) * BPT
     u0, u1 = _run(pid, programs, units)
     last = u1 - 1
-    g = _unit(w_ptr, s_ptr, z_ptr, u0, last, bpt, 0, KW, groups, BLOCK_N, GW)   # gate (or the only) rows
+    rows = tl.arange(0, BLOCK_N)
+    w_rows = w_ptr + rows.to(tl.int64)[:, None] * KW + tl.arange(0, GW)[None, :]
+    s_rows, z_rows = s_ptr + rows * groups, z_ptr + rows * groups
+    g = _unit(w_rows, s_rows, z_rows, u0, last, 0, KW, groups, BPT, BLOCK_N, GW)   # gate (or the only) rows
     h = g   # the unit after, when AHEAD == 2
     if AHEAD == 2:
-        h = _unit(w_ptr, s_ptr, z_ptr, u0 + 1, last, bpt, 0, KW, groups, BLOCK_N, GW)
+        h = _unit(w_rows, s_rows, z_rows, u0 + 1, last, 0, KW, groups, BPT, BLOCK_N, GW)
     up, up_after = g, g   # the same for the up rows, N further on
     if SILU_MUL:
-        up = _unit(w_ptr, s_ptr, z_ptr, u0, last, bpt, N, KW, groups, BLOCK_N, GW)
+        up = _unit(w_rows, s_rows, z_rows, u0, last, N, KW, groups, BPT, BLOCK_N, GW)
         if AHEAD == 2:
-            up_after = _unit(w_ptr, s_ptr, z_ptr, u0 + 1, last, bpt, N, KW, groups, BLOCK_N, GW)
+            up_after = _unit(w_rows, s_rows, z_rows, u0 + 1, last, N, KW, groups, BPT, BLOCK_N, GW)
     wait_previous(PDL, EARLY)
     if PACK:
         rstd = row_rstd(x_ptr, r_ptr, r_out_ptr, KW * 8, eps, pid == 0, NORM, RESIDUAL, RSTD_BLOCK)
-        b0, b1 = u0 % bpt, last % bpt
-        if u1 - u0 >= bpt:
+        b0, b1 = u0 % BPT, last % BPT
+        if u1 - u0 >= BPT:
             _pack_range(x_ptr, r_ptr, nw_ptr, xp_ptr, xg_ptr, 0, KW, rstd, KW * 8, PACK_C, NORM, RESIDUAL)
         elif b0 <= b1:   # inside one tile
             _pack_range(x_ptr, r_ptr, nw_ptr, xp_ptr, xg_ptr, b0 * B, (b1 + 1) * B, rstd, KW * 8, PACK_C,
@@ -174,19 +182,19 @@ def _int4_stream_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_pt
     acc_u = acc_g
     seg_start = u0
     for unit in range(u0, u1):
-        new_g = _unit(w_ptr, s_ptr, z_ptr, unit + AHEAD, last, bpt, 0, KW, groups, BLOCK_N, GW)
+        new_g = _unit(w_rows, s_rows, z_rows, unit + AHEAD, last, 0, KW, groups, BPT, BLOCK_N, GW)
         if SILU_MUL:
-            new_u = _unit(w_ptr, s_ptr, z_ptr, unit + AHEAD, last, bpt, N, KW, groups, BLOCK_N, GW)
-        acc_g = _sum_unit(g, unit, bpt, 0, xp_ptr, xg_ptr, s_ptr, z_ptr, KW, groups, acc_g, BLOCK_N, GW,
+            new_u = _unit(w_rows, s_rows, z_rows, unit + AHEAD, last, N, KW, groups, BPT, BLOCK_N, GW)
+        acc_g = _sum_unit(g, unit, 0, xp_ptr, xg_ptr, s_rows, z_rows, KW, groups, acc_g, BPT, BLOCK_N, GW,
                           MMA, F16X2)
         g, h = _advance(g, h, new_g, AHEAD)
         if SILU_MUL:
-            acc_u = _sum_unit(up, unit, bpt, N, xp_ptr, xg_ptr, s_ptr, z_ptr, KW, groups, acc_u, BLOCK_N, GW,
-                              MMA, F16X2)
+            acc_u = _sum_unit(up, unit, N, xp_ptr, xg_ptr, s_rows, z_rows, KW, groups, acc_u, BPT, BLOCK_N,
+                              GW, MMA, F16X2)
             up, up_after = _advance(up, up_after, new_u, AHEAD)
-        if ((unit + 1) % bpt == 0) | (unit == last):
-            _finish_segment(acc_g, acc_u, unit // bpt, seg_start, unit + 1, (seg_start == u0).to(tl.int32),
-                            pid, programs, units, bpt, N, b_ptr, y_ptr, ws_ptr, lock_ptr, BLOCK_N,
+        if ((unit + 1) % BPT == 0) | (unit == last):
+            _finish_segment(acc_g, acc_u, unit // BPT, seg_start, unit + 1, (seg_start == u0).to(tl.int32),
+                            pid, programs, units, BPT, N, b_ptr, y_ptr, ws_ptr, lock_ptr, BLOCK_N,
                             SILU_MUL, HAS_BIAS, MAX_PARTS, ROW_SUM)
             acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
             acc_u = acc_g
@@ -222,5 +230,5 @@ def launch(xp, xg, w, bias, y, counters, N: int, K: int, block_n: int, programs:
         N, K // 8, K // group, programs, BLOCK_N=block_n, SILU_MUL=silu_mul, HAS_BIAS=bias is not None,
         PDL=pdl, AHEAD=ahead, EARLY=int4_mma.EARLY_LAUNCH, PACK=pack is not None, NORM=norm,
         RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block,
-        MAX_PARTS=max_parts(units, programs, blocks), MMA=mma, GROUP=group, F16X2=y.is_cuda,
+        MAX_PARTS=max_parts(units, programs, blocks), MMA=mma, GROUP=group, F16X2=y.is_cuda, BPT=blocks,
         num_warps=num_warps, **launch_options)

@@ -6,9 +6,10 @@ quant/int4_stream.py) against its (tiles, splits) grid, in one run.
    dequantized weights (both routes), median µs a call (CUDA graph with PDL, weights overflowing L2).
 2. LAYERS copies of a layer's four linears as the model runs them (norm into qkv and gate_up, x packed
    in the GEMV), one CUDA graph, µs a layer: shipped, stream-K for gate_up only, for all four.
-3. `deploy bench --batch-1` decode tok/s, int4 shipped against the fastest stream-K mode of 2, interleaved,
-   a fresh engine each, and bf16 (gpu_int4_b1.interleaved_ab); with --head, int4 with
-   quantize_lm_head shipped and stream-K too.
+3. `deploy bench --batch-1` decode tok/s, int4 shipped against the fastest mode of 2 (if that is
+   not shipped, or with --all), interleaved, a fresh engine each, and bf16
+   (gpu_int4_b1.interleaved_ab); with --head, int4 with quantize_lm_head, its lm_head's launch
+   shipped or stream-K (the rest shipped).
 `--mode="stream all 2/SM"`: step 3 only, with that mode.
 Usage (device machine): python3 scripts/gpu_int4_stream.py [REPS] [--kernels-only] [--head] [--mode=M]
 """
@@ -34,14 +35,15 @@ RULE = G.default_config
 SHAPES = dict(B1.SHAPES, lm_head=(128256, 4096, False, False))
 
 
-def stream_rule(programs: int, only_silu: bool, ahead: int | None = None):
-    """default_config with its tensor-core launches made stream-K (gate_up only if only_silu)."""
+def stream_rule(programs: int, which: str, ahead: int | None = None):
+    """default_config with its tensor-core launches made stream-K: "all", "gate_up" (silu) only,
+    or "head" only (launches of more than 8 tiles an SM: an lm_head)."""
     def rule(N, K, group, silu_mul, device, mma=None):
         cfg = RULE(N, K, group, silu_mul, device, mma)
-        if not cfg.mma or (only_silu and not silu_mul):
+        picked = {"all": True, "gate_up": silu_mul, "head": N // cfg.block_n > 4 * programs}[which]
+        if not cfg.mma or not picked:
             return cfg
-        return dataclasses.replace(cfg, stream_k=programs, split_k=1, pack_words=512,
-                                   ahead=ahead or cfg.ahead)
+        return dataclasses.replace(cfg, stream_k=programs, split_k=1, pack_words=512, ahead=ahead or cfg.ahead)
     return rule
 
 
@@ -75,8 +77,9 @@ def linear_table() -> None:
         torch.cuda.empty_cache()
 
 
-CHAIN_MODES = {"shipped": None, "stream gate_up 2/SM": (2, True), "stream all 2/SM": (2, False),
-               "stream all 1/SM": (1, False)}
+CHAIN_MODES = {"shipped": None, "stream gate_up 2/SM": (2, "gate_up"), "stream all 2/SM": (2, "all"),
+               "stream all 1/SM": (1, "all")}
+HEAD_MODE = (2, "head")
 
 
 def set_chain_mode(mode, sms: int) -> None:
@@ -84,7 +87,7 @@ def set_chain_mode(mode, sms: int) -> None:
 
 
 def chain_table() -> str:
-    """µs a layer per CHAIN_MODES; returns the fastest stream-K mode."""
+    """µs a layer per CHAIN_MODES; returns the fastest."""
     sms = num_sms(torch.device("cuda"), 0)
     layers = F.make_layers()
     table = {}
@@ -96,7 +99,7 @@ def chain_table() -> str:
     set_chain_mode(None, sms)
     del layers
     torch.cuda.empty_cache()
-    return min((n for n in table if n != "shipped"), key=table.get)
+    return min(table, key=table.get)
 
 
 def main() -> int:
@@ -110,15 +113,20 @@ def main() -> int:
     if "--kernels-only" in sys.argv:
         return 0
     sms = num_sms(torch.device("cuda"), 0)
-    modes = {"shipped": lambda: set_chain_mode(None, sms),
-             best: lambda: set_chain_mode(CHAIN_MODES[best], sms)}
-    rows = B1.interleaved_ab(modes, reps, log)
-    if "--head" in sys.argv:
-        for name, switch_on in modes.items():
-            switch_on()
-            rows["int4"].append((f"int4 + head {name}",
+    rows = {"int4": [], "none": []}
+    if chosen or "--all" in sys.argv or best != "shipped":
+        modes = {"shipped": lambda: set_chain_mode(None, sms),
+                 best: lambda: set_chain_mode(CHAIN_MODES[best], sms)}
+        rows = B1.interleaved_ab(modes, reps, log)
+    if "--head" in sys.argv:   # int4 lm_head too, its launch shipped or stream-K (the rest shipped)
+        for name, mode in (("shipped", None), ("stream head", HEAD_MODE), ("shipped", None)):
+            set_chain_mode(mode, sms)
+            rows["int4"].append((f"int4+head {name}",
                                  B1.batch1_speeds(["quantization=int4", "quantize_lm_head=true"], reps)))
+            log(f"int4+head {name}: " + " ".join(f"{v:7.1f}" for v in rows["int4"][-1][1]))
         set_chain_mode(None, sms)
+        if not rows["none"]:
+            rows["none"].append(("bf16", B1.batch1_speeds(["quantization=none"], reps)))
     B1.log_speeds(rows["int4"] + rows["none"][:1], log)
     return 0
 

@@ -57,10 +57,10 @@ def test_int4_stream_k_compiles():
     types = {n: PTR for n in ("x_ptr", "r_ptr", "nw_ptr", "r_out_ptr", "b_ptr", "y_ptr")}
     types |= {"xp_ptr": "*i64", "xg_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
               "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    for silu, ahead in ((True, 1), (False, 2)):
+    for silu, ahead, blocks in ((True, 1, 8), (False, 2, 28)):
         consts = dict(BLOCK_N=64, SILU_MUL=silu, HAS_BIAS=False, PDL=2, AHEAD=ahead, EARLY=True, PACK=True,
                       NORM=silu, RESIDUAL=silu, PACK_C=512, RSTD_BLOCK=4096, MAX_PARTS=4, MMA=True, GROUP=128,
-                      F16X2=True)
+                      F16X2=True, BPT=blocks)
         ptx = _compile(int4_stream._int4_stream_kernel, consts, types, 4, 3)
         wait = ptx.index("griddepcontrol.wait")
         mma = ptx.index("mma.sync.aligned.m16n8k16", wait)
