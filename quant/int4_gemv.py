@@ -47,8 +47,6 @@ class Int4GemvConfig:
     pack_in_kernel: bool = False   # mma: x packed by the GEMV's programs, no pack_x launch
     pack_words: int = 512  # pack_in_kernel: words packed at a time (a power of two, >= 16)
     rstd_block: int = 4096   # pack_in_kernel: width of the norm's loads (a power of two)
-    stream_k: int = 0      # mma: this many persistent programs, equal runs of (tile, block) units
-                           # (int4_stream.py; split_k unused); 0: the (tiles, splits) grid
 
 
 # ---- device helpers -------------------------------------------------------------------------------
@@ -330,25 +328,20 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
     pdl = pdl_supported(x.device)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
-    counters, ws = arrival_counters(x.device, grid[0] if cfg.split_k > 1 or cfg.stream_k else 0), y
-    if cfg.split_k > 1 and not cfg.stream_k:
+    counters, ws = arrival_counters(x.device, grid[0] if cfg.split_k > 1 else 0), y
+    if cfg.split_k > 1:
         ws = torch.empty(cfg.split_k * N2, dtype=torch.float32, device=x.device)
-    launch = pdl_launch(x.device) if pdl else {}
-    if cfg.mma or cfg.stream_k:
-        from . import int4_mma, int4_stream   # they build on this module's helpers
-        assert not cfg.mma or int4_mma.supports(x, w.group_size, N, K, cfg.block_n, cfg.split_k, cfg.num_warps), cfg
+    if cfg.mma:
+        from . import int4_mma   # it builds on this module's helpers
+        assert int4_mma.supports(x, w.group_size, N, K, cfg.block_n, cfg.split_k, cfg.num_warps), cfg
         pack = None
-        if cfg.mma and cfg.pack_in_kernel:
+        if cfg.pack_in_kernel:
             xp, xg, r_out = pack_buffers(x, norm_weight is not None, residual, mma=True)
             pack = int4_mma.PackInKernel(x, residual, norm_weight, r_out, eps, cfg.pack_words, cfg.rstd_block)
         else:
-            xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=cfg.mma)
-        if cfg.stream_k:
-            int4_stream.launch(xp, xg, w, bias, y, counters, N, K, cfg.block_n, cfg.stream_k, cfg.num_warps,
-                               silu_mul, pdl, launch, cfg.ahead, pack, cfg.mma)
-        else:
-            int4_mma.launch(xp, xg, w, bias, y, ws, counters, N, K, cfg.block_n, cfg.split_k, cfg.num_warps,
-                            silu_mul, pdl, launch, cfg.ahead, pack)
+            xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
+        int4_mma.launch(xp, xg, w, bias, y, ws, counters, N, K, cfg.block_n, cfg.split_k, cfg.num_warps,
+                        silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead, pack)
         return y, r_out
     xp, xw, r_out = pack_x(x, norm_weight, eps, residual)
     step = w.group_size // 8 * 4   # words a split is a multiple of: whole blocks of four groups
@@ -360,5 +353,5 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
         HAS_BIAS=bias is not None, USE_SPLIT=cfg.split_k > 1, SPLITS=triton.next_power_of_2(cfg.split_k),
         F16X2=x.is_cuda,
         EVEN=N % cfg.block_n == 0 and words_per_split * cfg.split_k == K // 8,
-        PDL=pdl, num_warps=cfg.num_warps, **launch)
+        PDL=pdl, num_warps=cfg.num_warps, **(pdl_launch(x.device) if pdl else {}))
     return y, r_out

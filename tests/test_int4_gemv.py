@@ -150,37 +150,12 @@ def test_int4_gemv_mma_configs_gpu(config):
     check_int4_gemv(1024, k, 128, torch.bfloat16, "cuda", norm=True, config=config)   # a first layer
 
 
-# stream-K (int4_stream.py) on 32 tiles of 8 or 28 units: one unit a program (8 share a tile), 2-3,
-# whole tiles only (32 programs of 8), runs over several tiles (7), and the shipped 2 an SM
-STREAM_CONFIGS = [dict(stream_k=256), dict(stream_k=100), dict(stream_k=32), dict(stream_k=7),
-                  dict(stream_k=264, ahead=2), dict(stream_k=48, block_n=128, num_warps=8),
-                  dict(stream_k=100, pack_in_kernel=True, pack_words=64),
-                  dict(stream_k=264, pack_in_kernel=True, pack_words=512),
-                  dict(stream_k=7, ahead=2, pack_in_kernel=True, pack_words=512, rstd_block=1024)]
-
-
-@pytest.mark.parametrize("k", [4096, 14336])
-@pytest.mark.parametrize("config", STREAM_CONFIGS)
-@on_gpu
-def test_int4_gemv_stream_k_gpu(config, k):
-    """Equal runs of (tile, block) units, partial tiles merged through the workspace; twice each,
-    so the arrival counters must re-arm, and each repeat bit-equal (a fixed merge order)."""
-    from pagedeploy.quant.int4_gemv import Int4GemvConfig, int4_gemv
-    cfg = dict(mma=True, **config)
-    check_int4_gemv(2048, k, 128, torch.bfloat16, "cuda", bias=True, config=cfg)
-    check_int4_gemv(1024, k, 128, torch.float16, "cuda", norm=True, residual=True, silu=True, config=cfg)
-    t = make_case(1024, k, 128, torch.bfloat16, "cuda", silu=True, seed=3)
-    kw = dict(norm_weight=t["norm_weight"], eps=1e-6, residual=t["residual"], silu_mul=True)
-    first = int4_gemv(t["x"], t["w"], config=Int4GemvConfig(**cfg), **kw)[0]
-    assert torch.equal(first, int4_gemv(t["x"], t["w"], config=Int4GemvConfig(**cfg), **kw)[0])
-
-
 @pytest.mark.parametrize("early", [(False, False), (True, False), (True, True)])
 @on_gpu
 def test_int4_gemv_graph_replay_gpu(early, monkeypatch):
     """Split-K and PDL inside a CUDA graph: fresh inputs, replayed twice, equal to eager calls; with
-    the kernel after pack_x, and after the tensor-core GEMV, launched before they wait or not; with
-    x packed inside the tensor-core GEMV, and as stream-K."""
+    the kernel after pack_x, and after the tensor-core GEMV, launched before they wait or not; and
+    with x packed inside the tensor-core GEMV."""
     from pagedeploy.quant import int4_mma, int4_pack
     from pagedeploy.quant.int4_gemv import Int4GemvConfig, int4_gemv
     monkeypatch.setattr(int4_pack, "EARLY_LAUNCH", early[0])
@@ -189,9 +164,9 @@ def test_int4_gemv_graph_replay_gpu(early, monkeypatch):
     down = make_case(4096, 2048, 128, torch.bfloat16, "cuda", silu=False, seed=6)["w"]
     x = t["x"].clone()
     kw = dict(norm_weight=t["norm_weight"], eps=1e-6, residual=t["residual"], silu_mul=True)
-    for mma, in_kernel, stream in ((False, False, 0), (True, False, 0), (True, True, 0), (True, True, 100)):
-        cfg = Int4GemvConfig(split_k=8, mma=mma, pack_in_kernel=in_kernel, stream_k=stream)
-        cfg_down = Int4GemvConfig(split_k=4, mma=mma, ahead=1 + mma, pack_in_kernel=in_kernel, stream_k=stream)
+    for mma, in_kernel in ((False, False), (True, False), (True, True)):
+        cfg = Int4GemvConfig(split_k=8, mma=mma, pack_in_kernel=in_kernel)
+        cfg_down = Int4GemvConfig(split_k=4, mma=mma, ahead=1 + mma, pack_in_kernel=in_kernel)
 
         def layer():
             act, r_out = int4_gemv(x, t["w"], config=cfg, **kw)
@@ -238,21 +213,6 @@ def _cpu_cases() -> None:
     check_int4_gemv(16, 640, 128, f16, "cpu", silu=True, config=dict(block_n=16))
     check_int4_gemv(64, 1024, 128, f16, "cpu", norm=True, residual=True, silu=True)   # defaults
     _check_pack_odd_over_16()
-    _check_stream_k()
-
-
-def _check_stream_k() -> None:
-    """Stream-K (int4_stream.py) through the packed-fp16 sums the interpreter runs: 4 tiles of 8
-    units by 1 program (runs over every tile), 3 and 5 (runs ending inside tiles, tiles of 2-3
-    programs), 8 (whole tiles only), 13, 32 (one unit each: 8 programs merge a tile) and 40 (more
-    than the units: one each); then gate_up's two streams with the norm, and group 128."""
-    f16 = torch.float16
-    for programs in (1, 3, 5, 8, 13, 32, 40):
-        check_int4_gemv(64, 1024, 32, f16, "cpu", bias=True, config=dict(block_n=16, stream_k=programs),
-                        seed=programs)   # new inputs each: stale partials of the last call would show
-    check_int4_gemv(32, 512, 32, f16, "cpu", norm=True, residual=True, silu=True, bias=True,
-                    config=dict(block_n=16, stream_k=3))
-    check_int4_gemv(48, 1024, 128, f16, "cpu", norm=True, config=dict(block_n=16, stream_k=4, ahead=2))
 
 
 def _check_pack_odd_over_16() -> None:

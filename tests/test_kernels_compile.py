@@ -49,28 +49,6 @@ def test_int4_mma_packs_x_after_its_wait():
 
 
 @needs_triton
-def test_int4_stream_k_compiles():
-    """The stream-K GEMV (int4_stream.py) as gate_up (one unit ahead) and down (two) would launch
-    it: no spills, the packing's stores and a barrier after the wait, the MMAs after both, and the
-    merge's arrival counter."""
-    from pagedeploy.quant import int4_stream
-    types = {n: PTR for n in ("x_ptr", "r_ptr", "nw_ptr", "r_out_ptr", "b_ptr", "y_ptr")}
-    types |= {"xp_ptr": "*i64", "xg_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-              "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-    for silu, ahead, blocks in ((True, 1, 8), (False, 2, 28)):
-        consts = dict(BLOCK_N=64, SILU_MUL=silu, HAS_BIAS=False, PDL=2, AHEAD=ahead, EARLY=True, PACK=True,
-                      NORM=silu, RESIDUAL=silu, PACK_C=512, RSTD_BLOCK=4096, MAX_PARTS=4, MMA=True, GROUP=128,
-                      F16X2=True, BPT=blocks)
-        ptx = _compile(int4_stream._int4_stream_kernel, consts, types, 4, 3)
-        wait = ptx.index("griddepcontrol.wait")
-        mma = ptx.index("mma.sync.aligned.m16n8k16", wait)
-        # the packing's branches (one K range or two) may each reduce through shared memory: the
-        # barrier that matters is the last before the MMAs
-        assert wait < ptx.find("st.global", wait) < ptx.rindex("bar.sync", wait, mma)
-        assert "atom.global.gpu.acq_rel.add" in ptx, "no arrival counter"
-
-
-@needs_triton
 def test_split_decode_attention_prefetches_before_its_wait():
     """Split decode asks L2 for its first K/V tile before griddepcontrol.wait; unsplit decode (many
     sequences) keeps the plain kernel, with no prefetch at all."""
