@@ -44,9 +44,6 @@ from .int4_pack import pack_words, row_rstd
 
 GROUP = 128   # codes a row per MMA step: the kernel's only group size
 EARLY_LAUNCH = True   # the kernel after may launch before this one's wait (wait_previous's EARLY): docs/PERF.md run 18
-# A block's four scales (and zeros) of a row in one 8-byte load instead of four 2-byte ones: ncu
-# counted a third of the GEMV's L2 sectors as excess from those loads (docs/PERF.md run 23).
-WIDE_SCALES = True
 
 
 def _asm() -> str:
@@ -101,25 +98,6 @@ def _scales(s_row, z_row, t, GW: tl.constexpr):
 
 
 @triton.jit
-def _wide_scales(s_row, z_row, t, GW: tl.constexpr):
-    """_scales as one int64 of a row's four scales and one of its zeros (the block's first group is
-    a multiple of 4, so they are 8-byte aligned), unpacked where they are used (_block): the loads
-    stay ahead."""
-    q = t // GW // 4
-    return (tl.load(s_row.to(tl.pointer_type(tl.int64), bitcast=True) + q),
-            tl.load(z_row.to(tl.pointer_type(tl.int64), bitcast=True) + q))
-
-
-@triton.jit
-def _four_halves(v):
-    """The four fp16 of each int64 of v, lowest first, as fp32: register moves and 4 cvt."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b16 a, b, c, d; mov.b64 {a, b, c, d}, $4; cvt.f32.f16 $0, a; cvt.f32.f16 $1, b;"
-        " cvt.f32.f16 $2, c; cvt.f32.f16 $3, d; }",
-        "=f,=f,=f,=f,l", [v], dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=1)
-
-
-@triton.jit
 def _group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
     """One group's [BLOCK_N, GW] tile (words t .. t + GW of each row) into acc."""
     c = t + tl.arange(0, GW)
@@ -131,14 +109,10 @@ def _group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
 
 
 @triton.jit
-def _block(block, t, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr, WIDE: tl.constexpr = False):
-    """A block (_stream's words and scales, WIDE as there) into acc."""
+def _block(block, t, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
+    """A block (_stream's words and scales) into acc."""
     w0, w1, w2, w3, sz = block
-    if WIDE:
-        s0, s1, s2, s3 = _four_halves(sz[0])
-        z0, z1, z2, z3 = _four_halves(sz[1])
-    else:
-        s0, s1, s2, s3, z0, z1, z2, z3 = sz
+    s0, s1, s2, s3, z0, z1, z2, z3 = sz
     acc = _group(w0, t, s0, z0, xp_ptr, xg_ptr, KW, groups, acc, GW)
     acc = _group(w1, t + GW, s1, z1, xp_ptr, xg_ptr, KW, groups, acc, GW)
     acc = _group(w2, t + 2 * GW, s2, z2, xp_ptr, xg_ptr, KW, groups, acc, GW)
@@ -146,16 +120,11 @@ def _block(block, t, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr, WIDE: tl
 
 
 @triton.jit
-def _stream(row, s_row, z_row, t, c_end, mask_n, col, GW: tl.constexpr, WIDE: tl.constexpr = False):
-    """A block's words and scales (WIDE: _wide_scales), from word t on (clamped to the split's last
-    block)."""
+def _stream(row, s_row, z_row, t, c_end, mask_n, col, GW: tl.constexpr):
+    """A block's words and scales, from word t on (clamped to the split's last block)."""
     t = tl.minimum(t, c_end - 4 * GW)
     w0, w1, w2, w3 = _load_block(row, t, c_end, mask_n, col, GW, True)
-    if WIDE:
-        sz = _wide_scales(s_row, z_row, t, GW)
-    else:
-        sz = _scales(s_row, z_row, t, GW)
-    return w0, w1, w2, w3, sz
+    return w0, w1, w2, w3, _scales(s_row, z_row, t, GW)
 
 
 @triton.jit
@@ -174,8 +143,7 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                      SPLITS: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr = 1,
                      EARLY: tl.constexpr = False, PACK: tl.constexpr = False,
                      NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
-                     PACK_C: tl.constexpr = 512, RSTD_BLOCK: tl.constexpr = 4096,
-                     WIDE: tl.constexpr = False):
+                     PACK_C: tl.constexpr = 512, RSTD_BLOCK: tl.constexpr = 4096):
     """Grid (N tiles, K splits), whole tiles only. A program walks its rows' K split in blocks of
     four groups, each block's words, scales and zeros asked for AHEAD (1 or 2) blocks before it is
     summed. EARLY: the next kernel may launch before this one waits (wait_previous).
@@ -188,15 +156,15 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
         w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N, GW, True)
     B: tl.constexpr = 4 * GW
-    g = _stream(row_g, s_g, z_g, c_start, c_end, mask_n, col, GW, WIDE)   # gate (or the only) rows
+    g = _stream(row_g, s_g, z_g, c_start, c_end, mask_n, col, GW)   # gate (or the only) rows
     h = g   # their block after, when AHEAD == 2
     if AHEAD == 2:
-        h = _stream(row_g, s_g, z_g, c_start + B, c_end, mask_n, col, GW, WIDE)
+        h = _stream(row_g, s_g, z_g, c_start + B, c_end, mask_n, col, GW)
     u, v = g, g   # the same for the up rows
     if SILU_MUL:
-        u = _stream(row_u, s_u, z_u, c_start, c_end, mask_n, col, GW, WIDE)
+        u = _stream(row_u, s_u, z_u, c_start, c_end, mask_n, col, GW)
         if AHEAD == 2:
-            v = _stream(row_u, s_u, z_u, c_start + B, c_end, mask_n, col, GW, WIDE)
+            v = _stream(row_u, s_u, z_u, c_start + B, c_end, mask_n, col, GW)
     wait_previous(PDL, EARLY)
     if PACK:
         rstd = row_rstd(x_ptr, r_ptr, r_out_ptr, KW * 8, eps, (pid_n == 0) & (pid_k == 0), NORM,
@@ -208,13 +176,13 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
     acc_u = acc_g
     for t in range(c_start, c_end, B):
-        new_g = _stream(row_g, s_g, z_g, t + AHEAD * B, c_end, mask_n, col, GW, WIDE)
+        new_g = _stream(row_g, s_g, z_g, t + AHEAD * B, c_end, mask_n, col, GW)
         if SILU_MUL:
-            new_u = _stream(row_u, s_u, z_u, t + AHEAD * B, c_end, mask_n, col, GW, WIDE)
-        acc_g = _block(g, t, xp_ptr, xg_ptr, KW, groups, acc_g, GW, WIDE)
+            new_u = _stream(row_u, s_u, z_u, t + AHEAD * B, c_end, mask_n, col, GW)
+        acc_g = _block(g, t, xp_ptr, xg_ptr, KW, groups, acc_g, GW)
         g, h = _advance(g, h, new_g, AHEAD)
         if SILU_MUL:
-            acc_u = _block(u, t, xp_ptr, xg_ptr, KW, groups, acc_u, GW, WIDE)
+            acc_u = _block(u, t, xp_ptr, xg_ptr, KW, groups, acc_u, GW)
             u, v = _advance(u, v, new_u, AHEAD)
     # Each row's sum sits in one element of each of the 4 threads across it: a quarter each, so
     # the row sum of _store_rows gives it back exactly.
@@ -257,6 +225,5 @@ def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split
         N, K // 8, K // GROUP, words_per_split, split_k, BLOCK_N=block_n, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
         PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH, PACK=pack is not None, NORM=norm,
-        RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block, WIDE=WIDE_SCALES,
-        num_warps=num_warps,
+        RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block, num_warps=num_warps,
         **launch_options)

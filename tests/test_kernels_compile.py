@@ -41,8 +41,7 @@ def test_int4_mma_packs_x_after_its_wait():
               "ws_ptr": "*fp32", "lock_ptr": "*i32"}
     for silu, ahead, split in ((True, 1, 1), (False, 2, 4)):
         consts = dict(BLOCK_N=64, SILU_MUL=silu, HAS_BIAS=False, USE_SPLIT=split > 1, SPLITS=split, PDL=2,
-                      AHEAD=ahead, EARLY=True, PACK=True, NORM=silu, RESIDUAL=silu, PACK_C=512, RSTD_BLOCK=4096,
-                      WIDE=True)
+                      AHEAD=ahead, EARLY=True, PACK=True, NORM=silu, RESIDUAL=silu, PACK_C=512, RSTD_BLOCK=4096)
         ptx = _compile(int4_mma._int4_mma_kernel, consts, types, 4, 3)
         wait = ptx.index("griddepcontrol.wait")
         barrier = ptx.index("bar.sync", wait)
