@@ -3,8 +3,7 @@
 # pytest -m gpu for kernels, quantization and offload; Llama-3-8B dims int4 (and nf4) vs bf16 at
 # batch 1 and with 64 requests in flight, in one run. `QUANTS="none nf4" bash scripts/gpu_p3.sh
 # --no-tests` runs a subset.
-mkdir -p /tmp/pd/pagedeploy && for d in kernels launcher runtime quant profiles schemas; do ln -sfn $PWD/$d /tmp/pd/pagedeploy/$d; done && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl $(ls .whl-bnb/*.whl 2>/dev/null) && export PYTHONPATH=/tmp/pd:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-D="python3 -c 'import sys; from pagedeploy.launcher.cli import main; sys.argv[0]=\"deploy\"; main()'"
+. scripts/gpu_setup.sh
 [ "$1" != "--no-tests" ] && python3 -m pytest -q -m gpu tests/test_kernels_triton.py tests/test_kernels_attention.py tests/test_kernels_gemv.py tests/test_quant.py tests/test_offload.py tests/test_swap.py > $OUT/pytest.log 2>&1; tail -3 $OUT/pytest.log
 C64="--concurrency 64 --num-requests 128 --input-len 100:1024 --output-len 100:1024 --seed 0 --ignore-eos"
 for q in ${QUANTS:-none int4 nf4}; do

@@ -1,8 +1,7 @@
 #!/bin/bash
 # Issue 5 measurement set, run on the device machine from the repo root (see docs/PERF.md):
 # e2e correctness, both models' workload and batch-1 benches, start-up-to-serving of Llama-3-8B.
-mkdir -p /tmp/pd/pagedeploy && for d in kernels launcher runtime quant profiles schemas; do ln -sfn $PWD/$d /tmp/pd/pagedeploy/$d; done && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/pd:/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-D="python3 -c 'import sys; from pagedeploy.launcher.cli import main; sys.argv[0]=\"deploy\"; main()'"
+. scripts/gpu_setup.sh
 W="--num-requests 256 --input-len 100:1024 --output-len 100:1024 --seed 0 --ignore-eos"
 python3 scripts/gpu_e2e.py > $OUT/e2e.log 2>&1; tail -8 $OUT/e2e.log
 for p in qwen3-0.6b-h100 llama-3-8b-h100; do
