@@ -1,0 +1,107 @@
+"""Issue 6, batch 1: the tensor-core int4 GEMV (int4_mma.py) with its weight loads left to Triton's
+software pipeliner (cp.async into shared memory, STAGES blocks deep, read back into the registers
+the MMAs take) instead of one or two blocks held in registers. The question of docs/PERF.md run 23:
+does the GEMV wait on loads that more bytes in flight would hide? (ncu: 1.7 warps a scheduler,
+40% of their cycles on global loads.)
+
+Per Llama-3-8B linear, with x packed by pack_x for both (the pipelined kernel does not pack x
+itself): the shipped kernel, and the pipelined one at 2-5 stages, at the shipped split and at twice
+as many splits (it needs fewer registers: sm_90a compiles here give gate_up 146 at 3 stages, 68 KB
+of shared memory, and down 74, so 3 programs an SM can fit); at the shipped split the outputs must
+be bit-equal (the same sums in the same order); median µs a call in a CUDA graph with PDL, weights
+overflowing L2; registers and shared memory of each compile.
+Usage (device machine): python3 scripts/gpu_int4_mma_pipe.py [--shapes=gate_up,down]
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from gpu_common import RunLog
+from gpu_int4 import time_calls
+from gpu_int4_b1 import linear_cases, shapes_wanted
+
+from pagedeploy.kernels.triton_launch import arrival_counters, pdl_launch, pdl_supported, wait_previous
+from pagedeploy.quant import int4_gemv as G
+from pagedeploy.quant.int4_gemv import _program_rows, _store_rows
+from pagedeploy.quant.int4_mma import _block, _stream
+from pagedeploy.quant.int4_pack import pack_x
+
+log = RunLog("int4_mma_pipe.log")
+
+
+@triton.jit(do_not_specialize=["split_k"])
+def _mma_pipe_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
+                     N, KW, groups, words_per_split, split_k, BLOCK_N: tl.constexpr,
+                     SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
+                     SPLITS: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr):
+    """int4_mma's kernel on x from pack_x(mma=True), its blocks loaded inside the loop for the
+    pipeliner to stage (nothing before the wait: cp.async stages start in the loop's prologue)."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    GW: tl.constexpr = 16
+    offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
+        w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N, GW, True)
+    wait_previous(PDL, True)
+    acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
+    acc_u = acc_g
+    for t in tl.range(c_start, c_end, 4 * GW, num_stages=STAGES):
+        acc_g = _block(_stream(row_g, s_g, z_g, t, c_end, mask_n, col, GW), t, xp_ptr, xg_ptr, KW, groups,
+                       acc_g, GW)
+        if SILU_MUL:
+            acc_u = _block(_stream(row_u, s_u, z_u, t, c_end, mask_n, col, GW), t, xp_ptr, xg_ptr, KW,
+                           groups, acc_u, GW)
+    _store_rows(acc_g * 0.25, acc_u * 0.25, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n,
+                pid_k, split_k, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
+
+
+def mma_pipe(x, w, cfg: G.Int4GemvConfig, stages: int, silu_mul: bool, norm_weight=None, eps=0.0,
+             residual=None):
+    """int4_gemv's tensor-core launch with _mma_pipe_kernel: (y, residual out)."""
+    N2, K = w.shape
+    N = N2 // 2 if silu_mul else N2
+    xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    grid = (N // cfg.block_n, cfg.split_k)
+    counters = arrival_counters(x.device, grid[0] if cfg.split_k > 1 else 0)
+    ws = torch.empty(cfg.split_k * N2, dtype=torch.float32, device=x.device) if cfg.split_k > 1 else y
+    pdl = pdl_supported(x.device)
+    kernel = _mma_pipe_kernel[grid](
+        xp, xg, w.packed, w.scales, w.zeros, y, y, ws, counters, N, K // 8, K // 128, K // 8 // cfg.split_k,
+        cfg.split_k, BLOCK_N=cfg.block_n, SILU_MUL=silu_mul, HAS_BIAS=False, USE_SPLIT=cfg.split_k > 1,
+        SPLITS=triton.next_power_of_2(cfg.split_k), PDL=pdl, STAGES=stages, num_warps=cfg.num_warps,
+        **(pdl_launch(x.device) if pdl else {}))
+    mma_pipe.last = kernel
+    return y, r_out
+
+
+def main() -> None:
+    for name, (n, k, norm, silu), ws, x, fus, _, _ in linear_cases(shapes_wanted()):
+        shipped = dataclasses.replace(G.default_config(n, k, 128, silu, x.device), pack_in_kernel=False)
+        expect = G.int4_gemv(x, ws[0], silu_mul=silu, config=shipped, **fus)[0]
+        us = time_calls([lambda w=w: G.int4_gemv(x, w, silu_mul=silu, config=shipped, **fus) for w in ws])
+        log(f"{name:8s} shipped (pack_x, split {shipped.split_k}, ahead {shipped.ahead}) {us:7.2f} us")
+        blocks = k // 512
+        splits = [d for d in (shipped.split_k, 2 * shipped.split_k) if blocks % d == 0]
+        for split in splits:   # the shipped split, and twice as many programs (fewer registers now)
+            cfg = dataclasses.replace(shipped, split_k=split)
+            for stages in (2, 3, 4, 5):
+                try:
+                    out = mma_pipe(x, ws[0], cfg, stages, silu, **fus)[0]
+                    meta = mma_pipe.last
+                    # the shipped split sums in the same order: bit-equal; another split reorders
+                    check = ("equal" if torch.equal(out, expect) else "DIFFER") if split == shipped.split_k \
+                        else f"max |diff| {(out.float() - expect.float()).abs().max().item():.2e}"
+                    us = time_calls([lambda w=w: mma_pipe(x, w, cfg, stages, silu, **fus) for w in ws])
+                    log(f"{name:8s} pipelined split {split} {stages} stages {us:7.2f} us  {meta.n_regs} "
+                        f"registers, {meta.metadata.shared} B shared  outputs {check}")
+                except Exception as e:   # a stage count that does not fit shared memory
+                    log(f"{name:8s} pipelined split {split} {stages} stages: {type(e).__name__}: {str(e)[:120]}")
+        del ws
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
