@@ -1,12 +1,12 @@
 """Issue 6, batch 1: the tensor-core int4 GEMV (int4_mma.py) with its weight loads left to Triton's
-software pipeliner (cp.async into shared memory, STAGES blocks deep, read back into the registers
-the MMAs take) instead of one or two blocks held in registers. The question of docs/PERF.md run 23:
+software pipeliner (cp.async or TMA into shared memory, STAGES blocks deep, read back into the
+registers the MMAs take) instead of one or two blocks held in registers. The question of docs/PERF.md run 23:
 does the GEMV wait on loads that more bytes in flight would hide? (ncu: 1.7 warps a scheduler,
 40% of their cycles on global loads.)
 
 Per Llama-3-8B linear, with x packed by pack_x for both (the pipelined kernel does not pack x
-itself): the shipped kernel, and the pipelined one at 2-5 stages, at the shipped split and at twice
-as many splits (it needs fewer registers: sm_90a compiles here give gate_up 146 at 3 stages, 68 KB
+itself): the shipped kernel, and the pipelined one at 2-4 stages, its words by cp.async at the
+shipped split and at twice as many splits, or by TMA at the shipped split (it needs fewer registers: sm_90a compiles here give gate_up 146 at 3 stages, 68 KB
 of shared memory, and down 74, so 3 programs an SM can fit); at the shipped split the outputs must
 be bit-equal (the same sums in the same order); median µs a call in a CUDA graph with PDL, weights
 overflowing L2; registers and shared memory of each compile.
@@ -23,23 +23,26 @@ import triton.language as tl
 from gpu_common import RunLog
 from gpu_int4 import time_calls
 from gpu_int4_b1 import linear_cases, shapes_wanted
+from gpu_int4_pipe import _tiles
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from pagedeploy.kernels.triton_launch import arrival_counters, pdl_launch, pdl_supported, wait_previous
 from pagedeploy.quant import int4_gemv as G
 from pagedeploy.quant.int4_gemv import _program_rows, _store_rows
-from pagedeploy.quant.int4_mma import _block, _stream
+from pagedeploy.quant.int4_mma import _block, _scales
 from pagedeploy.quant.int4_pack import pack_x
 
 log = RunLog("int4_mma_pipe.log")
 
 
 @triton.jit(do_not_specialize=["split_k"])
-def _mma_pipe_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
+def _mma_pipe_kernel(xp_ptr, xg_ptr, w_ptr, desc, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
                      N, KW, groups, words_per_split, split_k, BLOCK_N: tl.constexpr,
                      SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
-                     SPLITS: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr):
+                     SPLITS: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr, TMA: tl.constexpr):
     """int4_mma's kernel on x from pack_x(mma=True), its blocks loaded inside the loop for the
-    pipeliner to stage (nothing before the wait: cp.async stages start in the loop's prologue)."""
+    pipeliner to stage (nothing before the wait: the stages start in the loop's prologue), the
+    words by cp.async or (TMA) through `desc`, [BLOCK_N, 16] words a load."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = 16
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
@@ -48,18 +51,25 @@ def _mma_pipe_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
     acc_u = acc_g
     for t in tl.range(c_start, c_end, 4 * GW, num_stages=STAGES):
-        acc_g = _block(_stream(row_g, s_g, z_g, t, c_end, mask_n, col, GW), t, xp_ptr, xg_ptr, KW, groups,
-                       acc_g, GW)
+        w0, w1, w2, w3 = _tiles(row_g, desc, pid_n * BLOCK_N, t, c_end, mask_n, col, GW, TMA, True)
+        acc_g = _block((w0, w1, w2, w3, _scales(s_g, z_g, t, GW)), t, xp_ptr, xg_ptr, KW, groups, acc_g, GW)
         if SILU_MUL:
-            acc_u = _block(_stream(row_u, s_u, z_u, t, c_end, mask_n, col, GW), t, xp_ptr, xg_ptr, KW,
-                           groups, acc_u, GW)
+            w0, w1, w2, w3 = _tiles(row_u, desc, N + pid_n * BLOCK_N, t, c_end, mask_n, col, GW, TMA, True)
+            acc_u = _block((w0, w1, w2, w3, _scales(s_u, z_u, t, GW)), t, xp_ptr, xg_ptr, KW, groups,
+                           acc_u, GW)
     _store_rows(acc_g * 0.25, acc_u * 0.25, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n,
                 pid_k, split_k, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
 
 
-def mma_pipe(x, w, cfg: G.Int4GemvConfig, stages: int, silu_mul: bool, norm_weight=None, eps=0.0,
+def _placeholder(w, block_n: int):
+    """A descriptor argument for the cp.async form, which never reads it."""
+    return TensorDescriptor.from_tensor(w.packed, [block_n, 16])
+
+
+def mma_pipe(x, w, desc, cfg: G.Int4GemvConfig, stages: int, silu_mul: bool, norm_weight=None, eps=0.0,
              residual=None):
-    """int4_gemv's tensor-core launch with _mma_pipe_kernel: (y, residual out)."""
+    """int4_gemv's tensor-core launch with _mma_pipe_kernel: (y, residual out). desc: w's
+    TensorDescriptor for TMA loads, or None for cp.async."""
     N2, K = w.shape
     N = N2 // 2 if silu_mul else N2
     xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
@@ -69,9 +79,10 @@ def mma_pipe(x, w, cfg: G.Int4GemvConfig, stages: int, silu_mul: bool, norm_weig
     ws = torch.empty(cfg.split_k * N2, dtype=torch.float32, device=x.device) if cfg.split_k > 1 else y
     pdl = pdl_supported(x.device)
     kernel = _mma_pipe_kernel[grid](
-        xp, xg, w.packed, w.scales, w.zeros, y, y, ws, counters, N, K // 8, K // 128, K // 8 // cfg.split_k,
+        xp, xg, w.packed, desc or _placeholder(w, cfg.block_n), w.scales, w.zeros, y, y, ws, counters, N, K // 8, K // 128, K // 8 // cfg.split_k,
         cfg.split_k, BLOCK_N=cfg.block_n, SILU_MUL=silu_mul, HAS_BIAS=False, USE_SPLIT=cfg.split_k > 1,
-        SPLITS=triton.next_power_of_2(cfg.split_k), PDL=pdl, STAGES=stages, num_warps=cfg.num_warps,
+        SPLITS=triton.next_power_of_2(cfg.split_k), PDL=pdl, STAGES=stages, TMA=desc is not None,
+        num_warps=cfg.num_warps,
         **(pdl_launch(x.device) if pdl else {}))
     mma_pipe.last = kernel
     return y, r_out
@@ -85,20 +96,25 @@ def main() -> None:
         log(f"{name:8s} shipped (pack_x, split {shipped.split_k}, ahead {shipped.ahead}) {us:7.2f} us")
         blocks = k // 512
         splits = [d for d in (shipped.split_k, 2 * shipped.split_k) if blocks % d == 0]
-        for split in splits:   # the shipped split, and twice as many programs (fewer registers now)
+        descs = [TensorDescriptor.from_tensor(w.packed, [shipped.block_n, 16]) for w in ws]
+        # cp.async at the shipped split and twice as many programs (fewer registers now); TMA at the shipped
+        modes = [(split, False) for split in splits] + [(shipped.split_k, True)]
+        for split, tma in modes:
             cfg = dataclasses.replace(shipped, split_k=split)
-            for stages in (2, 3, 4, 5):
+            for stages in (2, 3, 4):
+                label = f"{name:8s} {'TMA' if tma else 'cp.async'} split {split} {stages} stages"
                 try:
-                    out = mma_pipe(x, ws[0], cfg, stages, silu, **fus)[0]
+                    out = mma_pipe(x, ws[0], descs[0] if tma else None, cfg, stages, silu, **fus)[0]
                     meta = mma_pipe.last
                     # the shipped split sums in the same order: bit-equal; another split reorders
                     check = ("equal" if torch.equal(out, expect) else "DIFFER") if split == shipped.split_k \
                         else f"max |diff| {(out.float() - expect.float()).abs().max().item():.2e}"
-                    us = time_calls([lambda w=w: mma_pipe(x, w, cfg, stages, silu, **fus) for w in ws])
-                    log(f"{name:8s} pipelined split {split} {stages} stages {us:7.2f} us  {meta.n_regs} "
-                        f"registers, {meta.metadata.shared} B shared  outputs {check}")
+                    us = time_calls([lambda w=w, d=d: mma_pipe(x, w, d if tma else None, cfg, stages, silu, **fus)
+                                     for w, d in zip(ws, descs)])
+                    log(f"{label} {us:7.2f} us  {meta.n_regs} registers, {meta.metadata.shared} B shared  "
+                        f"outputs {check}")
                 except Exception as e:   # a stage count that does not fit shared memory
-                    log(f"{name:8s} pipelined split {split} {stages} stages: {type(e).__name__}: {str(e)[:120]}")
+                    log(f"{label}: {type(e).__name__}: {str(e)[:120]}")
         del ws
         torch.cuda.empty_cache()
 
