@@ -19,12 +19,12 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from gpu_common import RunLog
 from gpu_int4 import time_calls
 from gpu_int4_b1 import linear_cases, shapes_wanted
 from gpu_int4_pipe import _tiles
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from pagedeploy.kernels.triton_launch import arrival_counters, pdl_launch, pdl_supported, wait_previous
 from pagedeploy.quant import int4_gemv as G
@@ -79,11 +79,10 @@ def mma_pipe(x, w, desc, cfg: G.Int4GemvConfig, stages: int, silu_mul: bool, nor
     ws = torch.empty(cfg.split_k * N2, dtype=torch.float32, device=x.device) if cfg.split_k > 1 else y
     pdl = pdl_supported(x.device)
     kernel = _mma_pipe_kernel[grid](
-        xp, xg, w.packed, desc or _placeholder(w, cfg.block_n), w.scales, w.zeros, y, y, ws, counters, N, K // 8, K // 128, K // 8 // cfg.split_k,
-        cfg.split_k, BLOCK_N=cfg.block_n, SILU_MUL=silu_mul, HAS_BIAS=False, USE_SPLIT=cfg.split_k > 1,
-        SPLITS=triton.next_power_of_2(cfg.split_k), PDL=pdl, STAGES=stages, TMA=desc is not None,
-        num_warps=cfg.num_warps,
-        **(pdl_launch(x.device) if pdl else {}))
+        xp, xg, w.packed, desc or _placeholder(w, cfg.block_n), w.scales, w.zeros, y, y, ws, counters,
+        N, K // 8, K // 128, K // 8 // cfg.split_k, cfg.split_k, BLOCK_N=cfg.block_n, SILU_MUL=silu_mul,
+        HAS_BIAS=False, USE_SPLIT=cfg.split_k > 1, SPLITS=triton.next_power_of_2(cfg.split_k), PDL=pdl,
+        STAGES=stages, TMA=desc is not None, num_warps=cfg.num_warps, **(pdl_launch(x.device) if pdl else {}))
     mma_pipe.last = kernel
     return y, r_out
 
@@ -97,7 +96,8 @@ def main() -> None:
         blocks = k // 512
         splits = [d for d in (shipped.split_k, 2 * shipped.split_k) if blocks % d == 0]
         descs = [TensorDescriptor.from_tensor(w.packed, [shipped.block_n, 16]) for w in ws]
-        # cp.async at the shipped split and twice as many programs (fewer registers now); TMA at the shipped
+        # cp.async at the shipped split and at twice as many programs (fewer registers now); TMA at
+        # the shipped split
         modes = [(split, False) for split in splits] + [(shipped.split_k, True)]
         for split, tma in modes:
             cfg = dataclasses.replace(shipped, split_k=split)
