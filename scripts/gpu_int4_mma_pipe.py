@@ -6,9 +6,10 @@ does the GEMV wait on loads that more bytes in flight would hide? (ncu: 1.7 warp
 
 Per Llama-3-8B linear, with x packed by pack_x for both (the pipelined kernel does not pack x
 itself): the shipped kernel, and the pipelined one at 2-4 stages, its words by cp.async at the
-shipped split and at twice as many splits, or by TMA at the shipped split (it needs fewer registers: sm_90a compiles here give gate_up 146 at 3 stages, 68 KB
-of shared memory, and down 74, so 3 programs an SM can fit); at the shipped split the outputs must
-be bit-equal (the same sums in the same order); median µs a call in a CUDA graph with PDL, weights
+shipped split and at twice as many splits, or by TMA at the shipped split. It needs fewer registers:
+compiled for sm_90a here at 3 stages, gate_up takes 148 (cp.async) or 141 (TMA) and 68 KB of shared
+memory, down 72 or 113, so 3 programs an SM can fit. At the shipped split the outputs must be
+bit-equal (the same sums in the same order). Median µs a call in a CUDA graph with PDL, weights
 overflowing L2; registers and shared memory of each compile.
 Usage (device machine): python3 scripts/gpu_int4_mma_pipe.py [--shapes=gate_up,down]
 """
@@ -109,8 +110,9 @@ def main() -> None:
                     # the shipped split sums in the same order: bit-equal; another split reorders
                     check = ("equal" if torch.equal(out, expect) else "DIFFER") if split == shipped.split_k \
                         else f"max |diff| {(out.float() - expect.float()).abs().max().item():.2e}"
-                    us = time_calls([lambda w=w, d=d: mma_pipe(x, w, d if tma else None, cfg, stages, silu, **fus)
-                                     for w, d in zip(ws, descs)])
+                    calls = [lambda w=w, d=d: mma_pipe(x, w, d if tma else None, cfg, stages, silu, **fus)
+                             for w, d in zip(ws, descs)]
+                    us = time_calls(calls)
                     log(f"{label} {us:7.2f} us  {meta.n_regs} registers, {meta.metadata.shared} B shared  "
                         f"outputs {check}")
                 except Exception as e:   # a stage count that does not fit shared memory
