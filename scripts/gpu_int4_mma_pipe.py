@@ -11,17 +11,22 @@ compiled for sm_90a here at 3 stages, gate_up takes 148 (cp.async) or 141 (TMA) 
 memory, down 72 or 113, so 3 programs an SM can fit. At the shipped split the outputs must be
 bit-equal (the same sums in the same order). Median µs a call in a CUDA graph with PDL, weights
 overflowing L2; registers and shared memory of each compile.
-Usage (device machine): python3 scripts/gpu_int4_mma_pipe.py [--shapes=gate_up,down]
+`--e2e=STAGES`: instead, `deploy bench --batch-1` decode tok/s of int4 with the model's GEMVs shipped
+or pipelined (cp.async, STAGES stages, shipped grid), interleaved, a fresh engine each, and bf16.
+Usage (device machine): python3 scripts/gpu_int4_mma_pipe.py [--shapes=gate_up,down] [--e2e=STAGES]
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
+import sys
 
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+import gpu_int4_b1 as B1
 from gpu_common import RunLog
 from gpu_int4 import time_calls
 from gpu_int4_b1 import linear_cases, shapes_wanted
@@ -29,6 +34,7 @@ from gpu_int4_pipe import _tiles
 
 from pagedeploy.kernels.triton_launch import arrival_counters, pdl_launch, pdl_supported, wait_previous
 from pagedeploy.quant import int4_gemv as G
+from pagedeploy.quant import int4_mma
 from pagedeploy.quant.int4_gemv import _program_rows, _store_rows
 from pagedeploy.quant.int4_mma import _block, _scales
 from pagedeploy.quant.int4_pack import pack_x
@@ -67,28 +73,62 @@ def _placeholder(w, block_n: int):
     return TensorDescriptor.from_tensor(w.packed, [block_n, 16])
 
 
+def pipe_launch(xp, xg, w, bias, y, ws, counters, N, K, block_n, split_k, num_warps, silu_mul, pdl,
+                launch_options, ahead=1, pack=None, *, stages=3, desc=None):
+    """int4_mma.launch's signature (x packed by pack_x: `pack` must be None; `ahead` unused), with
+    _mma_pipe_kernel; desc: w's TensorDescriptor for TMA loads, None for cp.async."""
+    assert pack is None, "the pipelined kernel takes x from pack_x"
+    return _mma_pipe_kernel[(N // block_n, split_k)](
+        xp, xg, w.packed, desc or _placeholder(w, block_n), w.scales, w.zeros,
+        bias if bias is not None else y, y, ws, counters, N, K // 8, K // 128, K // 8 // split_k, split_k,
+        BLOCK_N=block_n, SILU_MUL=silu_mul, HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1,
+        SPLITS=triton.next_power_of_2(split_k), PDL=pdl, STAGES=stages, TMA=desc is not None,
+        num_warps=num_warps, **launch_options)
+
+
 def mma_pipe(x, w, desc, cfg: G.Int4GemvConfig, stages: int, silu_mul: bool, norm_weight=None, eps=0.0,
              residual=None):
-    """int4_gemv's tensor-core launch with _mma_pipe_kernel: (y, residual out). desc: w's
-    TensorDescriptor for TMA loads, or None for cp.async."""
+    """int4_gemv's tensor-core launch with _mma_pipe_kernel: (y, residual out)."""
     N2, K = w.shape
     N = N2 // 2 if silu_mul else N2
     xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
     y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    grid = (N // cfg.block_n, cfg.split_k)
-    counters = arrival_counters(x.device, grid[0] if cfg.split_k > 1 else 0)
+    counters = arrival_counters(x.device, N // cfg.block_n if cfg.split_k > 1 else 0)
     ws = torch.empty(cfg.split_k * N2, dtype=torch.float32, device=x.device) if cfg.split_k > 1 else y
     pdl = pdl_supported(x.device)
-    kernel = _mma_pipe_kernel[grid](
-        xp, xg, w.packed, desc or _placeholder(w, cfg.block_n), w.scales, w.zeros, y, y, ws, counters,
-        N, K // 8, K // 128, K // 8 // cfg.split_k, cfg.split_k, BLOCK_N=cfg.block_n, SILU_MUL=silu_mul,
-        HAS_BIAS=False, USE_SPLIT=cfg.split_k > 1, SPLITS=triton.next_power_of_2(cfg.split_k), PDL=pdl,
-        STAGES=stages, TMA=desc is not None, num_warps=cfg.num_warps, **(pdl_launch(x.device) if pdl else {}))
-    mma_pipe.last = kernel
+    mma_pipe.last = pipe_launch(xp, xg, w, None, y, ws, counters, N, K, cfg.block_n, cfg.split_k,
+                                cfg.num_warps, silu_mul, pdl, pdl_launch(x.device) if pdl else {},
+                                stages=stages, desc=desc)
     return y, r_out
 
 
+RULE, LAUNCH = G.default_config, int4_mma.launch
+
+
+def set_e2e_mode(stages: int) -> None:
+    """The model's int4 GEMVs: shipped (stages 0), or the pipelined kernel with cp.async loads at
+    the shipped grid, x packed by pack_x."""
+    G.default_config, int4_mma.launch = RULE, LAUNCH
+    if stages:
+        def rule(*args, **kw):
+            cfg = RULE(*args, **kw)
+            return dataclasses.replace(cfg, pack_in_kernel=False) if cfg.mma else cfg
+        G.default_config = rule
+        int4_mma.launch = functools.partial(pipe_launch, stages=stages)
+
+
+def end_to_end(stages: int, reps: int) -> None:
+    """Batch-1 decode tok/s, shipped against pipelined, interleaved (gpu_int4_b1.interleaved_ab)."""
+    modes = {"shipped": lambda: set_e2e_mode(0), f"cp.async {stages} stages": lambda: set_e2e_mode(stages)}
+    rows = B1.interleaved_ab(modes, reps, log)
+    set_e2e_mode(0)
+    B1.log_speeds(rows["int4"] + rows["none"][:1], log)
+
+
 def main() -> None:
+    e2e = [int(a.split("=", 1)[1]) for a in sys.argv if a.startswith("--e2e=")]
+    if e2e:
+        return end_to_end(e2e[0], 2)
     for name, (n, k, norm, silu), ws, x, fus, _, _ in linear_cases(shapes_wanted()):
         shipped = dataclasses.replace(G.default_config(n, k, 128, silu, x.device), pack_in_kernel=False)
         expect = G.int4_gemv(x, ws[0], silu_mul=silu, config=shipped, **fus)[0]
