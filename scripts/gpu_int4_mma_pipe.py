@@ -27,17 +27,17 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 import gpu_int4_b1 as B1
+import gpu_int4_fold as F
 from gpu_common import RunLog
 from gpu_int4 import time_calls
 from gpu_int4_b1 import linear_cases, shapes_wanted
 from gpu_int4_pipe import _tiles
 
-from pagedeploy.kernels.triton_launch import arrival_counters, pdl_launch, pdl_supported, wait_previous
+from pagedeploy.kernels.triton_launch import wait_previous
 from pagedeploy.quant import int4_gemv as G
 from pagedeploy.quant import int4_mma
 from pagedeploy.quant.int4_gemv import _program_rows, _store_rows
 from pagedeploy.quant.int4_mma import _block, _scales
-from pagedeploy.quant.int4_pack import pack_x
 
 log = RunLog("int4_mma_pipe.log")
 
@@ -68,6 +68,9 @@ def _mma_pipe_kernel(xp_ptr, xg_ptr, w_ptr, desc, s_ptr, z_ptr, b_ptr, y_ptr, ws
                 pid_k, split_k, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
 
 
+LAUNCH = int4_mma.launch   # the shipped launch, restored after each patched call
+
+
 def _placeholder(w, block_n: int):
     """A descriptor argument for the cp.async form, which never reads it."""
     return TensorDescriptor.from_tensor(w.packed, [block_n, 16])
@@ -86,35 +89,24 @@ def pipe_launch(xp, xg, w, bias, y, ws, counters, N, K, block_n, split_k, num_wa
         num_warps=num_warps, **launch_options)
 
 
-def mma_pipe(x, w, desc, cfg: G.Int4GemvConfig, stages: int, silu_mul: bool, norm_weight=None, eps=0.0,
-             residual=None):
-    """int4_gemv's tensor-core launch with _mma_pipe_kernel: (y, residual out)."""
-    N2, K = w.shape
-    N = N2 // 2 if silu_mul else N2
-    xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
-    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
-    counters = arrival_counters(x.device, N // cfg.block_n if cfg.split_k > 1 else 0)
-    ws = torch.empty(cfg.split_k * N2, dtype=torch.float32, device=x.device) if cfg.split_k > 1 else y
-    pdl = pdl_supported(x.device)
-    mma_pipe.last = pipe_launch(xp, xg, w, None, y, ws, counters, N, K, cfg.block_n, cfg.split_k,
-                                cfg.num_warps, silu_mul, pdl, pdl_launch(x.device) if pdl else {},
-                                stages=stages, desc=desc)
-    return y, r_out
-
-
-RULE, LAUNCH = G.default_config, int4_mma.launch
+def mma_pipe(x, w, desc, cfg: G.Int4GemvConfig, stages: int, silu_mul: bool, **fusions):
+    """int4_gemv at `cfg`, x packed by pack_x, its launch through _mma_pipe_kernel (desc as
+    pipe_launch takes it): (y, residual out). The compiled kernel is left in mma_pipe.last."""
+    def launch(*args):
+        mma_pipe.last = pipe_launch(*args, stages=stages, desc=desc)
+    int4_mma.launch = launch
+    try:
+        return G.int4_gemv(x, w, silu_mul=silu_mul, config=dataclasses.replace(cfg, pack_in_kernel=False),
+                           **fusions)
+    finally:
+        int4_mma.launch = LAUNCH
 
 
 def set_e2e_mode(stages: int) -> None:
     """The model's int4 GEMVs: shipped (stages 0), or the pipelined kernel with cp.async loads at
-    the shipped grid, x packed by pack_x."""
-    G.default_config, int4_mma.launch = RULE, LAUNCH
-    if stages:
-        def rule(*args, **kw):
-            cfg = RULE(*args, **kw)
-            return dataclasses.replace(cfg, pack_in_kernel=False) if cfg.mma else cfg
-        G.default_config = rule
-        int4_mma.launch = functools.partial(pipe_launch, stages=stages)
+    the shipped grid, x packed by pack_x (gpu_int4_fold's "pack_x launch" rule)."""
+    F.set_mode(F.MODES["pack_x launch"] if stages else None)
+    int4_mma.launch = functools.partial(pipe_launch, stages=stages) if stages else LAUNCH
 
 
 def end_to_end(stages: int, reps: int) -> None:
