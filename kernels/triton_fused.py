@@ -3,12 +3,16 @@
 - `qk_norm_rope_store`: reads the qkv projection's output in place and does, in one launch, what
   the unfused path does in up to six (two reshape copies, q/k RMSNorm, rotary, store_kv).
 - `silu_and_mul`: the MLP's `silu(gate) * up` in one launch instead of two.
+- `RopeStore` and the jit helpers after it: the same rotary and store as the epilogue of a batch-1
+  qkv GEMV (quant/int4_gemv.py), which then needs no launch after it before attention.
 
 Both round to the model dtype at the same points as the unfused kernels (triton_norm.py,
 triton_rotary.py) and HF do, so results differ from the torch references only by the order of
 fp32 sums and by fused multiply-adds, i.e. by an occasional last-bit flip after rounding.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -125,6 +129,119 @@ def qk_norm_rope_store(qkv: torch.Tensor, q_norm_weight: torch.Tensor | None,
         num_warps=min(8, max(1, block_h * block_half // 256)),
         **(pdl_launch(qkv.device) if pdl else {}))
     return q
+
+
+@dataclass(frozen=True)
+class RopeStore:
+    """Where a batch-1 qkv projection that rotates and stores in its epilogue puts its output:
+    q [1, H, D] into `q`, k and v into the caches at slot_mapping[0] (nothing when it is < 0),
+    rotated at positions[0]; qk_norm_rope_store's results for a model without q/k norms."""
+    q: torch.Tensor
+    positions: torch.Tensor
+    cos_sin_cache: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    slot_mapping: torch.Tensor
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
+
+    @property
+    def rows(self) -> int:
+        """The qkv projection's output rows: (H + 2 KH) D."""
+        return (self.q.shape[1] + 2 * self.k_cache.shape[2]) * self.head_dim
+
+    def fits(self, block_n: int) -> bool:
+        """Whether tiles of block_n rows can rotate in their epilogue: each a whole part of a head."""
+        d = self.head_dim
+        return d % block_n == 0 and block_n % 2 == 0 and self.cos_sin_cache.shape[-1] == d
+
+    def args(self) -> tuple:
+        """The kernel arguments rope_tile_rows, rope_cos_sin and rope_store_tile take, in order."""
+        heads, kv_heads, d = self.q.shape[1], self.k_cache.shape[2], self.head_dim
+        kc = self.k_cache
+        assert self.q.is_contiguous() and kc.stride() == self.v_cache.stride() and kc.stride(-1) == 1
+        assert kc.shape[2:] == (kv_heads, d) and self.cos_sin_cache.stride(-1) == 1
+        return (self.q, self.positions, self.cos_sin_cache, kc, self.v_cache, self.slot_mapping,
+                self.cos_sin_cache.stride(0), kc.stride(0), kc.stride(1), kc.stride(2),
+                heads * d, kv_heads * d, kc.shape[1])
+
+    @staticmethod
+    def unused(y: torch.Tensor) -> tuple:
+        """Placeholder arguments for a launch that does not rotate (its kernel never reads them)."""
+        return (y, y, y, y, y, y, 0, 0, 0, 0, 0, 0, 1)
+
+
+@triton.jit
+def rope_tile_rows(pid_n, BLOCK_N: tl.constexpr, ROPE_DIM: tl.constexpr):
+    """The output rows of tile pid_n. ROPE_DIM 0: BLOCK_N rows in order. ROPE_DIM (the head dim, a
+    multiple of BLOCK_N): BLOCK_N / 2 dims of one head's first half and their partners ROPE_DIM / 2
+    on, so that the two halves of each rotated pair are in one program."""
+    i = tl.arange(0, BLOCK_N)
+    if ROPE_DIM == 0:
+        rows = pid_n * BLOCK_N + i
+    else:
+        HALF_N: tl.constexpr = BLOCK_N // 2
+        TILES: tl.constexpr = ROPE_DIM // BLOCK_N   # tiles a head
+        rows = ((pid_n // TILES) * ROPE_DIM + (i // HALF_N) * (ROPE_DIM // 2)
+                + (pid_n % TILES) * HALF_N + i % HALF_N)
+    return rows
+
+
+@triton.jit
+def rope_cos_sin(rows, pos_ptr, cs_ptr, stride_c, ROPE_DIM: tl.constexpr):
+    """cos of the rows of a head's first half, sin of the second's: cos_sin_cache's row holds
+    cat(cos, sin) over the half dims, so a row's dim within its head indexes it. Positions are a
+    CUDA graph's inputs, copied before it runs: safe to read before wait_previous."""
+    pos = tl.load(pos_ptr)
+    return tl.load(cs_ptr + pos * stride_c + rows % ROPE_DIM)
+
+
+@triton.jit
+def _halves(v, BLOCK_N: tl.constexpr):
+    """(v[:BLOCK_N // 2], v[BLOCK_N // 2:]) of a [BLOCK_N] vector."""
+    return tl.split(tl.permute(tl.reshape(v, [2, BLOCK_N // 2]), [1, 0]))
+
+
+@triton.jit
+def _store_halves(ptr, base, rows_a, rows_b, out_a, out_b, stride_h, ROPE_DIM: tl.constexpr):
+    """Rows of one cache's section (numbered from its first) at a slot's base: head, then dim (out_a
+    and out_b in the model dtype, converted to the cache's as store_kv does)."""
+    tl.store(ptr + base + (rows_a // ROPE_DIM) * stride_h + rows_a % ROPE_DIM, out_a.to(ptr.dtype.element_ty))
+    tl.store(ptr + base + (rows_b // ROPE_DIM) * stride_h + rows_b % ROPE_DIM, out_b.to(ptr.dtype.element_ty))
+
+
+@triton.jit
+def rope_store_tile(y, rows, cs, pid_n, q_ptr, kc_ptr, vc_ptr, slot_ptr, stride_cb, stride_cs, stride_ch,
+                    q_rows, kv_rows, block_size, BLOCK_N: tl.constexpr, ROPE_DIM: tl.constexpr):
+    """A GEMV tile's fp32 outputs y [1, BLOCK_N] of rows `rope_tile_rows` (cs: their rope_cos_sin)
+    as qk_norm_rope_store writes them: rounded to the model dtype, q and k rotated in fp32 and
+    rounded again, q into q_ptr [H * D], k and v into their caches at the token's slot."""
+    dt: tl.constexpr = q_ptr.dtype.element_ty
+    a, b = _halves(tl.reshape(y, [BLOCK_N]).to(dt).to(tl.float32), BLOCK_N)
+    cos, sin = _halves(cs.to(tl.float32), BLOCK_N)
+    rows_a, rows_b = _halves(rows, BLOCK_N)
+    first = (pid_n // (ROPE_DIM // BLOCK_N)) * ROPE_DIM   # the tile's head's first row
+    if first < q_rows + kv_rows:   # q or k: rotated
+        out_a = (a * cos - b * sin).to(dt)
+        out_b = (b * cos + a * sin).to(dt)
+    else:
+        out_a = a.to(dt)
+        out_b = b.to(dt)
+    if first < q_rows:
+        tl.store(q_ptr + rows_a, out_a)
+        tl.store(q_ptr + rows_b, out_b)
+    else:
+        slot = tl.load(slot_ptr).to(tl.int64)
+        if slot >= 0:   # < 0: a padding token, nothing to store
+            base = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs
+            if first < q_rows + kv_rows:
+                _store_halves(kc_ptr, base, rows_a - q_rows, rows_b - q_rows, out_a, out_b, stride_ch,
+                              ROPE_DIM)
+            else:
+                v0 = q_rows + kv_rows
+                _store_halves(vc_ptr, base, rows_a - v0, rows_b - v0, out_a, out_b, stride_ch, ROPE_DIM)
 
 
 @triton.jit

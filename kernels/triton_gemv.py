@@ -143,12 +143,14 @@ def _gemv_kernel(x_ptr, r_ptr, nw_ptr, w_ptr, b_ptr, y_ptr, r_out_ptr, ws_ptr, l
 
 
 @triton.jit
-def _finish(yg, yu, rows, offs_n, mask_m, mask_n, N, b_ptr, y_ptr, stride_ym, ws_ptr, lock_ptr,
-            pid_n, pid_k, split_k, ROWS: tl.constexpr, SILU_MUL: tl.constexpr,
-            HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, SPLITS: tl.constexpr):
-    """Store a program's fp32 sums [ROWS, BLOCK_N] (gate and up for SILU_MUL); with split-K the
-    last program of the tile to arrive first sums the partials (SPLITS: split_k rounded up to a
-    power of two). It loads them all at once: one at a time, each would wait for L2 in turn."""
+def _reduce_splits(yg, yu, rows, offs_n, mask_m, mask_n, N, ws_ptr, lock_ptr, pid_n, pid_k, split_k,
+                   ROWS: tl.constexpr, SILU_MUL: tl.constexpr, USE_SPLIT: tl.constexpr,
+                   SPLITS: tl.constexpr):
+    """(yg, yu, whether this program stores the tile): a program's fp32 sums [ROWS, BLOCK_N] (gate
+    and up for SILU_MUL), or with split-K, for the last program of the tile to arrive, the sums of
+    all the partials (SPLITS: split_k rounded up to a power of two). It loads them all at once: one
+    at a time, each would wait for L2 in turn."""
+    stores = True
     if USE_SPLIT:
         n_out = 2 * N if SILU_MUL else N
         part = ws_ptr + rows[:, None] * n_out + offs_n[None, :]
@@ -158,7 +160,8 @@ def _finish(yg, yu, rows, offs_n, mask_m, mask_n, N, b_ptr, y_ptr, stride_ym, ws
             tl.store(part + pid_k * ROWS * n_out + N, yu, mask=pmask)
         tl.debug_barrier()   # every thread's partial is written before the release below
         arrived = tl.atomic_add(lock_ptr + pid_n, 1)   # acq_rel, gpu scope
-        if arrived == split_k - 1:
+        stores = arrived == split_k - 1
+        if stores:
             sp = tl.arange(0, SPLITS)[:, None, None]
             parts = part[None, :, :] + sp * ROWS * n_out
             smask = (sp < split_k) & pmask[None, :, :]
@@ -166,12 +169,19 @@ def _finish(yg, yu, rows, offs_n, mask_m, mask_n, N, b_ptr, y_ptr, stride_ym, ws
             yg = tl.sum(tl.load(parts, mask=smask, other=0.0, cache_modifier=".cg"), 0)
             if SILU_MUL:
                 yu = tl.sum(tl.load(parts + N, mask=smask, other=0.0, cache_modifier=".cg"), 0)
-            _store_y(yg, yu, rows, offs_n, mask_m, mask_n, N, b_ptr, y_ptr, stride_ym,
-                     SILU_MUL, HAS_BIAS)
             tl.atomic_xchg(lock_ptr + pid_n, 0)   # re-armed for the next launch (graph replays)
-    else:
-        _store_y(yg, yu, rows, offs_n, mask_m, mask_n, N, b_ptr, y_ptr, stride_ym,
-                 SILU_MUL, HAS_BIAS)
+    return yg, yu, stores
+
+
+@triton.jit
+def _finish(yg, yu, rows, offs_n, mask_m, mask_n, N, b_ptr, y_ptr, stride_ym, ws_ptr, lock_ptr,
+            pid_n, pid_k, split_k, ROWS: tl.constexpr, SILU_MUL: tl.constexpr,
+            HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr, SPLITS: tl.constexpr):
+    """Store the rows' sums, split-K reduced in-launch (_reduce_splits)."""
+    yg, yu, stores = _reduce_splits(yg, yu, rows, offs_n, mask_m, mask_n, N, ws_ptr, lock_ptr, pid_n,
+                                    pid_k, split_k, ROWS, SILU_MUL, USE_SPLIT, SPLITS)
+    if stores:
+        _store_y(yg, yu, rows, offs_n, mask_m, mask_n, N, b_ptr, y_ptr, stride_ym, SILU_MUL, HAS_BIAS)
 
 
 def default_config(M: int, N: int, K: int, silu_mul: bool, device: torch.device) -> GemvConfig:

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedeploy.kernels.triton_gemv import _finish
+from pagedeploy.kernels.triton_fused import RopeStore, rope_cos_sin, rope_store_tile, rope_tile_rows
+from pagedeploy.kernels.triton_gemv import _reduce_splits, _store_y
 from pagedeploy.kernels.triton_launch import (arrival_counters, num_sms, pdl_launch, pdl_supported,
                                               wait_previous)
 
@@ -201,11 +202,12 @@ def _block(w0, w1, w2, w3, t, s_row, z_row, offs_n, mask_n, c_end, xp_ptr, xw_pt
 
 @triton.jit
 def _program_rows(w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N: tl.constexpr,
-                  GW: tl.constexpr, EVEN: tl.constexpr):
-    """Program (pid_n, pid_k)'s rows and K split: offsets and mask of its rows, a group's word
-    columns, the split's words [c_start, c_end), word pointers of its gate rows and (gate_up) of the
-    up rows N further on, and those rows' scale and zero pointers."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+                  GW: tl.constexpr, EVEN: tl.constexpr, ROPE_DIM: tl.constexpr = 0):
+    """Program (pid_n, pid_k)'s rows and K split: offsets and mask of its rows (in order, or with
+    the rotary fused, ROPE_DIM, as triton_fused.rope_tile_rows pairs them), a group's word columns,
+    the split's words [c_start, c_end), word pointers of its gate rows and (gate_up) of the up rows
+    N further on, and those rows' scale and zero pointers."""
+    offs_n = rope_tile_rows(tl.program_id(0), BLOCK_N, ROPE_DIM)
     mask_n = (offs_n < N) | EVEN   # EVEN: whole tiles only, the masks fold away
     col = tl.arange(0, GW)
     c_start = tl.program_id(1) * words_per_split
@@ -219,31 +221,58 @@ def _program_rows(w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N: 
 @triton.jit
 def _store_rows(acc_g, acc_u, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, split_k,
                 SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
-                SPLITS: tl.constexpr):
-    """The rows' sums (gate and up tiles [BLOCK_N, words]) through kernels.triton_gemv._finish."""
+                SPLITS: tl.constexpr, rope=(), ROPE_DIM: tl.constexpr = 0):
+    """The rows' sums (gate and up tiles [BLOCK_N, words]), split-K reduced in-launch, stored as y
+    or (ROPE_DIM) rotated into q and the KV caches: `rope` is _rope_args' tuple."""
     yg = tl.sum(acc_g, 1)[None, :]
     yu = yg
     if SILU_MUL:
         yu = tl.sum(acc_u, 1)[None, :]
     rows = tl.arange(0, 1)
-    _finish(yg, yu, rows, offs_n, rows < 1, mask_n, N, b_ptr, y_ptr, N, ws_ptr, lock_ptr,
-            pid_n, pid_k, split_k, 1, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
+    yg, yu, stores = _reduce_splits(yg, yu, rows, offs_n, rows < 1, mask_n, N, ws_ptr, lock_ptr, pid_n,
+                                    pid_k, split_k, 1, SILU_MUL, USE_SPLIT, SPLITS)
+    if stores:
+        if ROPE_DIM:
+            if HAS_BIAS:
+                yg += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
+            q_ptr, kc_ptr, vc_ptr, slot_ptr, stride_cb, stride_cs, stride_ch, q_rows, kv_rows, bs, cs = rope
+            rope_store_tile(yg, offs_n, cs, pid_n, q_ptr, kc_ptr, vc_ptr, slot_ptr, stride_cb, stride_cs,
+                            stride_ch, q_rows, kv_rows, bs, yg.shape[1], ROPE_DIM)
+        else:
+            _store_y(yg, yu, rows, offs_n, rows < 1, mask_n, N, b_ptr, y_ptr, N, SILU_MUL, HAS_BIAS)
+
+
+@triton.jit
+def _rope_args(offs_n, rq_ptr, rpos_ptr, rcs_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_c, r_stride_cb,
+               r_stride_cs, r_stride_ch, r_q_rows, r_kv_rows, r_block_size, ROPE_DIM: tl.constexpr):
+    """_store_rows' `rope` from a kernel's RopeStore.args, with the rows' cos and sin loaded now
+    (before the wait: they do not depend on the previous kernel)."""
+    cs = 0.0
+    if ROPE_DIM:
+        cs = rope_cos_sin(offs_n, rpos_ptr, rcs_ptr, r_stride_c, ROPE_DIM)
+    return (rq_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_cb, r_stride_cs, r_stride_ch, r_q_rows, r_kv_rows,
+            r_block_size, cs)
 
 
 @triton.jit(do_not_specialize=["split_k"])
 def _int4_gemv_kernel(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
                       N, KW, groups, words_per_split, split_k,
+                      rq_ptr, rpos_ptr, rcs_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_c, r_stride_cb,
+                      r_stride_cs, r_stride_ch, r_q_rows, r_kv_rows, r_block_size,
                       GROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                       SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
                       SPLITS: tl.constexpr, F16X2: tl.constexpr, EVEN: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PDL: tl.constexpr, ROPE_DIM: tl.constexpr = 0):
     """Grid (N tiles, K splits). A program walks its rows' K split in blocks of four groups, each
     group a [BLOCK_N, GROUP / 8 words] tile with one scale and zero per row (1-D loads that share the
-    tile's layout: no layout conversions in the loop), and keeps the next block in flight."""
+    tile's layout: no layout conversions in the loop), and keeps the next block in flight.
+    ROPE_DIM: a qkv projection that rotates and stores its output (RopeStore's arguments, r*)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = GROUP // 8   # words per group
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
-        w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N, GW, EVEN)
+        w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N, GW, EVEN, ROPE_DIM)
+    rope = _rope_args(offs_n, rq_ptr, rpos_ptr, rcs_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_c, r_stride_cb,
+                      r_stride_cs, r_stride_ch, r_q_rows, r_kv_rows, r_block_size, ROPE_DIM)
     # The weights do not depend on the previous kernel: ask for the first block before waiting on it.
     g0, g1, g2, g3 = _load_block(row_g, c_start, c_end, mask_n, col, GW, EVEN)
     u0, u1, u2, u3 = g0, g1, g2, g3
@@ -266,7 +295,7 @@ def _int4_gemv_kernel(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
                            acc_u, GW, F16X2, EVEN)
             u0, u1, u2, u3 = m0, m1, m2, m3
     _store_rows(acc_g, acc_u, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n, pid_k, split_k,
-                SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
+                SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS, rope, ROPE_DIM)
 
 
 # ---- launch ---------------------------------------------------------------------------------------
@@ -318,15 +347,25 @@ def pack_in_kernel(blocks: int, split: int) -> dict:
 def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, *,
               norm_weight: torch.Tensor | None = None, eps: float = 0.0,
               residual: torch.Tensor | None = None, silu_mul: bool = False,
-              config: Int4GemvConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+              config: Int4GemvConfig | None = None,
+              rope: RopeStore | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act(rmsnorm(x + residual) W^T + b), residual out) for x [1, K] on CUDA (or the interpreter);
-    the fusions as in kernels.fused_linear (docs/CONTRACTS.md). Two launches: x packed, then the GEMV."""
+    the fusions as in kernels.fused_linear (docs/CONTRACTS.md). Two launches: x packed, then the
+    GEMV (one with the tensor-core kernel, which packs x itself).
+    rope (a qkv projection's, no silu_mul): instead of y, q [1, H, D] with k and v in the caches,
+    as qk_norm_rope_store leaves them: rotated in the GEMV's epilogue where the tiles allow it."""
     N2, K = w.shape
     N = N2 // 2 if silu_mul else N2
     assert x.shape == (1, K) and x.stride(-1) == 1, (x.shape, K)
     cfg = config or default_config(N, K, w.group_size, silu_mul, x.device)
+    if rope is not None and not rope.fits(cfg.block_n):
+        return _rope_after(int4_gemv(x, w, bias, norm_weight=norm_weight, eps=eps, residual=residual,
+                                     config=cfg), rope)
+    assert rope is None or (not silu_mul and N == rope.rows), (N, rope)
     pdl = pdl_supported(x.device)
-    y = torch.empty(1, N, dtype=x.dtype, device=x.device)
+    y = torch.empty(1, N, dtype=x.dtype, device=x.device) if rope is None else rope.q
+    rope_args = rope.args() if rope is not None else RopeStore.unused(y)
+    rope_dim = rope.head_dim if rope is not None else 0
     grid = (triton.cdiv(N, cfg.block_n), cfg.split_k)
     counters, ws = arrival_counters(x.device, grid[0] if cfg.split_k > 1 else 0), y
     if cfg.split_k > 1:
@@ -341,17 +380,28 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
         else:
             xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
         int4_mma.launch(xp, xg, w, bias, y, ws, counters, N, K, cfg.block_n, cfg.split_k, cfg.num_warps,
-                        silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead, pack)
+                        silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead, pack,
+                        rope_args=rope_args, rope_dim=rope_dim)
         return y, r_out
     xp, xw, r_out = pack_x(x, norm_weight, eps, residual)
     step = w.group_size // 8 * 4   # words a split is a multiple of: whole blocks of four groups
     words_per_split = triton.cdiv(triton.cdiv(K // 8, step), cfg.split_k) * step
     _int4_gemv_kernel[grid](
         xp, xw, w.packed, w.scales, w.zeros, bias if bias is not None else x, y, ws, counters,
-        N, K // 8, K // w.group_size, words_per_split, cfg.split_k, GROUP=w.group_size,
+        N, K // 8, K // w.group_size, words_per_split, cfg.split_k, *rope_args, GROUP=w.group_size,
         BLOCK_N=cfg.block_n, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_SPLIT=cfg.split_k > 1, SPLITS=triton.next_power_of_2(cfg.split_k),
         F16X2=x.is_cuda,
         EVEN=N % cfg.block_n == 0 and words_per_split * cfg.split_k == K // 8,
-        PDL=pdl, num_warps=cfg.num_warps, **(pdl_launch(x.device) if pdl else {}))
+        PDL=pdl, ROPE_DIM=rope_dim, num_warps=cfg.num_warps, **(pdl_launch(x.device) if pdl else {}))
     return y, r_out
+
+
+def _rope_after(out: tuple[torch.Tensor, torch.Tensor | None], rope: RopeStore) -> tuple:
+    """int4_gemv's result with rope, from y and one more launch: for tiles that cannot rotate."""
+    from pagedeploy.kernels import qk_norm_rope_store
+    y, r_out = out
+    q = qk_norm_rope_store(y, None, None, 0.0, rope.positions, rope.cos_sin_cache, rope.k_cache,
+                           rope.v_cache, rope.slot_mapping, rope.q.shape[1], rope.k_cache.shape[2],
+                           rope.head_dim)
+    return q.view_as(rope.q), r_out

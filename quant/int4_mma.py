@@ -39,7 +39,7 @@ import triton.language as tl
 
 from pagedeploy.kernels.triton_launch import wait_previous
 
-from .int4_gemv import _load_block, _program_rows, _store_rows
+from .int4_gemv import _load_block, _program_rows, _rope_args, _store_rows
 from .int4_pack import pack_words, row_rstd
 
 GROUP = 128   # codes a row per MMA step: the kernel's only group size
@@ -138,23 +138,29 @@ def _advance(current, after, new, AHEAD: tl.constexpr):
 @triton.jit(do_not_specialize=["split_k"])
 def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, lock_ptr,
                      x_ptr, r_ptr, nw_ptr, r_out_ptr, eps,
-                     N, KW, groups, words_per_split, split_k, BLOCK_N: tl.constexpr,
+                     N, KW, groups, words_per_split, split_k,
+                     rq_ptr, rpos_ptr, rcs_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_c, r_stride_cb,
+                     r_stride_cs, r_stride_ch, r_q_rows, r_kv_rows, r_block_size, BLOCK_N: tl.constexpr,
                      SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
                      SPLITS: tl.constexpr, PDL: tl.constexpr, AHEAD: tl.constexpr = 1,
                      EARLY: tl.constexpr = False, PACK: tl.constexpr = False,
                      NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
-                     PACK_C: tl.constexpr = 512, RSTD_BLOCK: tl.constexpr = 4096):
+                     PACK_C: tl.constexpr = 512, RSTD_BLOCK: tl.constexpr = 4096,
+                     ROPE_DIM: tl.constexpr = 0):
     """Grid (N tiles, K splits), whole tiles only. A program walks its rows' K split in blocks of
     four groups, each block's words, scales and zeros asked for AHEAD (1 or 2) blocks before it is
     summed. EARLY: the next kernel may launch before this one waits (wait_previous).
     PACK: x comes plain (x_ptr; NORM, RESIDUAL: rms_norm's fusions, as pack_x) and each program
     packs its split's words into xp and xg itself, PACK_C words at a time, after the wait: no
     pack_x launch. Programs of one split write the same bits to the same words; each reads back
-    only what it wrote, after a barrier."""
+    only what it wrote, after a barrier. ROPE_DIM: a qkv projection that rotates and stores its
+    output (RopeStore's arguments, r*)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = 16   # words a group (GROUP // 8)
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
-        w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N, GW, True)
+        w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N, GW, True, ROPE_DIM)
+    rope = _rope_args(offs_n, rq_ptr, rpos_ptr, rcs_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_c, r_stride_cb,
+                      r_stride_cs, r_stride_ch, r_q_rows, r_kv_rows, r_block_size, ROPE_DIM)
     B: tl.constexpr = 4 * GW
     g = _stream(row_g, s_g, z_g, c_start, c_end, mask_n, col, GW)   # gate (or the only) rows
     h = g   # their block after, when AHEAD == 2
@@ -187,7 +193,7 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     # Each row's sum sits in one element of each of the 4 threads across it: a quarter each, so
     # the row sum of _store_rows gives it back exactly.
     _store_rows(acc_g * 0.25, acc_u * 0.25, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n,
-                pid_k, split_k, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS)
+                pid_k, split_k, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS, rope, ROPE_DIM)
 
 
 def supports(x: torch.Tensor, group: int, N: int, K: int, block_n: int, split_k: int, num_warps: int) -> bool:
@@ -211,9 +217,9 @@ class PackInKernel:
 
 def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split_k: int, num_warps: int,
            silu_mul: bool, pdl: int, launch_options: dict, ahead: int = 1,
-           pack: PackInKernel | None = None) -> None:
+           pack: PackInKernel | None = None, *, rope_args: tuple, rope_dim: int = 0) -> None:
     """One launch over x packed by int4_pack.pack_x(mma=True), or packed by the kernel into xp and
-    xg (int4_pack.pack_buffers) from `pack`."""
+    xg (int4_pack.pack_buffers) from `pack`; rope_args and rope_dim as int4_gemv makes them."""
     words_per_split = K // 8 // split_k
     p = pack or PackInKernel(y)   # without packing, placeholders the kernel does not read
     norm = p.norm_weight is not None
@@ -222,8 +228,9 @@ def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split
         xp, xg, w.packed, w.scales, w.zeros, bias if bias is not None else y, y, ws, counters,
         p.x, residual if residual is not None else p.x, p.norm_weight if norm else p.x,
         p.residual_out if residual is not None else p.x, p.eps,
-        N, K // 8, K // GROUP, words_per_split, split_k, BLOCK_N=block_n, SILU_MUL=silu_mul,
+        N, K // 8, K // GROUP, words_per_split, split_k, *rope_args, BLOCK_N=block_n, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
         PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH, PACK=pack is not None, NORM=norm,
-        RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block, num_warps=num_warps,
+        RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block, ROPE_DIM=rope_dim,
+        num_warps=num_warps,
         **launch_options)

@@ -19,6 +19,10 @@ from pagedeploy.launcher.model_spec import ModelSpec
 from pagedeploy.quant.linear import QuantLinear
 from pagedeploy.runtime.cpu_weights import PackedWeight
 
+# The batch-1 int4 qkv GEMV does the rotary and the KV store in its epilogue (Attention.rope_in_gemv;
+# scripts/gpu_rope_gemv.py A/Bs it).
+ROPE_IN_GEMV = True
+
 # HF checkpoint name piece -> (our fused parameter's name piece, shard index)
 STACKED_PARAMS = {
     "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
@@ -119,10 +123,19 @@ class Attention(nn.Module):
         self.sliding_window = spec.sliding_window
         self.k_cache = self.v_cache = torch.empty(0)   # bound by the runner to its KV pool
 
-    def forward(self, qkv: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """o_proj(attention) of the qkv projection's output (the layer computes it with its norm)."""
-        t = qkv.shape[0]
+    def project(self, norm: "RMSNorm", x: torch.Tensor, residual: torch.Tensor | None,
+                positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q [T, H, D], the new residual) of qkv_proj(norm(x + residual)), rotated, with k and v
+        rotated and stored into the cache."""
+        if self.rope_in_gemv(norm, x):
+            from pagedeploy.kernels.triton_fused import RopeStore
+            from pagedeploy.quant.int4_gemv import int4_gemv
+            q = torch.empty(1, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
+            rope = RopeStore(q, positions, cos_sin_cache, self.k_cache, self.v_cache, meta.slot_mapping)
+            return int4_gemv(x, self.qkv_proj.qweight, self.qkv_proj.bias, norm_weight=norm.weight,
+                             eps=norm.eps, residual=residual, rope=rope)
+        qkv, residual = norm_linear(norm, self.qkv_proj, x, residual)
         qk_norm = self.q_norm is not None   # Qwen3: per-head RMSNorm of q and k before rope
         # One kernel reads q, k, v out of the fused projection: (norm,) rope, k/v into the cache.
         q = qk_norm_rope_store(
@@ -132,6 +145,17 @@ class Attention(nn.Module):
             self.num_heads, self.num_kv_heads, self.head_dim,
             # attention launched early helps a bf16 layer, not int4's (docs/PERF.md runs 19, 21)
             early_launch=not isinstance(self.o_proj, QuantLinear))
+        return q, residual
+
+    def rope_in_gemv(self, norm: "RMSNorm", x: torch.Tensor) -> bool:
+        """Whether the batch-1 int4 qkv GEMV rotates and stores in its epilogue (ROPE_IN_GEMV):
+        one launch fewer a layer. Not with q/k norms, which need a head's whole row."""
+        return (ROPE_IN_GEMV and self.q_norm is None and isinstance(self.qkv_proj, QuantLinear)
+                and self.qkv_proj.uses_gemv(x) and norm.weight.dtype == x.dtype)
+
+    def forward(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """o_proj(attention) of `project`'s q."""
+        t = q.shape[0]
         o = paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens,
                             meta.query_start_loc, self.scale, self.sliding_window,
                             num_decodes=meta.num_decodes, max_context_len=meta.max_context_len)
@@ -155,8 +179,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec)
 
     def forward(self, x, residual, positions, cos_sin_cache, meta):
-        qkv, residual = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, x, residual)
-        x = self.self_attn(qkv, positions, cos_sin_cache, meta)
+        q, residual = self.self_attn.project(self.input_layernorm, x, residual, positions, cos_sin_cache,
+                                             meta)
+        x = self.self_attn(q, meta)
         act, residual = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, x, residual,
                                     silu_mul=True)
         return self.mlp.down_proj(act), residual
