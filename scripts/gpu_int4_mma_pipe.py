@@ -77,10 +77,10 @@ def _placeholder(w, block_n: int):
 
 
 def pipe_launch(xp, xg, w, bias, y, ws, counters, N, K, block_n, split_k, num_warps, silu_mul, pdl,
-                launch_options, ahead=1, pack=None, *, stages=3, desc=None):
+                launch_options, ahead=1, pack=None, *, stages=3, desc=None, rope_args=(), rope_dim=0):
     """int4_mma.launch's signature (x packed by pack_x: `pack` must be None; `ahead` unused), with
     _mma_pipe_kernel; desc: w's TensorDescriptor for TMA loads, None for cp.async."""
-    assert pack is None, "the pipelined kernel takes x from pack_x"
+    assert pack is None and not rope_dim, "the pipelined kernel takes x from pack_x, and has no rotary"
     return _mma_pipe_kernel[(N // block_n, split_k)](
         xp, xg, w.packed, desc or _placeholder(w, block_n), w.scales, w.zeros,
         bias if bias is not None else y, y, ws, counters, N, K // 8, K // 128, K // 8 // split_k, split_k,
