@@ -23,6 +23,7 @@ from gpu_int4 import time_calls
 from pagedeploy.kernels import qk_norm_rope_store
 from pagedeploy.kernels.triton_fused import RopeStore
 from pagedeploy.quant import int4_gemv as G
+from pagedeploy.quant import int4_mma
 from pagedeploy.runtime import model as M
 
 log = RunLog("rope_gemv.log")
@@ -67,7 +68,14 @@ def check(layer: DA.Layer) -> str:
 
 
 class FusedLayer(DA.Layer):
+    early = False   # int4_mma.EARLY_LAUNCH_ROPE for this layer's qkv GEMV
+
+
+class FusedEarlyLayer(FusedLayer):
+    early = True
+
     def run(self, mode, skip: bool = False):
+        int4_mma.EARLY_LAUNCH_ROPE = self.early
         q = fused_qkv(self)
         o = q if skip else self.attention(q, mode)
         return self.linear(o.reshape(1, H * D), self.wo)
@@ -79,7 +87,7 @@ def chain_table() -> None:
     rows = []
     for ctx in (128, 256, 1024, 4096):
         row = [ctx]
-        for cls in (DA.Layer, FusedLayer):
+        for cls in (DA.Layer, FusedLayer, FusedEarlyLayer):
             layers = [cls(i, ctx, True) for i in range(DA.LAYERS)]
             if cls is FusedLayer and ctx == 256:
                 log(f"check, Llama-3-8B qkv: {check(layers[0])}")
@@ -88,12 +96,14 @@ def chain_table() -> None:
             del layers
             torch.cuda.empty_cache()
         rows.append(row)
-        log(f"ctx {ctx:5d}: separate {row[1]:6.2f} / {row[2]:6.2f}, fused {row[3]:6.2f} / {row[4]:6.2f} us a layer")
+        log(f"ctx {ctx:5d}: separate {row[1]:6.2f} / {row[2]:6.2f}, fused {row[3]:6.2f} / {row[4]:6.2f}, "
+            f"fused + early launch {row[5]:6.2f} / {row[6]:6.2f} us a layer")
+    int4_mma.EARLY_LAUNCH_ROPE = False
     log("\nint4 attention half of a layer, µs (8 layers, one graph): no attention / with attention")
-    log("| ctx | separate, none | fused, none | separate | fused | saved |")
-    log("|---|---|---|---|---|---|")
-    for ctx, sn, sa, fn, fa in rows:
-        log(f"| {ctx} | {sn:.2f} | {fn:.2f} | {sa:.2f} | {fa:.2f} | {sa - fa:.2f} |")
+    log("| ctx | separate, none | fused, none | fused + early, none | separate | fused | fused + early |")
+    log("|---|---|---|---|---|---|---|")
+    for ctx, sn, sa, fn, fa, en, ea in rows:
+        log(f"| {ctx} | {sn:.2f} | {fn:.2f} | {en:.2f} | {sa:.2f} | {fa:.2f} | {ea:.2f} |")
 
 
 def set_fused(on: bool) -> None:

@@ -1,7 +1,7 @@
 """The rotary and the KV store in the batch-1 int4 qkv GEMV's epilogue (int4_gemv's `rope`,
 kernels/triton_fused.py's RopeStore) against the GEMV's y through qk_norm_rope_store: q, the K and V
 rows of the token's slot, and the residual out, bit for bit (both round y to the model dtype, rotate
-in fp32 and round once), and the cache's other rows untouched. Tiles of half a head and of a whole
+in fp32 and round once; on the GPU up to an fma contraction), and the cache's other rows untouched. Tiles of half a head and of a whole
 one, split-K, a bias, a padding slot (nothing stored), and tiles that cannot rotate (int4_gemv falls
 back to the separate launch). On the CPU under TRITON_INTERPRET=1 (the packed-fp16 kernel's fp32
 form), on the GPU (marked `gpu`) at Llama-3-8B's and SmolLM2's qkv with both kernels, and inside a
@@ -27,8 +27,19 @@ def make_rope_case(h, kh, d, k, group, dtype, device, *, blocks=6, block_size=4,
     return dict(w=quantize_int4(torch.randn(n, k, generator=gen) * k ** -0.5, group).to(device),
                 x=randn(1, k), residual=randn(1, k, scale=3.0), bias=randn(n),
                 norm_weight=1.0 + randn(k, scale=0.2),
-                cos_sin=torch.randn(64, d, generator=gen).to(device),
+                cos_sin=torch.randn(4096, d, generator=gen).to(device),
                 k_cache=randn(blocks, block_size, kh, d), v_cache=randn(blocks, block_size, kh, d))
+
+
+def rotated_alike(got: torch.Tensor, expect: torch.Tensor, device) -> None:
+    """Bit-equal on the CPU. On the GPU the compiler may contract a * cos - b * sin into an fma in
+    one kernel and not the other (seen in fp16): a rotated value may then differ in its last bit,
+    or by b * sin's rounding where the two terms cancel."""
+    if device == "cpu":
+        assert torch.equal(got, expect), (got - expect).abs().max()
+    else:
+        eps = torch.finfo(got.dtype).eps
+        torch.testing.assert_close(got, expect, rtol=eps, atol=4 * eps)
 
 
 def check_rope_gemv(h, kh, d, k, group, dtype, device, *, config=None, bias=False, norm=True,
@@ -56,8 +67,10 @@ def check_rope_gemv(h, kh, d, k, group, dtype, device, *, config=None, bias=Fals
         got_caches = t["k_cache"].clone(), t["v_cache"].clone()
         rope = RopeStore(q, pos, t["cos_sin"], *got_caches, slots)
         out, r_out = int4_gemv(t["x"], t["w"], b, config=cfg, rope=rope, **kw)
-        assert out.shape == (1, h, d) and torch.equal(out, q_expect.view(1, h, d)), (out - q_expect).abs().max()
-        assert torch.equal(got_caches[0], caches[0]) and torch.equal(got_caches[1], caches[1])
+        assert out.shape == (1, h, d)
+        rotated_alike(out, q_expect.view(1, h, d), device)
+        rotated_alike(got_caches[0], caches[0], device)
+        assert torch.equal(got_caches[1], caches[1])
         assert (r_out is None and r_expect is None) or torch.equal(r_out, r_expect)
     n = (h + 2 * kh) * d
     return rope.fits((cfg or default_config(n, k, group, False, torch.device(device))).block_n)
@@ -94,7 +107,7 @@ def test_rope_gemv_llama_gpu(dtype, bias):
     tensor-core launches and on the packed-fp16 kernel."""
     for config in (None, dict(mma=True, split_k=2, ahead=2), dict(mma=True, split_k=1, block_n=128),
                    dict(mma=False, split_k=4)):
-        assert check_rope_gemv(32, 8, 128, 4096, 128, dtype, "cuda", config=config, bias=bias, slot=1234,
+        assert check_rope_gemv(32, 8, 128, 4096, 128, dtype, "cuda", config=config, bias=bias, slot=13,
                                position=3000)
 
 
@@ -102,7 +115,7 @@ def test_rope_gemv_llama_gpu(dtype, bias):
 def test_rope_gemv_small_heads_gpu():
     """SmolLM2's qkv (9 heads, 3 KV heads of 64, group 64 from its GGUF: the packed-fp16 kernel),
     Qwen2's (a bias, 128 group on tensor cores), and a padding slot."""
-    assert check_rope_gemv(9, 3, 64, 576, 64, torch.bfloat16, "cuda", slot=33)
+    assert check_rope_gemv(9, 3, 64, 576, 64, torch.bfloat16, "cuda", slot=23)
     assert check_rope_gemv(14, 2, 64, 896, 128, torch.bfloat16, "cuda", bias=True, slot=-1)
 
 
