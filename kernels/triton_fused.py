@@ -158,7 +158,7 @@ class RopeStore:
         return d % block_n == 0 and block_n % 2 == 0 and self.cos_sin_cache.shape[-1] == d
 
     def args(self) -> tuple:
-        """The kernel arguments rope_tile_rows, rope_cos_sin and rope_store_tile take, in order."""
+        """The kernel arguments rope_state takes, in order."""
         heads, kv_heads, d = self.q.shape[1], self.k_cache.shape[2], self.head_dim
         kc = self.k_cache
         assert self.q.is_contiguous() and kc.stride() == self.v_cache.stride() and kc.stride(-1) == 1
@@ -190,12 +190,17 @@ def rope_tile_rows(pid_n, BLOCK_N: tl.constexpr, ROPE_DIM: tl.constexpr):
 
 
 @triton.jit
-def rope_cos_sin(rows, pos_ptr, cs_ptr, stride_c, ROPE_DIM: tl.constexpr):
-    """cos of the rows of a head's first half, sin of the second's: cos_sin_cache's row holds
-    cat(cos, sin) over the half dims, so a row's dim within its head indexes it. Positions are a
-    CUDA graph's inputs, copied before it runs: safe to read before wait_previous."""
-    pos = tl.load(pos_ptr)
-    return tl.load(cs_ptr + pos * stride_c + rows % ROPE_DIM)
+def rope_state(rows, rq_ptr, rpos_ptr, rcs_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_c, r_stride_cb,
+               r_stride_cs, r_stride_ch, r_q_rows, r_kv_rows, r_block_size, ROPE_DIM: tl.constexpr):
+    """rope_store_tile's `rope` from a kernel's RopeStore.args, with cos of the rows of a head's
+    first half and sin of the second's loaded now: cos_sin_cache's row holds cat(cos, sin) over the
+    half dims, so a row's dim within its head indexes it. Positions are a CUDA graph's inputs,
+    copied before it runs: safe to read before wait_previous."""
+    cs = 0.0
+    if ROPE_DIM:
+        cs = tl.load(rcs_ptr + tl.load(rpos_ptr) * r_stride_c + rows % ROPE_DIM)
+    return (rq_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_cb, r_stride_cs, r_stride_ch, r_q_rows, r_kv_rows,
+            r_block_size, cs)
 
 
 @triton.jit
@@ -213,11 +218,14 @@ def _store_halves(ptr, base, rows_a, rows_b, out_a, out_b, stride_h, ROPE_DIM: t
 
 
 @triton.jit
-def rope_store_tile(y, rows, cs, pid_n, q_ptr, kc_ptr, vc_ptr, slot_ptr, stride_cb, stride_cs, stride_ch,
-                    q_rows, kv_rows, block_size, BLOCK_N: tl.constexpr, ROPE_DIM: tl.constexpr):
-    """A GEMV tile's fp32 outputs y [1, BLOCK_N] of rows `rope_tile_rows` (cs: their rope_cos_sin)
-    as qk_norm_rope_store writes them: rounded to the model dtype, q and k rotated in fp32 and
-    rounded again, q into q_ptr [H * D], k and v into their caches at the token's slot."""
+def rope_store_tile(y, rows, pid_n, b_ptr, rope, HAS_BIAS: tl.constexpr, ROPE_DIM: tl.constexpr):
+    """A GEMV tile's fp32 sums y [1, BLOCK_N] of rows `rope_tile_rows` (rope: their rope_state) as
+    qk_norm_rope_store writes them: bias added, rounded to the model dtype, q and k rotated in fp32
+    and rounded again, q into q_ptr [H * D], k and v into their caches at the token's slot."""
+    BLOCK_N: tl.constexpr = y.shape[1]
+    q_ptr, kc_ptr, vc_ptr, slot_ptr, stride_cb, stride_cs, stride_ch, q_rows, kv_rows, block_size, cs = rope
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rows).to(tl.float32)[None, :]
     dt: tl.constexpr = q_ptr.dtype.element_ty
     a, b = _halves(tl.reshape(y, [BLOCK_N]).to(dt).to(tl.float32), BLOCK_N)
     cos, sin = _halves(cs.to(tl.float32), BLOCK_N)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedeploy.kernels.triton_fused import RopeStore, rope_cos_sin, rope_store_tile, rope_tile_rows
+from pagedeploy.kernels.triton_fused import RopeStore, rope_state, rope_store_tile, rope_tile_rows
 from pagedeploy.kernels.triton_gemv import _reduce_splits, _store_y
 from pagedeploy.kernels.triton_launch import (arrival_counters, num_sms, pdl_launch, pdl_supported,
                                               wait_previous)
@@ -223,7 +223,7 @@ def _store_rows(acc_g, acc_u, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr,
                 SILU_MUL: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLIT: tl.constexpr,
                 SPLITS: tl.constexpr, rope=(), ROPE_DIM: tl.constexpr = 0):
     """The rows' sums (gate and up tiles [BLOCK_N, words]), split-K reduced in-launch, stored as y
-    or (ROPE_DIM) rotated into q and the KV caches: `rope` is _rope_args' tuple."""
+    or (ROPE_DIM) rotated into q and the KV caches: `rope` is triton_fused.rope_state's tuple."""
     yg = tl.sum(acc_g, 1)[None, :]
     yu = yg
     if SILU_MUL:
@@ -233,25 +233,9 @@ def _store_rows(acc_g, acc_u, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr,
                                     pid_k, split_k, 1, SILU_MUL, USE_SPLIT, SPLITS)
     if stores:
         if ROPE_DIM:
-            if HAS_BIAS:
-                yg += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
-            q_ptr, kc_ptr, vc_ptr, slot_ptr, stride_cb, stride_cs, stride_ch, q_rows, kv_rows, bs, cs = rope
-            rope_store_tile(yg, offs_n, cs, pid_n, q_ptr, kc_ptr, vc_ptr, slot_ptr, stride_cb, stride_cs,
-                            stride_ch, q_rows, kv_rows, bs, yg.shape[1], ROPE_DIM)
+            rope_store_tile(yg, offs_n, pid_n, b_ptr, rope, HAS_BIAS, ROPE_DIM)
         else:
             _store_y(yg, yu, rows, offs_n, rows < 1, mask_n, N, b_ptr, y_ptr, N, SILU_MUL, HAS_BIAS)
-
-
-@triton.jit
-def _rope_args(offs_n, rq_ptr, rpos_ptr, rcs_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_c, r_stride_cb,
-               r_stride_cs, r_stride_ch, r_q_rows, r_kv_rows, r_block_size, ROPE_DIM: tl.constexpr):
-    """_store_rows' `rope` from a kernel's RopeStore.args, with the rows' cos and sin loaded now
-    (before the wait: they do not depend on the previous kernel)."""
-    cs = 0.0
-    if ROPE_DIM:
-        cs = rope_cos_sin(offs_n, rpos_ptr, rcs_ptr, r_stride_c, ROPE_DIM)
-    return (rq_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_cb, r_stride_cs, r_stride_ch, r_q_rows, r_kv_rows,
-            r_block_size, cs)
 
 
 @triton.jit(do_not_specialize=["split_k"])
@@ -271,7 +255,7 @@ def _int4_gemv_kernel(xp_ptr, xw_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr,
     GW: tl.constexpr = GROUP // 8   # words per group
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
         w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N, GW, EVEN, ROPE_DIM)
-    rope = _rope_args(offs_n, rq_ptr, rpos_ptr, rcs_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_c, r_stride_cb,
+    rope = rope_state(offs_n, rq_ptr, rpos_ptr, rcs_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_c, r_stride_cb,
                       r_stride_cs, r_stride_ch, r_q_rows, r_kv_rows, r_block_size, ROPE_DIM)
     # The weights do not depend on the previous kernel: ask for the first block before waiting on it.
     g0, g1, g2, g3 = _load_block(row_g, c_start, c_end, mask_n, col, GW, EVEN)

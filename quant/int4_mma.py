@@ -39,7 +39,9 @@ import triton.language as tl
 
 from pagedeploy.kernels.triton_launch import wait_previous
 
-from .int4_gemv import _load_block, _program_rows, _rope_args, _store_rows
+from pagedeploy.kernels.triton_fused import rope_state
+
+from .int4_gemv import _load_block, _program_rows, _store_rows
 from .int4_pack import pack_words, row_rstd
 
 GROUP = 128   # codes a row per MMA step: the kernel's only group size
@@ -162,7 +164,7 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     GW: tl.constexpr = 16   # words a group (GROUP // 8)
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
         w_ptr, s_ptr, z_ptr, N, KW, groups, words_per_split, BLOCK_N, GW, True, ROPE_DIM)
-    rope = _rope_args(offs_n, rq_ptr, rpos_ptr, rcs_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_c, r_stride_cb,
+    rope = rope_state(offs_n, rq_ptr, rpos_ptr, rcs_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_c, r_stride_cb,
                       r_stride_cs, r_stride_ch, r_q_rows, r_kv_rows, r_block_size, ROPE_DIM)
     B: tl.constexpr = 4 * GW
     g = _stream(row_g, s_g, z_g, c_start, c_end, mask_n, col, GW)   # gate (or the only) rows

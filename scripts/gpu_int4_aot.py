@@ -26,7 +26,7 @@ def aot() -> int:
             "b_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32", "xp_ptr": "*i32",
             "xw_ptr": "*fp32", "xg_ptr": "*fp32", "r_ptr": "*bf16", "nw_ptr": "*bf16", "r_out_ptr": "*bf16"}
     div16 = ("N", "KW", "groups", "words_per_split", "stride_xm", "stride_ym")
-    common = dict(GROUP=128, USE_SPLIT=True, HAS_BIAS=False)
+    common = dict(GROUP=128, USE_SPLIT=True, HAS_BIAS=False, ROPE_DIM=0)
     fma = ((1, 128, 1, 4), (1, 256, 1, 4), (1, 64, 2, 2), (2, 256, 1, 4))
     variants = [(K4._int4_fma_kernel, dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128, UNROLL=u, NUM_STAGES=2, EVEN=True),
                  nw, bn * 128 * u) for bm, bn, u, nw in fma]

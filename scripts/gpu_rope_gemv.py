@@ -7,7 +7,8 @@ for bit. Chain: gpu_decode_attention's attention half of a layer (qkv with its n
 attention, o), 8 layers in one CUDA graph, µs a layer, separate and fused, at a few contexts.
 Then `deploy bench --batch-1` decode tok/s of Llama-3-8B dims, int4 separate against fused,
 interleaved, a fresh engine each, and bf16 (which never fuses).
-Usage (device machine): python3 scripts/gpu_rope_gemv.py [REPS] [--kernels-only | --e2e-only]
+`--after`: only attention's launch knobs (pre-wait, early launch) behind the fused GEMV.
+Usage (device machine): python3 scripts/gpu_rope_gemv.py [REPS] [--kernels-only | --e2e-only | --after]
 """
 from __future__ import annotations
 
@@ -106,6 +107,29 @@ def chain_table() -> None:
         log(f"| {ctx} | {sn:.2f} | {fn:.2f} | {en:.2f} | {sa:.2f} | {fa:.2f} | {ea:.2f} |")
 
 
+def attention_after() -> None:
+    """--after: attention's launch knobs behind the fused GEMV (early launch on), µs a layer."""
+    from pagedeploy.kernels import triton_launch
+    log("\nafter the fused qkv GEMV, µs a layer (attention half, 8 layers, one graph)")
+    log("| ctx | default | no pre-wait | attention launches early too | separate, default |")
+    log("|---|---|---|---|---|")
+    for ctx in (256, 1024):
+        fused = [FusedEarlyLayer(i, ctx, True) for i in range(DA.LAYERS)]
+        row = []
+        for name, early_attention in (("default", False), ("no pre-wait", False), ("default", True)):
+            DA.set_mode(DA.MODES[name])
+            triton_launch.EARLY_ATTENTION = early_attention
+            row.append(time_calls([lambda lay=lay: lay.run(DA.MODES[name]) for lay in fused]))
+        triton_launch.EARLY_ATTENTION = False
+        DA.set_mode(DA.MODES["default"])
+        del fused
+        separate = [DA.Layer(i, ctx, True) for i in range(DA.LAYERS)]
+        row.append(time_calls([lambda lay=lay: lay.run(DA.MODES["default"]) for lay in separate]))
+        del separate
+        torch.cuda.empty_cache()
+        log(f"| {ctx} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+
+
 def set_fused(on: bool) -> None:
     M.ROPE_IN_GEMV = on
 
@@ -120,6 +144,8 @@ def end_to_end(reps: int) -> None:
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     reps = int(args[0]) if args else 2
+    if "--after" in sys.argv:
+        return attention_after()
     if "--e2e-only" not in sys.argv:
         chain_table()
     if "--kernels-only" not in sys.argv:

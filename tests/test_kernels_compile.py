@@ -41,7 +41,8 @@ def test_int4_mma_packs_x_after_its_wait():
               "ws_ptr": "*fp32", "lock_ptr": "*i32"}
     for silu, ahead, split in ((True, 1, 1), (False, 2, 4)):
         consts = dict(BLOCK_N=64, SILU_MUL=silu, HAS_BIAS=False, USE_SPLIT=split > 1, SPLITS=split, PDL=2,
-                      AHEAD=ahead, EARLY=True, PACK=True, NORM=silu, RESIDUAL=silu, PACK_C=512, RSTD_BLOCK=4096)
+                      AHEAD=ahead, EARLY=True, PACK=True, NORM=silu, RESIDUAL=silu, PACK_C=512, RSTD_BLOCK=4096,
+                      ROPE_DIM=0)
         ptx = _compile(int4_mma._int4_mma_kernel, consts, types, 4, 3)
         wait = ptx.index("griddepcontrol.wait")
         barrier = ptx.index("bar.sync", wait)
@@ -66,3 +67,21 @@ def test_split_decode_attention_prefetches_before_its_wait():
             assert ptx.index("prefetch.global.L2") < ptx.index("griddepcontrol.wait")
         else:
             assert "prefetch.global.L2" not in ptx
+
+
+@needs_triton
+def test_int4_gemvs_rotate_in_their_epilogue():
+    """Llama-3-8B's qkv with the rotary and the KV store in the epilogue (ROPE_DIM 128), on both
+    batch-1 kernels as int4_gemv launches them: no spills, the MMAs before the cache stores. The
+    interpreter runs only the packed-fp16 kernel's fp32 form (tests/test_rope_gemv.py)."""
+    from pagedeploy.quant import int4_gemv, int4_mma
+    types = {n: PTR for n in ("x_ptr", "r_ptr", "nw_ptr", "r_out_ptr", "b_ptr", "y_ptr", "rq_ptr", "rkc_ptr",
+                              "rvc_ptr")}
+    types |= {"xp_ptr": "*i64", "xg_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
+              "ws_ptr": "*fp32", "lock_ptr": "*i32", "rpos_ptr": "*i64", "rcs_ptr": "*fp32", "rslot_ptr": "*i64"}
+    split = dict(BLOCK_N=64, SILU_MUL=False, HAS_BIAS=True, USE_SPLIT=True, SPLITS=4, PDL=2, ROPE_DIM=128)
+    consts = dict(split, AHEAD=1, EARLY=True, PACK=True, NORM=True, RESIDUAL=True, PACK_C=128, RSTD_BLOCK=4096)
+    ptx = _compile(int4_mma._int4_mma_kernel, consts, types, 4, 3)
+    assert ptx.rindex("mma.sync.aligned.m16n8k16") < ptx.rindex("atom.global") < ptx.rindex("st.global")
+    fp16_types = dict(types, xp_ptr="*i32", xw_ptr="*fp32")
+    _compile(int4_gemv._int4_gemv_kernel, dict(split, GROUP=128, F16X2=True, EVEN=True), fp16_types, 4, 3)
