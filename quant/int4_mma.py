@@ -37,9 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pagedeploy.kernels.triton_launch import wait_previous
-
 from pagedeploy.kernels.triton_fused import rope_state
+from pagedeploy.kernels.triton_launch import wait_previous
 
 from .int4_gemv import _load_block, _program_rows, _store_rows
 from .int4_pack import pack_words, row_rstd
@@ -235,7 +234,7 @@ def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split
         p.residual_out if residual is not None else p.x, p.eps,
         N, K // 8, K // GROUP, words_per_split, split_k, *rope_args, BLOCK_N=block_n, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
-        PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH_ROPE if rope_dim else EARLY_LAUNCH, PACK=pack is not None, NORM=norm,
-        RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block, ROPE_DIM=rope_dim,
+        PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH_ROPE if rope_dim else EARLY_LAUNCH, PACK=pack is not None,
+        NORM=norm, RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block, ROPE_DIM=rope_dim,
         num_warps=num_warps,
         **launch_options)

@@ -64,7 +64,8 @@ def check(layer: DA.Layer) -> str:
         same = torch.equal(q_fused, q_sep) and torch.equal(rows_fused, rows_sep)
         diff = max((q_fused.float() - q_sep.float()).abs().max().item(),
                    (rows_fused.float() - rows_sep.float()).abs().max().item())
-        out.append(f"{'bias' if bias is not None else 'no bias'}: {'bit-equal' if same else f'max |diff| {diff:.2e}'}")
+        verdict = "bit-equal" if same else f"max |diff| {diff:.2e}"
+        out.append(f"{'bias' if bias is not None else 'no bias'}: {verdict}")
     return ", ".join(out)
 
 
