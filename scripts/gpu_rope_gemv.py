@@ -29,6 +29,7 @@ from pagedeploy.runtime import model as M
 
 log = RunLog("rope_gemv.log")
 H, KH, D = DA.H, DA.KH, DA.D
+SHIPPED_EARLY = int4_mma.EARLY_LAUNCH_ROPE
 
 
 def fused_qkv(layer: DA.Layer, bias=None) -> torch.Tensor:
@@ -72,15 +73,15 @@ def check(layer: DA.Layer) -> str:
 class FusedLayer(DA.Layer):
     early = False   # int4_mma.EARLY_LAUNCH_ROPE for this layer's qkv GEMV
 
-
-class FusedEarlyLayer(FusedLayer):
-    early = True
-
     def run(self, mode, skip: bool = False):
         int4_mma.EARLY_LAUNCH_ROPE = self.early
         q = fused_qkv(self)
         o = q if skip else self.attention(q, mode)
         return self.linear(o.reshape(1, H * D), self.wo)
+
+
+class FusedEarlyLayer(FusedLayer):
+    early = True
 
 
 def chain_table() -> None:
@@ -100,7 +101,7 @@ def chain_table() -> None:
         rows.append(row)
         log(f"ctx {ctx:5d}: separate {row[1]:6.2f} / {row[2]:6.2f}, fused {row[3]:6.2f} / {row[4]:6.2f}, "
             f"fused + early launch {row[5]:6.2f} / {row[6]:6.2f} us a layer")
-    int4_mma.EARLY_LAUNCH_ROPE = False
+    int4_mma.EARLY_LAUNCH_ROPE = SHIPPED_EARLY
     log("\nint4 attention half of a layer, µs (8 layers, one graph): no attention / with attention")
     log("| ctx | separate, none | fused, none | fused + early, none | separate | fused | fused + early |")
     log("|---|---|---|---|---|---|---|")
@@ -122,6 +123,7 @@ def attention_after() -> None:
             triton_launch.EARLY_ATTENTION = early_attention
             row.append(time_calls([lambda lay=lay: lay.run(DA.MODES[name]) for lay in fused]))
         triton_launch.EARLY_ATTENTION = False
+        int4_mma.EARLY_LAUNCH_ROPE = SHIPPED_EARLY
         DA.set_mode(DA.MODES["default"])
         del fused
         separate = [DA.Layer(i, ctx, True) for i in range(DA.LAYERS)]
