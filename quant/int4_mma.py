@@ -45,9 +45,6 @@ from .int4_pack import pack_words, row_rstd
 
 GROUP = 128   # codes a row per MMA step: the kernel's only group size
 EARLY_LAUNCH = True   # the kernel after may launch before this one's wait (wait_previous's EARLY): docs/PERF.md run 18
-# ... also attention after a qkv GEMV that rotates and stores (rope_dim): 0.3-1.0 us a layer better
-# than not (docs/PERF.md run 24); scripts/gpu_rope_gemv.py A/Bs it
-EARLY_LAUNCH_ROPE = True
 
 
 def _asm() -> str:
@@ -234,7 +231,7 @@ def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split
         p.residual_out if residual is not None else p.x, p.eps,
         N, K // 8, K // GROUP, words_per_split, split_k, *rope_args, BLOCK_N=block_n, SILU_MUL=silu_mul,
         HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
-        PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH_ROPE if rope_dim else EARLY_LAUNCH, PACK=pack is not None,
+        PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH, PACK=pack is not None,
         NORM=norm, RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block, ROPE_DIM=rope_dim,
         num_warps=num_warps,
         **launch_options)

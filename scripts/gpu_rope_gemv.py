@@ -24,12 +24,10 @@ from gpu_int4 import time_calls
 from pagedeploy.kernels import qk_norm_rope_store
 from pagedeploy.kernels.triton_fused import RopeStore
 from pagedeploy.quant import int4_gemv as G
-from pagedeploy.quant import int4_mma
 from pagedeploy.runtime import model as M
 
 log = RunLog("rope_gemv.log")
 H, KH, D = DA.H, DA.KH, DA.D
-SHIPPED_EARLY = int4_mma.EARLY_LAUNCH_ROPE
 
 
 def fused_qkv(layer: DA.Layer, bias=None) -> torch.Tensor:
@@ -71,17 +69,10 @@ def check(layer: DA.Layer) -> str:
 
 
 class FusedLayer(DA.Layer):
-    early = False   # int4_mma.EARLY_LAUNCH_ROPE for this layer's qkv GEMV
-
     def run(self, mode, skip: bool = False):
-        int4_mma.EARLY_LAUNCH_ROPE = self.early
         q = fused_qkv(self)
         o = q if skip else self.attention(q, mode)
         return self.linear(o.reshape(1, H * D), self.wo)
-
-
-class FusedEarlyLayer(FusedLayer):
-    early = True
 
 
 def chain_table() -> None:
@@ -90,7 +81,7 @@ def chain_table() -> None:
     rows = []
     for ctx in (128, 256, 1024, 4096):
         row = [ctx]
-        for cls in (DA.Layer, FusedLayer, FusedEarlyLayer):
+        for cls in (DA.Layer, FusedLayer):
             layers = [cls(i, ctx, True) for i in range(DA.LAYERS)]
             if cls is FusedLayer and ctx == 256:
                 log(f"check, Llama-3-8B qkv: {check(layers[0])}")
@@ -99,31 +90,29 @@ def chain_table() -> None:
             del layers
             torch.cuda.empty_cache()
         rows.append(row)
-        log(f"ctx {ctx:5d}: separate {row[1]:6.2f} / {row[2]:6.2f}, fused {row[3]:6.2f} / {row[4]:6.2f}, "
-            f"fused + early launch {row[5]:6.2f} / {row[6]:6.2f} us a layer")
-    int4_mma.EARLY_LAUNCH_ROPE = SHIPPED_EARLY
+        log(f"ctx {ctx:5d}: separate {row[1]:6.2f} / {row[2]:6.2f}, fused {row[3]:6.2f} / {row[4]:6.2f} "
+            "us a layer")
     log("\nint4 attention half of a layer, µs (8 layers, one graph): no attention / with attention")
-    log("| ctx | separate, none | fused, none | fused + early, none | separate | fused | fused + early |")
-    log("|---|---|---|---|---|---|---|")
-    for ctx, sn, sa, fn, fa, en, ea in rows:
-        log(f"| {ctx} | {sn:.2f} | {fn:.2f} | {en:.2f} | {sa:.2f} | {fa:.2f} | {ea:.2f} |")
+    log("| ctx | separate, none | fused, none | separate | fused | saved |")
+    log("|---|---|---|---|---|---|")
+    for ctx, sn, sa, fn, fa in rows:
+        log(f"| {ctx} | {sn:.2f} | {fn:.2f} | {sa:.2f} | {fa:.2f} | {sa - fa:.2f} |")
 
 
 def attention_after() -> None:
-    """--after: attention's launch knobs behind the fused GEMV (early launch on), µs a layer."""
+    """--after: attention's launch knobs behind the fused GEMV, µs a layer."""
     from pagedeploy.kernels import triton_launch
     log("\nafter the fused qkv GEMV, µs a layer (attention half, 8 layers, one graph)")
     log("| ctx | default | no pre-wait | attention launches early too | separate, default |")
     log("|---|---|---|---|---|")
     for ctx in (256, 1024):
-        fused = [FusedEarlyLayer(i, ctx, True) for i in range(DA.LAYERS)]
+        fused = [FusedLayer(i, ctx, True) for i in range(DA.LAYERS)]
         row = []
         for name, early_attention in (("default", False), ("no pre-wait", False), ("default", True)):
             DA.set_mode(DA.MODES[name])
             triton_launch.EARLY_ATTENTION = early_attention
             row.append(time_calls([lambda lay=lay: lay.run(DA.MODES[name]) for lay in fused]))
         triton_launch.EARLY_ATTENTION = False
-        int4_mma.EARLY_LAUNCH_ROPE = SHIPPED_EARLY
         DA.set_mode(DA.MODES["default"])
         del fused
         separate = [DA.Layer(i, ctx, True) for i in range(DA.LAYERS)]
