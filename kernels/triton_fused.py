@@ -231,7 +231,8 @@ def rope_store_tile(y, rows, pid_n, b_ptr, rope, HAS_BIAS: tl.constexpr, ROPE_DI
     cos, sin = _halves(cs.to(tl.float32), BLOCK_N)
     rows_a, rows_b = _halves(rows, BLOCK_N)
     first = (pid_n // (ROPE_DIM // BLOCK_N)) * ROPE_DIM   # the tile's head's first row
-    if first < q_rows + kv_rows:   # q or k: rotated
+    rotated = first < q_rows + kv_rows   # q or k (v is stored as it is)
+    if rotated:
         out_a = (a * cos - b * sin).to(dt)
         out_b = (b * cos + a * sin).to(dt)
     else:
@@ -244,7 +245,7 @@ def rope_store_tile(y, rows, pid_n, b_ptr, rope, HAS_BIAS: tl.constexpr, ROPE_DI
         slot = tl.load(slot_ptr).to(tl.int64)
         if slot >= 0:   # < 0: a padding token, nothing to store
             base = (slot // block_size) * stride_cb + (slot % block_size) * stride_cs
-            if first < q_rows + kv_rows:
+            if rotated:   # k
                 _store_halves(kc_ptr, base, rows_a - q_rows, rows_b - q_rows, out_a, out_b, stride_ch,
                               ROPE_DIM)
             else:

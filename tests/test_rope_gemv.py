@@ -3,9 +3,9 @@ kernels/triton_fused.py's RopeStore) against the GEMV's y through qk_norm_rope_s
 rows of the token's slot, and the residual out, bit for bit (both round y to the model dtype, rotate
 in fp32 and round once; on the GPU up to an fma contraction), and the cache's other rows untouched.
 Tiles of half a head and of a whole one, split-K, a bias, a padding slot (nothing stored), and tiles
-that cannot rotate (int4_gemv falls back to the separate launch). On the CPU under TRITON_INTERPRET=1 (the packed-fp16 kernel's fp32
-form), on the GPU (marked `gpu`) at Llama-3-8B's and SmolLM2's qkv with both kernels, and inside a
-CUDA graph whose positions and slots change between replays.
+that cannot rotate (int4_gemv falls back to the separate launch). On the CPU under TRITON_INTERPRET=1
+(the packed-fp16 kernel's fp32 form), on the GPU (marked `gpu`) at Llama-3-8B's and SmolLM2's qkv
+with both kernels, and inside a CUDA graph whose positions and slots change between replays.
 """
 from __future__ import annotations
 
