@@ -10,10 +10,18 @@ import json
 import os
 import random
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")   # never reach a hub from the tests
+
+# The checkout's root holds `kernels/`, pagedeploy.kernels' source folder. `python -m pytest` puts the
+# working directory on sys.path, and there that folder shadows Hugging Face's `kernels` package,
+# which transformers >= 5.25 requires and imports (`from kernels import CUDAProperties`). pagedeploy
+# is imported through its install (an editable finder), so the tests do not need the root.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO_ROOT]
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -31,8 +31,10 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 def server(smollm2_gguf_path, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("up") / "up.log"
+    # PYTHONSAFEPATH: `-m` would put the working directory (the checkout) on sys.path, whose
+    # `kernels/` shadows the one transformers imports (conftest.py)
     env = dict(os.environ, HF_HUB_OFFLINE="1", PAGEDEPLOY_TEST_KEY=API_KEY, COLUMNS="200",
-               PYTHONUNBUFFERED="1")
+               PYTHONUNBUFFERED="1", PYTHONSAFEPATH="1")
     cmd = [sys.executable, "-m", "pagedeploy.launcher.cli", "up", str(ROOT / "profiles/cpu-default.yaml"),
            "--port", str(port), "--set", "max_model_len=2048", "--set", "api_key_env=PAGEDEPLOY_TEST_KEY"]
     with open(log, "w") as out:
