@@ -8,6 +8,7 @@ decode attention starting before its wait (triton_attention.py's PRE_WAIT). The 
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 
@@ -21,6 +22,9 @@ PTR = "*bf16"
 def _compile(fn, consts: dict, types: dict, num_warps: int, num_stages: int) -> str:
     """The PTX of `fn` for sm_90a; ptxas must also accept it with no spills."""
     from gpu_common import compile_for_h100, ptxas_usage
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.name not in consts
+                and p.default is not inspect.Parameter.empty}
+    consts = {**defaults, **consts}   # the constexprs a launch may leave out, at their defaults
     args = [n for n in fn.arg_names if n not in consts]
     arg_types = {n: types.get(n, "fp32" if n in ("eps", "qk_scale") else "i32") for n in args}
     div16 = [n for n in args if arg_types[n].startswith("*") or n.startswith("stride")]
