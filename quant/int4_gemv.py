@@ -155,17 +155,13 @@ def _pair_times_x_f32(words, j: tl.constexpr, s, p, acc32):
 # ---- kernels --------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_block(row, t, c_end, mask_n, col, GW: tl.constexpr, EVEN: tl.constexpr, CACHE: tl.constexpr = ""):
-    """The four [BLOCK_N, GW] word tiles of a block starting at word t (CACHE: tl.load's
-    cache_modifier)."""
+def _load_block(row, t, c_end, mask_n, col, GW: tl.constexpr, EVEN: tl.constexpr):
+    """The four [BLOCK_N, GW] word tiles of a block starting at word t."""
     mask = mask_n[:, None]
-    return (tl.load(row + t, mask=mask & ((t + col < c_end) | EVEN)[None, :], other=0, cache_modifier=CACHE),
-            tl.load(row + t + GW, mask=mask & ((t + GW + col < c_end) | EVEN)[None, :], other=0,
-                    cache_modifier=CACHE),
-            tl.load(row + t + 2 * GW, mask=mask & ((t + 2 * GW + col < c_end) | EVEN)[None, :], other=0,
-                    cache_modifier=CACHE),
-            tl.load(row + t + 3 * GW, mask=mask & ((t + 3 * GW + col < c_end) | EVEN)[None, :], other=0,
-                    cache_modifier=CACHE))
+    return (tl.load(row + t, mask=mask & ((t + col < c_end) | EVEN)[None, :], other=0),
+            tl.load(row + t + GW, mask=mask & ((t + GW + col < c_end) | EVEN)[None, :], other=0),
+            tl.load(row + t + 2 * GW, mask=mask & ((t + 2 * GW + col < c_end) | EVEN)[None, :], other=0),
+            tl.load(row + t + 3 * GW, mask=mask & ((t + 3 * GW + col < c_end) | EVEN)[None, :], other=0))
 
 
 @triton.jit

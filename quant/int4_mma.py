@@ -45,26 +45,22 @@ from .int4_pack import pack_words, row_rstd
 
 GROUP = 128   # codes a row per MMA step: the kernel's only group size
 EARLY_LAUNCH = True   # the kernel after may launch before this one's wait (wait_previous's EARLY): docs/PERF.md run 18
-# Under test (docs/PERF.md run 25): X_L1 asks L1 for x's packed words, 1: the whole split's after
-# the pack, 2: each block's one block ahead, in the loop; WEIGHTS_CG: the weights bypass L1 (.cg),
-# so that they do not push x out of it.
-X_L1 = 0
-WEIGHTS_CG = False
-FLOOR = 0   # timing floors, wrong sums: 1 every block's x is the split's first, 2 its weights, 3 both
+# Timing floors, for measurement only (wrong sums): 1 every block's x is the split's first block's,
+# 2 its weights are (L1 hits after the first), 3 both (gate_up spills a little). docs/PERF.md run 25: with the weights in L1 a
+# layer's four linears take 48.0 us against 52.2, so DRAM is not what bounds this kernel.
+FLOOR = 0
 
 
-def _asm(chains: int = 2) -> str:
+def _asm() -> str:
     """PTX for one group of a thread's two rows. Operands: $0-7 out (the running sums in element 0
     of each row's four, elements 1-3 passed through), $8-15 the words (row g: 8-11, row g + 8:
     12-15), $16-23 and $24-31 x's B operands for those words (int64: pairs 0 | 2 and 1 | 3), the
     scale at $32/$36, minus the group's constant at $40, the zero's term at $48/$52, the sums in at
-    $56-63. The group's 8 MMAs accumulate in `chains` independent chains (2, 4 or 8), summed at
-    the end: an MMA waits on the one before it in its chain only."""
+    $56-63."""
     mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
-    acc = [[f"k{c}_{j}" for j in range(4)] for c in range(chains)]
     lines = [".reg .b32 a0, a1, a2, a3, q0, q1, q2, q3, v, u, b0, b1, e0, e1;",
-             ".reg .f32 zz, " + ", ".join(r for regs in acc for r in regs) + ";", "mov.f32 zz, 0f00000000;"]
-    started = set()
+             ".reg .f32 c0, c1, c2, c3, d0, d1, d2, d3;",
+             *(f"mov.f32 {r}, 0f00000000;" for r in ("c0", "c1", "c2", "c3", "d0", "d1", "d2", "d3"))]
     for i in range(4):
         wa, wb = f"${8 + i}", f"${12 + i}"
         lines += [f"lop3.b32 a0, {wa}, 0x000f000f, 0x64006400, 0xea;",
@@ -76,58 +72,26 @@ def _asm(chains: int = 2) -> str:
                   f"lop3.b32 q1, {wb}, 0x00f000f0, 0x64006400, 0xea;",
                   "lop3.b32 q2, v, 0x00f000f0, 0x64006400, 0xea;",
                   "lop3.b32 q3, u, 0x00f000f0, 0x64006400, 0xea;",
-                  f"mov.b64 {{b0, b1}}, ${16 + i};", f"mov.b64 {{e0, e1}}, ${24 + i};"]
-        for plane, (a, b) in enumerate((("{a0, a1, a2, a3}", "{b0, b1}"), ("{q0, q1, q2, q3}", "{e0, e1}"))):
-            chain = (2 * i + plane) % chains
-            out = "{" + ", ".join(acc[chain]) + "}"
-            lines.append(f"{mma} {out}, {a}, {b}, {out if chain in started else '{zz, zz, zz, zz}'};")
-            started.add(chain)
-    for j in (0, 2):   # rows g and g + 8: sum the chains pairwise
-        regs = [acc[c][j] for c in range(chains)]
-        while len(regs) > 1:
-            lines += [f"add.f32 {regs[k]}, {regs[k]}, {regs[k + 1]};" for k in range(0, len(regs), 2)]
-            regs = regs[::2]
-    c0, c2 = acc[0][0], acc[0][2]
-    lines += [f"add.f32 {c0}, {c0}, $40;", f"add.f32 {c2}, {c2}, $40;",
-              f"fma.rn.f32 {c0}, $32, {c0}, $56;", f"fma.rn.f32 {c2}, $36, {c2}, $60;",
-              f"add.f32 $0, {c0}, $48;", f"add.f32 $4, {c2}, $52;"]
+                  f"mov.b64 {{b0, b1}}, ${16 + i};", f"mov.b64 {{e0, e1}}, ${24 + i};",
+                  f"{mma} {{c0, c1, c2, c3}}, {{a0, a1, a2, a3}}, {{b0, b1}}, {{c0, c1, c2, c3}};",
+                  f"{mma} {{d0, d1, d2, d3}}, {{q0, q1, q2, q3}}, {{e0, e1}}, {{d0, d1, d2, d3}};"]
+    lines += ["add.f32 c0, c0, d0;", "add.f32 c2, c2, d2;", "add.f32 c0, c0, $40;", "add.f32 c2, c2, $40;",
+              "fma.rn.f32 c0, $32, c0, $56;", "fma.rn.f32 c2, $36, c2, $60;",
+              "add.f32 $0, c0, $48;", "add.f32 $4, c2, $52;"]
     lines += [f"mov.b32 ${k}, ${56 + k};" for k in (1, 2, 3, 5, 6, 7)]
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-CHAINS = 2   # under test (docs/PERF.md run 25): a group's MMA chains
 _MMA_GROUP = tl.constexpr(_asm())
-_MMA_GROUP_4 = tl.constexpr(_asm(4))
-_MMA_GROUP_8 = tl.constexpr(_asm(8))
 _MMA_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 8 + ["l"] * 16 + ["f"] * 32))
 
 
 @triton.jit
-def _mma_group(words, xa, xb, s, start, zx, acc, CH: tl.constexpr = 2):
+def _mma_group(words, xa, xb, s, start, zx, acc):
     """acc (element 0 of each row's four a thread holds) += s * (the MMAs' sum + start) + zx for one
     group: start takes the codes' offset of 1024 off, zx is the zero's term."""
-    asm: tl.constexpr = _MMA_GROUP_8 if CH == 8 else (_MMA_GROUP_4 if CH == 4 else _MMA_GROUP)
-    return tl.inline_asm_elementwise(asm, _MMA_CONSTRAINTS, [words, xa, xb, s, start, zx, acc],
+    return tl.inline_asm_elementwise(_MMA_GROUP, _MMA_CONSTRAINTS, [words, xa, xb, s, start, zx, acc],
                                      dtype=tl.float32, is_pure=True, pack=8)
-
-
-@triton.jit
-def _prefetch_l1(ptr):
-    """Ask L1 for the lines at `ptr` (a tensor of addresses); nothing waits on the answer."""
-    tl.inline_asm_elementwise("prefetch.global.L1 [$1];\nmov.u32 $0, 0;", "=r,l", [ptr], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_x(xp_ptr, xg_ptr, c0, c1, KW, groups, LINES: tl.constexpr):
-    """Ask L1 for x's packed words c0 .. c1 (both planes, 16 words a 128-byte line, at most LINES
-    lines) and their groups' two constants."""
-    c = tl.minimum(c0 + 16 * tl.arange(0, LINES), c1 - 1)
-    _prefetch_l1(xp_ptr + c)
-    _prefetch_l1(xp_ptr + KW + c)
-    q = tl.minimum(c0 // 16 + 32 * tl.arange(0, 2), (c1 - 1) // 16)
-    _prefetch_l1(xg_ptr + q)
-    _prefetch_l1(xg_ptr + groups + q)
 
 
 @triton.jit
@@ -139,32 +103,32 @@ def _scales(s_row, z_row, t, GW: tl.constexpr):
 
 
 @triton.jit
-def _group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr, CH: tl.constexpr = 2):
+def _group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
     """One group's [BLOCK_N, GW] tile (words t .. t + GW of each row) into acc."""
     c = t + tl.arange(0, GW)
     q = t // GW
     zx = z.to(tl.float32) * tl.load(xg_ptr + groups + q)
     start = -tl.load(xg_ptr + q + tl.zeros([1, 1], tl.int32))
     return _mma_group(words, tl.load(xp_ptr + c)[None, :], tl.load(xp_ptr + KW + c)[None, :],
-                      s.to(tl.float32)[:, None], start, zx[:, None], acc, CH)
+                      s.to(tl.float32)[:, None], start, zx[:, None], acc)
 
 
 @triton.jit
-def _block(block, t, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr, CH: tl.constexpr = 2):
+def _block(block, t, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
     """A block (_stream's words and scales) into acc."""
     w0, w1, w2, w3, sz = block
     s0, s1, s2, s3, z0, z1, z2, z3 = sz
-    acc = _group(w0, t, s0, z0, xp_ptr, xg_ptr, KW, groups, acc, GW, CH)
-    acc = _group(w1, t + GW, s1, z1, xp_ptr, xg_ptr, KW, groups, acc, GW, CH)
-    acc = _group(w2, t + 2 * GW, s2, z2, xp_ptr, xg_ptr, KW, groups, acc, GW, CH)
-    return _group(w3, t + 3 * GW, s3, z3, xp_ptr, xg_ptr, KW, groups, acc, GW, CH)
+    acc = _group(w0, t, s0, z0, xp_ptr, xg_ptr, KW, groups, acc, GW)
+    acc = _group(w1, t + GW, s1, z1, xp_ptr, xg_ptr, KW, groups, acc, GW)
+    acc = _group(w2, t + 2 * GW, s2, z2, xp_ptr, xg_ptr, KW, groups, acc, GW)
+    return _group(w3, t + 3 * GW, s3, z3, xp_ptr, xg_ptr, KW, groups, acc, GW)
 
 
 @triton.jit
-def _stream(row, s_row, z_row, t, c_end, mask_n, col, GW: tl.constexpr, CACHE: tl.constexpr = ""):
+def _stream(row, s_row, z_row, t, c_end, mask_n, col, GW: tl.constexpr):
     """A block's words and scales, from word t on (clamped to the split's last block)."""
     t = tl.minimum(t, c_end - 4 * GW)
-    w0, w1, w2, w3 = _load_block(row, t, c_end, mask_n, col, GW, True, CACHE)
+    w0, w1, w2, w3 = _load_block(row, t, c_end, mask_n, col, GW, True)
     return w0, w1, w2, w3, _scales(s_row, z_row, t, GW)
 
 
@@ -187,8 +151,7 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                      EARLY: tl.constexpr = False, PACK: tl.constexpr = False,
                      NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
                      PACK_C: tl.constexpr = 512, RSTD_BLOCK: tl.constexpr = 4096,
-                     ROPE_DIM: tl.constexpr = 0, X_L1: tl.constexpr = 0, W_CACHE: tl.constexpr = "",
-                     FLOOR: tl.constexpr = 0, CHAINS: tl.constexpr = 2):
+                     ROPE_DIM: tl.constexpr = 0, FLOOR: tl.constexpr = 0):
     """Grid (N tiles, K splits), whole tiles only. A program walks its rows' K split in blocks of
     four groups, each block's words, scales and zeros asked for AHEAD (1 or 2) blocks before it is
     summed. EARLY: the next kernel may launch before this one waits (wait_previous).
@@ -196,7 +159,7 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     packs its split's words into xp and xg itself, PACK_C words at a time, after the wait: no
     pack_x launch. Programs of one split write the same bits to the same words; each reads back
     only what it wrote, after a barrier. ROPE_DIM: a qkv projection that rotates and stores its
-    output (RopeStore's arguments, r*). X_L1: the module's; W_CACHE: the weights' cache_modifier (".cg": WEIGHTS_CG)."""
+    output (RopeStore's arguments, r*). FLOOR: the module's (timing floors, wrong sums)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = 16   # words a group (GROUP // 8)
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
@@ -204,16 +167,15 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     rope = rope_state(offs_n, rq_ptr, rpos_ptr, rcs_ptr, rkc_ptr, rvc_ptr, rslot_ptr, r_stride_c, r_stride_cb,
                       r_stride_cs, r_stride_ch, r_q_rows, r_kv_rows, r_block_size, ROPE_DIM)
     B: tl.constexpr = 4 * GW
-    C: tl.constexpr = W_CACHE
-    g = _stream(row_g, s_g, z_g, c_start, c_end, mask_n, col, GW, C)   # gate (or the only) rows
+    g = _stream(row_g, s_g, z_g, c_start, c_end, mask_n, col, GW)   # gate (or the only) rows
     h = g   # their block after, when AHEAD == 2
     if AHEAD == 2:
-        h = _stream(row_g, s_g, z_g, c_start + B, c_end, mask_n, col, GW, C)
+        h = _stream(row_g, s_g, z_g, c_start + B, c_end, mask_n, col, GW)
     u, v = g, g   # the same for the up rows
     if SILU_MUL:
-        u = _stream(row_u, s_u, z_u, c_start, c_end, mask_n, col, GW, C)
+        u = _stream(row_u, s_u, z_u, c_start, c_end, mask_n, col, GW)
         if AHEAD == 2:
-            v = _stream(row_u, s_u, z_u, c_start + B, c_end, mask_n, col, GW, C)
+            v = _stream(row_u, s_u, z_u, c_start + B, c_end, mask_n, col, GW)
     wait_previous(PDL, EARLY)
     if PACK:
         rstd = row_rstd(x_ptr, r_ptr, r_out_ptr, KW * 8, eps, (pid_n == 0) & (pid_k == 0), NORM,
@@ -222,26 +184,23 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
             pack_words(x_ptr, r_ptr, nw_ptr, xp_ptr, xg_ptr, c0, c_end, rstd, KW * 8, PACK_C, NORM,
                        RESIDUAL, True, True, True)
         tl.debug_barrier()   # bar.sync: the words' stores are visible to the whole program
-    if X_L1 == 1:
-        for c0 in range(c_start, c_end, 16 * 64):
-            _prefetch_x(xp_ptr, xg_ptr, c0, c_end, KW, groups, 64)
-    if X_L1 == 2:
-        _prefetch_x(xp_ptr, xg_ptr, c_start, c_end, KW, groups, 8)
     acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
     acc_u = acc_g
     for t in range(c_start, c_end, B):
-        if X_L1 == 2:
-            _prefetch_x(xp_ptr, xg_ptr, tl.minimum(t + B, c_end - B), c_end, KW, groups, 4)
-        zero = N // (N + 1)   # 0, but not to the compiler: the floors' loads stay in the loop
-        tw = c_start + (t + AHEAD * B - c_start) * zero if FLOOR >= 2 else t + AHEAD * B
-        tx = c_start + (t - c_start) * zero if FLOOR % 2 == 1 else t
-        new_g = _stream(row_g, s_g, z_g, tw, c_end, mask_n, col, GW, C)
+        tw, tx = t + AHEAD * B, t   # where the next weights and this block's x are read
+        if FLOOR:
+            zero = N // (N + 1)   # 0, but not to the compiler: the floors' loads stay in the loop
+            if FLOOR >= 2:
+                tw = c_start + (tw - c_start) * zero
+            if FLOOR % 2 == 1:
+                tx = c_start + (t - c_start) * zero
+        new_g = _stream(row_g, s_g, z_g, tw, c_end, mask_n, col, GW)
         if SILU_MUL:
-            new_u = _stream(row_u, s_u, z_u, tw, c_end, mask_n, col, GW, C)
-        acc_g = _block(g, tx, xp_ptr, xg_ptr, KW, groups, acc_g, GW, CHAINS)
+            new_u = _stream(row_u, s_u, z_u, tw, c_end, mask_n, col, GW)
+        acc_g = _block(g, tx, xp_ptr, xg_ptr, KW, groups, acc_g, GW)
         g, h = _advance(g, h, new_g, AHEAD)
         if SILU_MUL:
-            acc_u = _block(u, tx, xp_ptr, xg_ptr, KW, groups, acc_u, GW, CHAINS)
+            acc_u = _block(u, tx, xp_ptr, xg_ptr, KW, groups, acc_u, GW)
             u, v = _advance(u, v, new_u, AHEAD)
     # Each row's sum sits in one element of each of the 4 threads across it: a quarter each, so
     # the row sum of _store_rows gives it back exactly.
@@ -286,5 +245,5 @@ def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split
         HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
         PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH, PACK=pack is not None,
         NORM=norm, RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block, ROPE_DIM=rope_dim,
-        X_L1=X_L1, W_CACHE=".cg" if WEIGHTS_CG else "", FLOOR=FLOOR, CHAINS=CHAINS, num_warps=num_warps,
+        FLOOR=FLOOR, num_warps=num_warps,
         **launch_options)

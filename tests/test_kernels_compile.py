@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import sys
 
 from kernel_checks import needs_triton
@@ -51,6 +52,36 @@ def test_int4_mma_packs_x_after_its_wait():
         wait = ptx.index("griddepcontrol.wait")
         barrier = ptx.index("bar.sync", wait)
         assert ptx.find("st.global", wait) < barrier < ptx.index("mma.sync.aligned.m16n8k16", wait)
+
+
+@needs_triton
+def test_int4_mma_timing_floors_keep_the_loop():
+    """int4_mma.FLOOR (docs/PERF.md run 25) times the shipped loop with its weights (2) or x (1) read
+    from the split's first block: the loads must stay in the loop (not hoisted out of it as
+    loop-invariant, which would change what is timed) and the kernel must not spill. (FLOOR 3, both,
+    spills 24 bytes on gate_up with its residual: it is not the figure run 25 quotes.)"""
+    from pagedeploy.quant import int4_mma
+    types = {n: PTR for n in ("x_ptr", "r_ptr", "nw_ptr", "r_out_ptr", "b_ptr", "y_ptr")}
+    types |= {"xp_ptr": "*i64", "xg_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
+              "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    consts = dict(BLOCK_N=64, SILU_MUL=True, HAS_BIAS=False, USE_SPLIT=False, SPLITS=1, PDL=2, AHEAD=1,
+                  EARLY=True, PACK=True, NORM=True, RESIDUAL=True, PACK_C=512, RSTD_BLOCK=4096, ROPE_DIM=0)
+    loads = {}
+    for floor in (0, 1, 2):
+        ptx = _compile(int4_mma._int4_mma_kernel, dict(consts, FLOOR=floor), types, 4, 3)
+        loop = _longest_loop(ptx)
+        assert "mma.sync.aligned.m16n8k16" in loop
+        loads[floor] = (loop.count("ld.global.b32"), loop.count("ld.global.b16"), loop.count("ld.global.b64"))
+    assert loads[0] == loads[1] == loads[2] and min(loads[0]) > 0, loads
+
+
+def _longest_loop(ptx: str) -> str:
+    """The PTX between a label and the longest branch back to it."""
+    labels = {m.group(1): m.end() for m in re.finditer(r"^(\$L__BB\w+):", ptx, re.M)}
+    back = [(labels[m.group(1)], m.start()) for m in re.finditer(r"bra(?:\.uni)?\s+(\$L__BB\w+);", ptx)
+            if labels.get(m.group(1), m.start()) < m.start()]
+    start, stop = max(back, key=lambda se: se[1] - se[0])
+    return ptx[start:stop]
 
 
 @needs_triton
