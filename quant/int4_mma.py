@@ -46,8 +46,9 @@ from .int4_pack import pack_words, row_rstd
 GROUP = 128   # codes a row per MMA step: the kernel's only group size
 EARLY_LAUNCH = True   # the kernel after may launch before this one's wait (wait_previous's EARLY): docs/PERF.md run 18
 # Timing floors, for measurement only (wrong sums): 1 every block's x is the split's first block's,
-# 2 its weights are (L1 hits after the first), 3 both (gate_up spills a little). docs/PERF.md run 25: with the weights in L1 a
-# layer's four linears take 48.0 us against 52.2, so DRAM is not what bounds this kernel.
+# 2 its weights are (L1 hits after the first), 3 both (gate_up spills a little). docs/PERF.md run
+# 25: with the weights in L1 a layer's four linears take 48.0 us against 52.2, so DRAM is not what
+# bounds this kernel.
 FLOOR = 0
 
 

@@ -63,38 +63,49 @@ def kernel_table(modes: dict) -> dict[str, float]:
     return {m: min(us) for m, us in chain.items()}
 
 
+def registers(x, w, s_mul: bool, cfg, fus) -> int:
+    """Registers a thread of the launch int4_gemv makes at `cfg`."""
+    regs, launch = [], int4_mma.launch
+    int4_mma.launch = lambda *a, **kw: regs.append(launch(*a, **kw).n_regs)
+    try:
+        G.int4_gemv(x, w, silu_mul=s_mul, config=cfg, **fus)
+    finally:
+        int4_mma.launch = launch
+    return regs[0]
+
+
+def shapes(rows: int, k: int, s_mul: bool, sms: int):
+    """(cfg, programs of the grid) to sweep: tile shapes, blocks ahead, splits that divide the
+    blocks up to 8 programs an SM."""
+    blocks = k // 512
+    for bn, warps in (((64, 4), (128, 4), (128, 8)) if "--wide" in sys.argv else ((64, 4), (32, 2))):
+        tiles = rows // bn * (2 if s_mul else 1)
+        for ahead in (1, 2):
+            for split in (d for d in range(1, blocks // 2 + 1) if blocks % d == 0 and tiles * d <= 8 * sms):
+                yield G.Int4GemvConfig(bn, split, warps, mma=True, ahead=ahead, **G.pack_in_kernel(blocks, split)), \
+                    tiles * split
+
+
 def sweep() -> None:
     """Launch shapes at more warps an SM: 64 x 4 warps or 32 x 2 (the same tile a thread, half the
     registers a program), or (--wide) 128 x 4 (two rows' tiles a thread share x's operands, as
-    gate_up's two streams do) and 128 x 8, one or two blocks ahead, every split that divides the blocks up to 8
-    programs an SM; gate_up also as one plain 2N-row stream (no silu: what a row-interleaved gate_up
-    with silu * up in its epilogue would cost). µs a call and registers."""
+    gate_up's two streams do) and 128 x 8, one or two blocks ahead, every split that divides the
+    blocks up to 8 programs an SM; gate_up also as one plain 2N-row stream (no silu: what a
+    row-interleaved gate_up with silu * up in its epilogue would cost). µs a call and registers."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cases = list(B1.linear_cases(B1.ONLY))
-    for name, (n, k, norm, silu), ws, x, fus, _, _ in cases:
+    for name, (n, k, norm, silu), ws, x, fus, _, _ in B1.linear_cases(B1.ONLY):
         for plain in ((False, True) if silu else (False,)):
             rows, s_mul = (2 * n, False) if plain else (n, silu)
             label = name + (" as 2N plain" if plain else "")
-            blocks = k // 512
             best = (1e9, "")
-            for bn, warps in (((64, 4), (128, 4), (128, 8)) if "--wide" in sys.argv else ((64, 4), (32, 2))):
-                tiles = rows // bn * (2 if s_mul else 1)
-                for ahead in (1, 2):
-                    for split in (d for d in range(1, blocks // 2 + 1) if blocks % d == 0 and tiles * d <= 8 * sms):
-                        cfg = G.Int4GemvConfig(bn, split, warps, mma=True, ahead=ahead, **G.pack_in_kernel(blocks, split))
-                        regs = []
-                        launch = int4_mma.launch
-                        int4_mma.launch = lambda *a, **kw: regs.append(launch(*a, **kw).n_regs)
-                        try:
-                            G.int4_gemv(x, ws[0], silu_mul=s_mul, config=cfg, **fus)
-                        finally:
-                            int4_mma.launch = launch
-                        us = time_calls([lambda w=w: G.int4_gemv(x, w, silu_mul=s_mul, config=cfg, **fus) for w in ws])
-                        per_sm = min(65536 // (regs[0] * 32 * warps), 32 // warps) if regs else 0
-                        log(f"{label:18s} bn{bn} w{warps} ahead {ahead} split {split:2d}: {us:6.2f} us  "
-                            f"{regs[0] if regs else '?'} registers ({per_sm} programs an SM fit, "
-                            f"the grid gives {tiles * split / sms:.1f})")
-                        best = min(best, (us, f"bn{bn} w{warps} ahead {ahead} split {split}"))
+            for cfg, programs in shapes(rows, k, s_mul, sms):
+                regs = registers(x, ws[0], s_mul, cfg, fus)
+                us = time_calls([lambda w=w: G.int4_gemv(x, w, silu_mul=s_mul, config=cfg, **fus) for w in ws])
+                shape = f"bn{cfg.block_n} w{cfg.num_warps} ahead {cfg.ahead} split {cfg.split_k}"
+                fit = min(65536 // (regs * 32 * cfg.num_warps), 32 // cfg.num_warps)
+                log(f"{label:18s} {shape}: {us:6.2f} us  {regs} registers ({fit} programs an SM fit, "
+                    f"the grid gives {programs / sms:.1f})")
+                best = min(best, (us, shape))
             log(f"{label:18s} best {best[0]:6.2f} us ({best[1]})")
         del ws
         torch.cuda.empty_cache()

@@ -16,8 +16,10 @@ for s in ${@:-gate_up down}; do
 sys.argv = ['gpu_int4_gemm.py', 'once', '1', '$s']; runpy.run_path('scripts/gpu_int4_gemm.py', run_name='__main__')" \
       > $OUT/ncu_${s}_f$f.txt 2>&1
     echo "== $s FLOOR=$f"
-    grep -E "^\s+(Duration|DRAM Throughput|L1/TEX Hit Rate|Warp Cycles Per Issued Instruction|Issue Slots Busy|Executed Instructions)\b" $OUT/ncu_${s}_f$f.txt
-    grep -E "smsp__average_warps_issue_stalled" $OUT/ncu_${s}_f$f.txt | awk '$NF+0 > 0.1 {print $1, $NF}' | sed 's/smsp__average_warps_issue_stalled_//; s/_per_issue_active.ratio//'
+    grep -E "^\s+(Duration|DRAM Throughput|Warp Cycles Per Issued Instruction|Issue Slots Busy)\b" \
+      $OUT/ncu_${s}_f$f.txt
+    grep -E "smsp__average_warps_issue_stalled" $OUT/ncu_${s}_f$f.txt | awk '$NF+0 > 0.1 {print $1, $NF}' \
+      | sed 's/smsp__average_warps_issue_stalled_//; s/_per_issue_active.ratio//'
     grep -iE "pipe|wavefront|bank" $OUT/ncu_${s}_f$f.txt | grep -v "^\s*-" | head -8
   done
 done
