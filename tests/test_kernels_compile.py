@@ -18,6 +18,10 @@ from kernel_checks import needs_triton
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
 
 PTR = "*bf16"
+# int4_mma._int4_mma_kernel's pointer arguments (x packed as pack_x(mma=True) packs it)
+MMA_TYPES = {n: PTR for n in ("x_ptr", "r_ptr", "nw_ptr", "r_out_ptr", "b_ptr", "y_ptr")} | {
+    "xp_ptr": "*i64", "xg_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "ws_ptr": "*fp32",
+    "lock_ptr": "*i32"}
 
 
 def _compile(fn, consts: dict, types: dict, num_warps: int, num_stages: int) -> str:
@@ -41,9 +45,7 @@ def test_int4_mma_packs_x_after_its_wait():
     """gate_up (norm + residual, silu, one block ahead) and down (two ahead) as mma_config launches
     them: the packing's stores and the barrier come after griddepcontrol.wait, the MMAs after both."""
     from pagedeploy.quant import int4_mma
-    types = {n: PTR for n in ("x_ptr", "r_ptr", "nw_ptr", "r_out_ptr", "b_ptr", "y_ptr")}
-    types |= {"xp_ptr": "*i64", "xg_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-              "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    types = MMA_TYPES
     for silu, ahead, split in ((True, 1, 1), (False, 2, 4)):
         consts = dict(BLOCK_N=64, SILU_MUL=silu, HAS_BIAS=False, USE_SPLIT=split > 1, SPLITS=split, PDL=2,
                       AHEAD=ahead, EARLY=True, PACK=True, NORM=silu, RESIDUAL=silu, PACK_C=512, RSTD_BLOCK=4096,
@@ -61,9 +63,7 @@ def test_int4_mma_timing_floors_keep_the_loop():
     loop-invariant, which would change what is timed) and the kernel must not spill. (FLOOR 3, both,
     spills 24 bytes on gate_up with its residual: it is not the figure run 25 quotes.)"""
     from pagedeploy.quant import int4_mma
-    types = {n: PTR for n in ("x_ptr", "r_ptr", "nw_ptr", "r_out_ptr", "b_ptr", "y_ptr")}
-    types |= {"xp_ptr": "*i64", "xg_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-              "ws_ptr": "*fp32", "lock_ptr": "*i32"}
+    types = MMA_TYPES
     consts = dict(BLOCK_N=64, SILU_MUL=True, HAS_BIAS=False, USE_SPLIT=False, SPLITS=1, PDL=2, AHEAD=1,
                   EARLY=True, PACK=True, NORM=True, RESIDUAL=True, PACK_C=512, RSTD_BLOCK=4096, ROPE_DIM=0)
     loads = {}
@@ -110,10 +110,8 @@ def test_int4_gemvs_rotate_in_their_epilogue():
     batch-1 kernels as int4_gemv launches them: no spills, the MMAs before the cache stores. The
     interpreter runs only the packed-fp16 kernel's fp32 form (tests/test_rope_gemv.py)."""
     from pagedeploy.quant import int4_gemv, int4_mma
-    types = {n: PTR for n in ("x_ptr", "r_ptr", "nw_ptr", "r_out_ptr", "b_ptr", "y_ptr", "rq_ptr", "rkc_ptr",
-                              "rvc_ptr")}
-    types |= {"xp_ptr": "*i64", "xg_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-              "ws_ptr": "*fp32", "lock_ptr": "*i32", "rpos_ptr": "*i64", "rcs_ptr": "*fp32", "rslot_ptr": "*i64"}
+    types = MMA_TYPES | {"rq_ptr": PTR, "rkc_ptr": PTR, "rvc_ptr": PTR, "rpos_ptr": "*i64", "rcs_ptr": "*fp32",
+                         "rslot_ptr": "*i64"}
     split = dict(BLOCK_N=64, SILU_MUL=False, HAS_BIAS=True, USE_SPLIT=True, SPLITS=4, PDL=2, ROPE_DIM=128)
     consts = dict(split, AHEAD=1, EARLY=True, PACK=True, NORM=True, RESIDUAL=True, PACK_C=128, RSTD_BLOCK=4096)
     ptx = _compile(int4_mma._int4_mma_kernel, consts, types, 4, 3)
