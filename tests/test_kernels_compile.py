@@ -118,3 +118,24 @@ def test_int4_gemvs_rotate_in_their_epilogue():
     assert ptx.rindex("mma.sync.aligned.m16n8k16") < ptx.rindex("atom.global") < ptx.rindex("st.global")
     fp16_types = dict(types, xp_ptr="*i32", xw_ptr="*fp32")
     _compile(int4_gemv._int4_gemv_kernel, dict(split, GROUP=128, F16X2=True, EVEN=True), fp16_types, 4, 3)
+
+
+@needs_triton
+def test_gluon_int4_decode_is_the_wgmma_register_operand():
+    """scripts/gpu_gluon_probe.py (the route after docs/PERF.md run 25): a 64-row tile of int4 words,
+    decoded by int4_mma's LOP3s, is wgmma's register A operand with no data movement (its
+    convert_layout asserts it is trivial, so a layout change fails the compile), and the group's
+    K = 128 runs as 8 async wgmma with x from shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    import gpu_gluon_probe as P
+    src = GluonASTSource(P.group_kernel, {"w_ptr": "*i32", "b_ptr": "*fp16", "c_ptr": "*fp32"},
+                         attrs={(i,): [["tt.divisibility", 16]] for i in range(3)})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16") == 8
+    assert "ld.shared" not in ptx   # A never goes through shared memory
+    assert ptx.count("ld.global.v4") == 2   # a thread's words: 16 bytes from each of its two rows
+    from gpu_common import ptxas_usage
+    assert "0 bytes spill stores" in ptxas_usage(ptx)
