@@ -64,24 +64,32 @@ mov.b32 {$6, $7}, d;
 }""")
 
 
+# A word tile's decoded codes, joined as [64, 16 (word 4t + i), jj, h, p] (code j = p + 2 h + 4 jj),
+# go to [row, i, p, h, t, jj]: K = 32 i + 16 p + 8 h + 2 t + jj
+OPERAND_SPLIT = gl.constexpr((64, 4, 4, 2, 2, 2))
+OPERAND_PERM = gl.constexpr((0, 2, 5, 4, 1, 3))
+MMA_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16]))
+
+
+@gluon.jit
+def to_operand(c0, c4, c2, c6, c1, c5, c3, c7):
+    """The 8 fp16 codes of each word of a [64, 16] word tile (WORDS layout), in the decode's order,
+    as wgmma's [64, 128] register A operand (MMA_LAYOUT's): no data moves, or the compile fails."""
+    a = gl.join(gl.join(gl.join(c0, c4), gl.join(c2, c6)), gl.join(gl.join(c1, c5), gl.join(c3, c7)))
+    a = gl.reshape(gl.permute(gl.reshape(a, OPERAND_SPLIT), OPERAND_PERM), [64, 128])
+    return gl.convert_layout(a, gl.DotOperandLayout(0, MMA_LAYOUT, 2), assert_trivial=True)
+
+
 @gluon.jit
 def group_kernel(w_ptr, b_ptr, c_ptr):
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, 8, 16])
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    acc_layout: gl.constexpr = MMA_LAYOUT
     rows = gl.arange(0, 64, layout=gl.SliceLayout(1, WORDS))
     cols = gl.arange(0, 16, layout=gl.SliceLayout(0, WORDS))
     words = gl.load(w_ptr + rows[:, None] * 16 + cols[None, :])
     # codes (p, h, j) of each word: p plane, h half of the k16 step, j pair element
     c0, c4, c2, c6, c1, c5, c3, c7 = gl.inline_asm_elementwise(
         DECODE, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=[gl.float16] * 8, is_pure=True, pack=1)
-    p0 = gl.join(gl.join(c0, c4), gl.join(c2, c6))      # [64, 16, j, h]
-    p1 = gl.join(gl.join(c1, c5), gl.join(c3, c7))
-    a = gl.join(p0, p1)                                  # [64, 16 (4t + i), j, h, p]
-    a = gl.reshape(a, [64, 4, 4, 2, 2, 2])               # [row, t, i, j, h, p]
-    a = gl.permute(a, [0, 2, 5, 4, 1, 3])                # [row, i, p, h, t, j]
-    a = gl.reshape(a, [64, 128])                         # k = 32 i + 16 p + 8 h + 2 t + j
-    a = gl.convert_layout(a, a_layout, assert_trivial=True)
+    a = to_operand(c0, c4, c2, c6, c1, c5, c3, c7)
     b_blocked: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [4, 1], [1, 0])
     bk = gl.arange(0, 128, layout=gl.SliceLayout(1, b_blocked))
     bn = gl.arange(0, 8, layout=gl.SliceLayout(0, b_blocked))

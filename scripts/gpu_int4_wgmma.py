@@ -36,7 +36,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
 
-from gpu_gluon_probe import WORDS
+from gpu_gluon_probe import MMA_LAYOUT, WORDS, to_operand
 
 GROUP = 128
 
@@ -70,8 +70,7 @@ def _half2(v):
 def _dequant(words, s_ptr, z_ptr, arow, groups, g):
     """group g's [64, 16] words -> wgmma's [64, 128] fp16 A: s * code + z (even codes: (1024 + c) s +
     (z - 1024 s); odd, decoded as 1024 + 16 c: (s / 16) and (z - 64 s))."""
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, 8, 16])
+    acc_layout: gl.constexpr = MMA_LAYOUT
     s = gl.load(s_ptr + arow * groups + g).to(gl.float32)[:, None]
     z = gl.load(z_ptr + arow * groups + g).to(gl.float32)[:, None]
     ones = gl.zeros(words.shape, gl.float32, words.type.layout)
@@ -79,9 +78,7 @@ def _dequant(words, s_ptr, z_ptr, arow, groups, g):
         DEQUANT, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r",
         [words, _half2(s + ones), _half2(z - 1024 * s + ones), _half2(s / 16 + ones), _half2(z - 64 * s + ones)],
         dtype=[gl.float16] * 8, is_pure=True, pack=1)
-    a = gl.join(gl.join(gl.join(c0, c4), gl.join(c2, c6)), gl.join(gl.join(c1, c5), gl.join(c3, c7)))
-    a = gl.permute(gl.reshape(a, [64, 4, 4, 2, 2, 2]), [0, 2, 5, 4, 1, 3])
-    return gl.convert_layout(gl.reshape(a, [64, 128]), gl.DotOperandLayout(0, acc_layout, 2), assert_trivial=True)
+    return to_operand(c0, c4, c2, c6, c1, c5, c3, c7)
 
 
 @gluon.jit
@@ -95,8 +92,7 @@ def _words(w_row, g, g_last):
 @gluon.jit
 def int4_wgmma_kernel(xs_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, KW, groups, GPS: gl.constexpr):
     """y[pid_k, rows] = the split's sums for a 64-row tile; xs: x in the kernel's K order (pack_x_wgmma)."""
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, 8, 16])
+    acc_layout: gl.constexpr = MMA_LAYOUT
     pid_n = gl.program_id(0)
     g0 = gl.program_id(1) * GPS
     # the split's x into shared memory, every column x

@@ -13,6 +13,8 @@ import os
 import re
 import sys
 
+import torch
+
 from kernel_checks import needs_triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts"))
@@ -139,3 +141,32 @@ def test_gluon_int4_decode_is_the_wgmma_register_operand():
     assert ptx.count("ld.global.v4") == 2   # a thread's words: 16 bytes from each of its two rows
     from gpu_common import ptxas_usage
     assert "0 bytes spill stores" in ptxas_usage(ptx)
+
+
+def test_gluon_int4_k_order_matches_its_x_packing():
+    """The K order of the Gluon route (scripts/gpu_gluon_probe.py, gpu_int4_wgmma.py) on the CPU:
+    to_operand's join / reshape / permute of a word's 8 decoded codes (its constants), replayed with
+    torch's stack / reshape / permute (the same tensor semantics), is the order
+    gpu_gluon_probe.group_operand documents, and a product in it with pack_x_wgmma's x is the plain codes @ x. (That the
+    rearranged tensor is wgmma's A operand is test_gluon_int4_decode_is_the_wgmma_register_operand's
+    part.)"""
+    import gpu_gluon_probe as P
+    import gpu_int4_wgmma as W
+
+    from pagedeploy.quant.int4 import pack_int4
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (64, 128), generator=gen)
+    words = pack_int4(codes)                                   # [64, 16]: code j of a word at bits 4j
+    # the kernels' decode order, (c0, c4, c2, c6, c1, c5, c3, c7); odd codes decode as 16 code
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    c = [((w >> (4 * j)) & 0xF) * (16 if j % 2 else 1) + 1024 for j in range(8)]
+    join = lambda a, b: torch.stack([a, b], -1)  # noqa: E731  (gl.join: a new last axis of 2)
+    a = join(join(join(c[0], c[4]), join(c[2], c[6])), join(join(c[1], c[5]), join(c[3], c[7])))
+    a = a.reshape(P.OPERAND_SPLIT.value).permute(P.OPERAND_PERM.value).reshape(64, 128)   # to_operand's
+    assert torch.equal(a.double(), P.group_operand(words))
+    # back to codes, K order kept: against pack_x_wgmma's x, the plain product
+    k = torch.arange(128)
+    codes_k = torch.where((k // 16 % 2 == 1)[None, :], (a - 1024) // 16, a - 1024)
+    x = torch.randn(128, generator=gen, dtype=torch.float64)
+    xs = W.pack_x_wgmma(x).double()
+    assert torch.allclose(codes_k.double() @ xs, codes.double() @ x.half().double(), rtol=0, atol=1e-9)
