@@ -50,18 +50,20 @@ WORDS = gl.constexpr(gl.DistributedLinearLayout(
     reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
     warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 16]))
 
-DECODE = gl.constexpr("""{
-.reg .b32 a, b, c, d, v;
-lop3.b32 a, $8, 0x000f000f, 0x64006400, 0xea;
-shr.u32 v, $8, 8;
-lop3.b32 b, v, 0x000f000f, 0x64006400, 0xea;
-lop3.b32 c, $8, 0x00f000f0, 0x64006400, 0xea;
-lop3.b32 d, v, 0x00f000f0, 0x64006400, 0xea;
-mov.b32 {$0, $1}, a;
-mov.b32 {$2, $3}, b;
-mov.b32 {$4, $5}, c;
-mov.b32 {$6, $7}, d;
-}""")
+def decode_asm(between: str = "") -> str:
+    """PTX from one int32 word of 8 codes (operand $8) to 8 fp16 outputs in the order (c0, c4, c2,
+    c6, c1, c5, c3, c7): int4_mma's LOP3s make fp16 1024 + code (odd codes 1024 + 16 code) in four
+    fp16x2 registers a-d; `between` may change them (gpu_int4_wgmma's dequantizing fma)."""
+    return "\n".join(["{", ".reg .b32 a, b, c, d, v;",
+                      "lop3.b32 a, $8, 0x000f000f, 0x64006400, 0xea;", "shr.u32 v, $8, 8;",
+                      "lop3.b32 b, v, 0x000f000f, 0x64006400, 0xea;",
+                      "lop3.b32 c, $8, 0x00f000f0, 0x64006400, 0xea;",
+                      "lop3.b32 d, v, 0x00f000f0, 0x64006400, 0xea;", between,
+                      "mov.b32 {$0, $1}, a;", "mov.b32 {$2, $3}, b;", "mov.b32 {$4, $5}, c;",
+                      "mov.b32 {$6, $7}, d;", "}"])
+
+
+DECODE = gl.constexpr(decode_asm())
 
 
 # A word tile's decoded codes, joined as [64, 16 (word 4t + i), jj, h, p] (code j = p + 2 h + 4 jj),

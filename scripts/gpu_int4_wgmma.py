@@ -36,27 +36,15 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia import hopper
 
-from gpu_gluon_probe import MMA_LAYOUT, WORDS, to_operand
+from gpu_gluon_probe import MMA_LAYOUT, WORDS, decode_asm, to_operand
 
 GROUP = 128
 
 
-DEQUANT = gl.constexpr("""{
-.reg .b32 a, b, c, d, v;
-lop3.b32 a, $8, 0x000f000f, 0x64006400, 0xea;
-shr.u32 v, $8, 8;
-lop3.b32 b, v, 0x000f000f, 0x64006400, 0xea;
-lop3.b32 c, $8, 0x00f000f0, 0x64006400, 0xea;
-lop3.b32 d, v, 0x00f000f0, 0x64006400, 0xea;
-fma.rn.f16x2 a, a, $9, $10;
-fma.rn.f16x2 b, b, $9, $10;
-fma.rn.f16x2 c, c, $11, $12;
-fma.rn.f16x2 d, d, $11, $12;
-mov.b32 {$0, $1}, a;
-mov.b32 {$2, $3}, b;
-mov.b32 {$4, $5}, c;
-mov.b32 {$6, $7}, d;
-}""")
+# the decode, then (1024 + c) * s + (z - 1024 s) for even codes, (1024 + 16 c) * s / 16 + (z - 64 s) for odd
+DEQUANT = gl.constexpr(decode_asm("\n".join(f"fma.rn.f16x2 {r}, {r}, {m}, {c};"
+                                             for r, m, c in (("a", "$9", "$10"), ("b", "$9", "$10"),
+                                                             ("c", "$11", "$12"), ("d", "$11", "$12")))))
 
 
 @gluon.jit
