@@ -127,15 +127,21 @@ def test_gluon_int4_decode_is_the_wgmma_register_operand():
     """scripts/gpu_gluon_probe.py (the route after docs/PERF.md run 25): a 64-row tile of int4 words,
     decoded by int4_mma's LOP3s, is wgmma's register A operand with no data movement (its
     convert_layout asserts it is trivial, so a layout change fails the compile), and the group's
-    K = 128 runs as 8 async wgmma with x from shared memory."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    import gpu_gluon_probe as P
-    src = GluonASTSource(P.group_kernel, {"w_ptr": "*i32", "b_ptr": "*fp16", "c_ptr": "*fp32"},
-                         attrs={(i,): [["tt.divisibility", 16]] for i in range(3)})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+    K = 128 runs as 8 async wgmma with x from shared memory. Compiled in a child process: Gluon's
+    IR objects, left at exit, make nanobind print leak warnings after pytest's summary."""
+    import subprocess
+    code = ("import sys, triton; sys.path.insert(0, sys.argv[1])\n"
+            "from triton.backends.compiler import GPUTarget\n"
+            "from triton.experimental.gluon._runtime import GluonASTSource\n"
+            "import gpu_gluon_probe as P\n"
+            "src = GluonASTSource(P.group_kernel, {'w_ptr': '*i32', 'b_ptr': '*fp16', 'c_ptr': '*fp32'},\n"
+            "                     attrs={(i,): [['tt.divisibility', 16]] for i in range(3)})\n"
+            "sys.stdout.write(triton.compile(src, target=GPUTarget('cuda', 90, 32),\n"
+            "                                options=dict(num_warps=4)).asm['ptx'])\n")
+    scripts = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts")
+    run = subprocess.run([sys.executable, "-c", code, scripts], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ptx = run.stdout
     assert ptx.count("wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16") == 8
     assert "ld.shared" not in ptx   # A never goes through shared memory
     assert ptx.count("ld.global.v4") == 2   # a thread's words: 16 bytes from each of its two rows
