@@ -57,3 +57,16 @@ def ptxas_usage(ptx: str) -> str:
     os.unlink(f.name)
     return " ".join(line.split("info    : ")[-1] for line in res.stderr.splitlines()
                     if "Used" in line or "spill" in line)
+
+
+def sass_loop_ops(sass: str):
+    """Opcode counts (a collections.Counter) of the longest loop in nvdisasm's SASS listing."""
+    import re
+    from collections import Counter
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
+    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
+             if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
+    start, stop = max(loops, key=lambda se: se[1] - se[0])
+    return Counter(m.group(1) for line in lines[start:stop + 1]
+                   if (m := re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)))

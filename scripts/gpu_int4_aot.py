@@ -4,7 +4,7 @@ without a GPU and count, from the SASS, the instructions of the hottest loop per
 figure the kernel notes in docs/PERF.md quote), with registers and spills."""
 from __future__ import annotations
 
-from gpu_common import RunLog, compile_for_h100, triton_bin_dir
+from gpu_common import RunLog, compile_for_h100, sass_loop_ops, triton_bin_dir
 
 from pagedeploy.quant import int4_gemv as G4
 from pagedeploy.quant import int4_mma as M4
@@ -16,10 +16,8 @@ log = RunLog("int4.log")
 def aot() -> int:
     """Compile the fma, dot and GEMV kernels for sm_90a (Triton's own ptxas) and print registers, spills and
     the instructions of the hottest loop per weight (from the SASS): no GPU needed."""
-    import re
     import subprocess
     import tempfile
-    from collections import Counter
 
     bin_dir = triton_bin_dir()
     ptrs = {"x_ptr": "*bf16", "xs_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
@@ -59,13 +57,7 @@ def aot() -> int:
             sass = subprocess.run([f"{bin_dir}/nvdisasm", "-c", f"{d}/k.cubin"], capture_output=True, text=True).stdout
             usage = subprocess.run([f"{bin_dir}/cuobjdump", "-res-usage", f"{d}/k.cubin"], capture_output=True,
                                    text=True).stdout.strip().splitlines()[-1].split()
-        lines = sass.splitlines()
-        labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
-        loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
-                 if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
-        start, stop = max(loops, key=lambda se: se[1] - se[0])
-        ops = Counter(m.group(1) for line in lines[start:stop + 1]
-                      if (m := re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)))
+        ops = sass_loop_ops(sass)
         per_weight = sum(ops.values()) * 32 * nw / weights_per_step
         log(f"{fn.__name__} {consts}: {' '.join(usage[:3])}; loop {sum(ops.values())} instructions a thread, "
             f"{per_weight:.2f} per weight; top {dict(ops.most_common(6))}")

@@ -33,22 +33,22 @@ def set_mode(name: str) -> None:
     int4_mma.FLOOR = FLOORS[name]
 
 
-def kernel_table(modes: dict) -> dict[str, float]:
-    """µs a call per linear and a layer's four linears (the min of two interleaved repeats) per mode."""
+def kernel_table() -> None:
+    """µs a call per linear and a layer's four linears (the min of two interleaved repeats) per FLOORS mode."""
     rows = {}
     for name, (n, k, norm, silu), ws, x, fus, _, _ in B1.linear_cases(B1.ONLY):
         cfg = G.default_config(n, k, 128, silu, x.device)
-        for mode in modes:
+        for mode in FLOORS:
             set_mode(mode)
             rows[(name, mode)] = time_calls([lambda w=w: G.int4_gemv(x, w, silu_mul=silu, config=cfg, **fus)
                                              for w in ws])
-        log(f"{name:8s} " + "  ".join(f"{mode} {rows[(name, mode)]:6.2f}" for mode in modes))
+        log(f"{name:8s} " + "  ".join(f"{mode} {rows[(name, mode)]:6.2f}" for mode in FLOORS))
         del ws
         torch.cuda.empty_cache()
     layers = F.make_layers()
     chain = {}
     for _ in range(2):   # twice, interleaved: drift between repeats shows
-        for mode in modes:
+        for mode in FLOORS:
             set_mode(mode)
             chain.setdefault(mode, []).append(time_calls([lambda layer=layer: F.run_layer(layer) for layer in layers]))
     for mode, us in chain.items():
@@ -56,11 +56,10 @@ def kernel_table(modes: dict) -> dict[str, float]:
     set_mode("shipped")
     del layers
     torch.cuda.empty_cache()
-    log("\nus a call       " + " ".join(f"{m:>16s}" for m in modes))
+    log("\nus a call       " + " ".join(f"{m:>16s}" for m in FLOORS))
     for name in B1.ONLY:
-        log(f"{name:16s}" + " ".join(f"{rows[(name, m)]:16.2f}" for m in modes))
-    log(f"{'layer chain':16s}" + " ".join(f"{min(chain[m]):16.2f}" for m in modes))
-    return {m: min(us) for m, us in chain.items()}
+        log(f"{name:16s}" + " ".join(f"{rows[(name, m)]:16.2f}" for m in FLOORS))
+    log(f"{'layer chain':16s}" + " ".join(f"{min(chain[m]):16.2f}" for m in FLOORS))
 
 
 def registers(x, w, s_mul: bool, cfg, fus) -> int:
@@ -138,7 +137,7 @@ def main() -> int:
     elif "--e2e-floor" in sys.argv:
         e2e_floor(reps)
     else:
-        kernel_table(FLOORS)
+        kernel_table()
     return 0
 
 

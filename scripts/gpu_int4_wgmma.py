@@ -58,7 +58,6 @@ def _half2(v):
 def _dequant(words, s_ptr, z_ptr, arow, groups, g):
     """group g's [64, 16] words -> wgmma's [64, 128] fp16 A: s * code + z (even codes: (1024 + c) s +
     (z - 1024 s); odd, decoded as 1024 + 16 c: (s / 16) and (z - 64 s))."""
-    acc_layout: gl.constexpr = MMA_LAYOUT
     s = gl.load(s_ptr + arow * groups + g).to(gl.float32)[:, None]
     z = gl.load(z_ptr + arow * groups + g).to(gl.float32)[:, None]
     ones = gl.zeros(words.shape, gl.float32, words.type.layout)
@@ -162,24 +161,16 @@ def aot() -> None:
 
 
 def loop_ops(cubin: bytes):
-    """Opcode counts of the longest loop in the SASS (as scripts/gpu_int4_aot.py counts them)."""
-    import re
+    """Opcode counts of the longest loop in the cubin's SASS (gpu_common.sass_loop_ops)."""
     import subprocess
     import tempfile
-    from collections import Counter
 
-    from gpu_common import triton_bin_dir
+    from gpu_common import sass_loop_ops, triton_bin_dir
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        lines = subprocess.run([f"{triton_bin_dir()}/nvdisasm", "-c", f.name], capture_output=True,
-                               text=True).stdout.splitlines()
-    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^(\.L_x_\d+):", line))}
-    loops = [(labels[m.group(1)], i) for i, line in enumerate(lines)
-             if (m := re.search(r"BRA `\((\.L_x_\d+)\)", line)) and labels.get(m.group(1), i) < i]
-    start, stop = max(loops, key=lambda se: se[1] - se[0])
-    return Counter(m.group(1) for line in lines[start:stop + 1]
-                   if (m := re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)))
+        return sass_loop_ops(subprocess.run([f"{triton_bin_dir()}/nvdisasm", "-c", f.name], capture_output=True,
+                                            text=True).stdout)
 
 
 def main() -> None:
