@@ -1,15 +1,20 @@
 """Issue 6, the route after docs/PERF.md run 25: can Triton's Gluon run Hopper's wgmma with its A
-operand from registers and B from shared memory, asynchronously, and can the int4 GEMV's decoded
-words be that A operand without moving data?
-- wgmma_rs_kernel: a 64 x K @ K x 8 product, A loaded straight into wgmma's register layout.
+operand from registers and B from shared memory, and can the int4 GEMV's decoded words be that A
+operand without moving data? (Run 26: yes, with b K-major and swizzled.)
+- wgmma_rs_kernel: a 64 x K @ K x 8 product, A loaded straight into wgmma's register layout, b in
+  each of B_LAYOUTS. On the H200 (Triton 3.6) the unswizzled [K, 8] b is right at K 64 only, and
+  the unswizzled K-major one never; the swizzled K-major ones are right (Triton 3.9 refuses the
+  unswizzled K-major one).
+- operand_kernel: one group's decoded and rearranged A stored from the operand layout (and from
+  REARRANGED), for an exact check against group_operand.
 - group_kernel: one group of int4 codes. A 64-row tile of 16 words a row is loaded 16 bytes a
   thread (each thread rows 16w + g and + 8, words 4t .. 4t + 3: the WORDS layout), decoded by
   int4_mma's LOP3s into fp16 1024 + code (odd codes 1024 + 16 code), and rearranged into the
   [64, 128] A operand; `convert_layout(..., assert_trivial=True)` proves that costs no data movement.
   Code j of word 4t + i lands at K = 32 i + 16 p + 8 h + 2 t + jj (p = j odd, h = j // 2 % 2,
   jj = j // 4), so x goes into shared memory in that order.
-On a GPU machine: runs both and prints their errors against float64 products. Without a GPU:
-compiles both for sm_90a and counts the PTX's wgmma and shared-memory instructions.
+On a GPU machine: runs them and prints their errors against float64 products. Without a GPU:
+compiles them for sm_90a and counts the PTX's wgmma and shared-memory instructions.
 Usage: python3 scripts/gpu_gluon_probe.py"""
 import torch
 import triton
@@ -19,36 +24,54 @@ from triton.experimental.gluon.language.nvidia import hopper
 
 
 @gluon.jit
-def wgmma_rs_kernel(a_ptr, b_ptr, c_ptr, K: gl.constexpr):
+def b_tile(b_ptr, K: gl.constexpr, KMAJOR: gl.constexpr, SWIZZLE: gl.constexpr):
+    """b [K, 8] fp16 into shared memory for wgmma: as stored ([K, 8], N contiguous) or K-major (its
+    transpose [8, K] stored, viewed as [K, 8]); SWIZZLE bytes."""
+    if KMAJOR:
+        blocked: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [1, 4], [1, 0])
+        n = gl.arange(0, 8, layout=gl.SliceLayout(1, blocked))
+        k = gl.arange(0, K, layout=gl.SliceLayout(0, blocked))
+        bt = gl.load(b_ptr + k[None, :] * 8 + n[:, None])
+        layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=SWIZZLE, element_bitwidth=16, rank=2)
+        smem = gl.allocate_shared_memory(gl.float16, [8, K], layout, bt).permute((1, 0))
+    else:
+        blocked: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [4, 1], [1, 0])
+        k = gl.arange(0, K, layout=gl.SliceLayout(1, blocked))
+        n = gl.arange(0, 8, layout=gl.SliceLayout(0, blocked))
+        b = gl.load(b_ptr + k[:, None] * 8 + n[None, :])
+        layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=SWIZZLE, element_bitwidth=16, rank=2)
+        smem = gl.allocate_shared_memory(gl.float16, [K, 8], layout, b)
+    hopper.fence_async_shared()
+    return smem
+
+
+@gluon.jit
+def wgmma_rs_kernel(a_ptr, b_ptr, c_ptr, K: gl.constexpr, KMAJOR: gl.constexpr, SWIZZLE: gl.constexpr):
     """c = a @ b for a [64, K] (loaded straight into wgmma's register A layout), b [K, 8] (through
-    shared memory), one warpgroup, the K steps issued async and waited once."""
-    M: gl.constexpr = 64
-    N: gl.constexpr = 8
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, N, 16])
+    shared memory, b_tile), one warpgroup, the K steps issued async and waited once."""
+    acc_layout: gl.constexpr = MMA_LAYOUT
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    b_blocked: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [4, 1], [1, 0])
-    b_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
-    rows = gl.arange(0, M, layout=gl.SliceLayout(1, a_layout))
+    rows = gl.arange(0, 64, layout=gl.SliceLayout(1, a_layout))
     ks = gl.arange(0, K, layout=gl.SliceLayout(0, a_layout))
     a = gl.load(a_ptr + rows[:, None] * K + ks[None, :])
-    bk = gl.arange(0, K, layout=gl.SliceLayout(1, b_blocked))
-    bn = gl.arange(0, N, layout=gl.SliceLayout(0, b_blocked))
-    b = gl.load(b_ptr + bk[:, None] * N + bn[None, :])
-    b_smem = gl.allocate_shared_memory(gl.float16, [K, N], b_smem_layout, b)
-    hopper.fence_async_shared()
-    acc = gl.zeros([M, N], gl.float32, acc_layout)
-    tok = hopper.warpgroup_mma(a, b_smem, acc, is_async=True)
+    acc = gl.zeros([64, 8], gl.float32, acc_layout)
+    tok = hopper.warpgroup_mma(a, b_tile(b_ptr, K, KMAJOR, SWIZZLE), acc, is_async=True)
     acc = hopper.warpgroup_mma_wait(0, deps=[tok])
-    cm = gl.arange(0, M, layout=gl.SliceLayout(1, acc_layout))
-    cn = gl.arange(0, N, layout=gl.SliceLayout(0, acc_layout))
-    gl.store(c_ptr + cm[:, None] * N + cn[None, :], acc)
+    cm = gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
+    cn = gl.arange(0, 8, layout=gl.SliceLayout(0, acc_layout))
+    gl.store(c_ptr + cm[:, None] * 8 + cn[None, :], acc)
 
 
 # one thread: rows 16w+g and 16w+g+8, words 4t..4t+3 of a group's 16 (a 16-byte load)
-WORDS = gl.constexpr(gl.DistributedLinearLayout(
-    reg_bases=[[0, 1], [0, 2], [8, 0]], lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
-    warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 16]))
+def words_layout(rows: int = 64) -> gl.DistributedLinearLayout:
+    """WORDS for a [rows, 16] tile; at 128 rows each thread also has rows + 64 (two m64 tiles)."""
+    return gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [8, 0]] + ([[64, 0]] if rows == 128 else []),
+        lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]], warp_bases=[[16, 0], [32, 0]], block_bases=[],
+        shape=[rows, 16])
+
+
+WORDS = gl.constexpr(words_layout())
 
 def decode_asm(between: str = "") -> str:
     """PTX from one int32 word of 8 codes (operand $8) to 8 fp16 outputs in the order (c0, c4, c2,
@@ -66,24 +89,37 @@ def decode_asm(between: str = "") -> str:
 DECODE = gl.constexpr(decode_asm())
 
 
-# A word tile's decoded codes, joined as [64, 16 (word 4t + i), jj, h, p] (code j = p + 2 h + 4 jj),
-# go to [row, i, p, h, t, jj]: K = 32 i + 16 p + 8 h + 2 t + jj
-OPERAND_SPLIT = gl.constexpr((64, 4, 4, 2, 2, 2))
+# A word tile's decoded codes, joined as [rows, 16 (word 4t + i), jj, h, p] (code j = p + 2 h + 4 jj),
+# split as [rows, t, i, jj, h, p], go to [row, i, p, h, t, jj]: K = 32 i + 16 p + 8 h + 2 t + jj
+OPERAND_SPLIT = gl.constexpr((4, 4, 2, 2, 2))
 OPERAND_PERM = gl.constexpr((0, 2, 5, 4, 1, 3))
 MMA_LAYOUT = gl.constexpr(gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, 16]))
 
 
+# what Triton 3.6 infers for rearrange's result: MMA_LAYOUT's A operand with its registers in another order
+REARRANGED = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 16], [0, 8], [0, 1], [0, 32], [0, 64], [8, 0]], lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+    warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 128]))
+
+
+@gluon.jit
+def rearrange(c0, c4, c2, c6, c1, c5, c3, c7):
+    """The 8 fp16 codes of each word of a [rows, 16] word tile (words_layout), in the decode's order,
+    as the [rows, 128] A tile in K order."""
+    a = gl.join(gl.join(gl.join(c0, c4), gl.join(c2, c6)), gl.join(gl.join(c1, c5), gl.join(c3, c7)))
+    rows: gl.constexpr = c0.shape[0]
+    return gl.reshape(gl.permute(gl.reshape(a, (rows, ) + OPERAND_SPLIT.value), OPERAND_PERM.value), [rows, 128])
+
+
 @gluon.jit
 def to_operand(c0, c4, c2, c6, c1, c5, c3, c7):
-    """The 8 fp16 codes of each word of a [64, 16] word tile (WORDS layout), in the decode's order,
-    as wgmma's [64, 128] register A operand (MMA_LAYOUT's): no data moves, or the compile fails."""
-    a = gl.join(gl.join(gl.join(c0, c4), gl.join(c2, c6)), gl.join(gl.join(c1, c5), gl.join(c3, c7)))
-    a = gl.reshape(gl.permute(gl.reshape(a, OPERAND_SPLIT), OPERAND_PERM), [64, 128])
-    return gl.convert_layout(a, gl.DotOperandLayout(0, MMA_LAYOUT, 2), assert_trivial=True)
+    """rearrange's A tile as wgmma's register A operand (MMA_LAYOUT's): no data moves, or the compile fails."""
+    return gl.convert_layout(rearrange(c0, c4, c2, c6, c1, c5, c3, c7), gl.DotOperandLayout(0, MMA_LAYOUT, 2),
+                             assert_trivial=True)
 
 
 @gluon.jit
-def group_kernel(w_ptr, b_ptr, c_ptr):
+def group_kernel(w_ptr, b_ptr, c_ptr, KMAJOR: gl.constexpr, SWIZZLE: gl.constexpr):
     acc_layout: gl.constexpr = MMA_LAYOUT
     rows = gl.arange(0, 64, layout=gl.SliceLayout(1, WORDS))
     cols = gl.arange(0, 16, layout=gl.SliceLayout(0, WORDS))
@@ -92,19 +128,32 @@ def group_kernel(w_ptr, b_ptr, c_ptr):
     c0, c4, c2, c6, c1, c5, c3, c7 = gl.inline_asm_elementwise(
         DECODE, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=[gl.float16] * 8, is_pure=True, pack=1)
     a = to_operand(c0, c4, c2, c6, c1, c5, c3, c7)
-    b_blocked: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [4, 1], [1, 0])
-    bk = gl.arange(0, 128, layout=gl.SliceLayout(1, b_blocked))
-    bn = gl.arange(0, 8, layout=gl.SliceLayout(0, b_blocked))
-    b = gl.load(b_ptr + bk[:, None] * 8 + bn[None, :])
-    b_smem = gl.allocate_shared_memory(gl.float16, [128, 8],
-                                       gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2), b)
-    hopper.fence_async_shared()
+    b_smem = b_tile(b_ptr, 128, KMAJOR, SWIZZLE)
     acc = gl.zeros([64, 8], gl.float32, acc_layout)
     tok = hopper.warpgroup_mma(a, b_smem, acc, is_async=True)
     acc = hopper.warpgroup_mma_wait(0, deps=[tok])
     cm = gl.arange(0, 64, layout=gl.SliceLayout(1, acc_layout))
     cn = gl.arange(0, 8, layout=gl.SliceLayout(0, acc_layout))
     gl.store(c_ptr + cm[:, None] * 8 + cn[None, :], acc)
+
+
+@gluon.jit
+def operand_kernel(w_ptr, a_ptr, OPERAND: gl.constexpr):
+    """a = one group's A tile, stored from wgmma's operand layout (OPERAND) or from REARRANGED."""
+    rows = gl.arange(0, 64, layout=gl.SliceLayout(1, WORDS))
+    cols = gl.arange(0, 16, layout=gl.SliceLayout(0, WORDS))
+    words = gl.load(w_ptr + rows[:, None] * 16 + cols[None, :])
+    c0, c4, c2, c6, c1, c5, c3, c7 = gl.inline_asm_elementwise(
+        DECODE, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=[gl.float16] * 8, is_pure=True, pack=1)
+    if OPERAND:
+        layout: gl.constexpr = gl.DotOperandLayout(0, MMA_LAYOUT, 2)
+        a = to_operand(c0, c4, c2, c6, c1, c5, c3, c7)
+    else:
+        layout: gl.constexpr = REARRANGED
+        a = gl.convert_layout(rearrange(c0, c4, c2, c6, c1, c5, c3, c7), layout, assert_trivial=True)
+    m = gl.arange(0, 64, layout=gl.SliceLayout(1, layout))
+    k = gl.arange(0, 128, layout=gl.SliceLayout(0, layout))
+    gl.store(a_ptr + m[:, None] * 128 + k[None, :], a)
 
 
 def group_operand(words: torch.Tensor) -> torch.Tensor:
@@ -120,37 +169,67 @@ def group_operand(words: torch.Tensor) -> torch.Tensor:
     return a
 
 
+# shared-memory layouts of b for wgmma: (K-major, swizzle bytes); Triton 3.6 gets (False, 0) wrong past K 64
+B_LAYOUTS = ((False, 0), (True, 0), (True, 32), (True, 64), (True, 128))
+
+
 def compile_only():
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
     div16 = {(i,): [["tt.divisibility", 16]] for i in range(3)}
-    sources = {"wgmma_rs_kernel": ASTSource(wgmma_rs_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32",
-                                                             "K": "constexpr"}, constexprs={(3,): 64}, attrs=div16),
-               "group_kernel": ASTSource(group_kernel, {"w_ptr": "*i32", "b_ptr": "*fp16", "c_ptr": "*fp32"},
-                                         attrs=div16)}
-    for name, src in sources.items():
-        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
-        print(f"{name}: {ptx.count('wgmma.mma_async')} wgmma.mma_async, {ptx.count('st.shared')} st.shared, "
-              f"{ptx.count('ld.shared')} ld.shared, {ptx.count('ld.global.v4')} ld.global.v4")
+    for kmajor, swizzle in B_LAYOUTS:
+        sources = {"wgmma_rs_kernel K 128": ASTSource(
+                       wgmma_rs_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "constexpr",
+                                         "KMAJOR": "constexpr", "SWIZZLE": "constexpr"},
+                       constexprs={(3,): 128, (4,): kmajor, (5,): swizzle}, attrs=div16),
+                   "group_kernel": ASTSource(
+                       group_kernel, {"w_ptr": "*i32", "b_ptr": "*fp16", "c_ptr": "*fp32", "KMAJOR": "constexpr",
+                                      "SWIZZLE": "constexpr"}, constexprs={(3,): kmajor, (4,): swizzle}, attrs=div16)}
+        for name, src in sources.items():
+            try:
+                ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+            except RuntimeError:   # Triton 3.9 refuses K-major b without a swizzle
+                print(f"{name} (b K-major {kmajor}, swizzle {swizzle}): refused by this Triton")
+                continue
+            print(f"{name} (b K-major {kmajor}, swizzle {swizzle}): {ptx.count('wgmma.mma_async')} wgmma.mma_async, "
+                  f"{ptx.count('st.shared')} st.shared, {ptx.count('ld.shared')} ld.shared, "
+                  f"{ptx.count('ld.global.v4')} ld.global.v4")
 
 
 def run():
     torch.manual_seed(0)
-    K = 64
-    a = torch.randn(64, K, device="cuda", dtype=torch.float16)
-    b = torch.randn(K, 8, device="cuda", dtype=torch.float16)
-    c = torch.empty(64, 8, device="cuda", dtype=torch.float32)
-    wgmma_rs_kernel[(1,)](a, b, c, K, num_warps=4)
-    ref = a.float() @ b.float()
-    print(f"triton {triton.__version__}: wgmma_rs_kernel max |c - a @ b| = {(c - ref).abs().max().item():.3g} "
-          f"(|a @ b| up to {ref.abs().max().item():.3g})")
+    print(f"triton {triton.__version__}")
     words = torch.randint(-2**31, 2**31, (64, 16), dtype=torch.int64).to(torch.int32)
-    b = torch.randn(128, 8, dtype=torch.float16) / 16
-    c = torch.empty(64, 8, device="cuda", dtype=torch.float32)
-    group_kernel[(1,)](words.cuda(), b.cuda(), c, num_warps=4)
-    ref = group_operand(words) @ b.double()
-    err = ((c.cpu().double() - ref).abs().max() / ref.abs().max()).item()
-    print(f"group_kernel max |c - decode(words) @ b| / max |ref| = {err:.3g}")
+    for operand in (False, True):
+        a = torch.zeros(64, 128, device="cuda", dtype=torch.float16)
+        operand_kernel[(1,)](words.cuda(), a, operand, num_warps=4)
+        bad = (a.cpu().double() != group_operand(words)).sum().item()
+        print(f"operand_kernel ({'wgmma operand' if operand else 'REARRANGED'} layout): {bad} of 8192 "
+              f"elements differ from group_operand")
+    for kmajor, swizzle in B_LAYOUTS:
+        for K in (64, 128, 256):
+            a = torch.randn(64, K, device="cuda", dtype=torch.float16)
+            b = torch.randn(K, 8, device="cuda", dtype=torch.float16)
+            c = torch.empty(64, 8, device="cuda", dtype=torch.float32)
+            try:
+                wgmma_rs_kernel[(1,)](a, b, c, K, kmajor, swizzle, num_warps=4)
+            except Exception as e:   # a layout this Triton refuses
+                print(f"wgmma_rs_kernel K {K} (b K-major {kmajor}, swizzle {swizzle}): {type(e).__name__}")
+                continue
+            ref = a.float() @ b.float()
+            print(f"wgmma_rs_kernel K {K} (b K-major {kmajor}, swizzle {swizzle}): max |c - a @ b| = "
+                  f"{(c - ref).abs().max().item():.3g} (|a @ b| up to {ref.abs().max().item():.3g})")
+        b = torch.randn(128, 8, dtype=torch.float16) / 16
+        c = torch.empty(64, 8, device="cuda", dtype=torch.float32)
+        try:
+            group_kernel[(1,)](words.cuda(), b.cuda(), c, kmajor, swizzle, num_warps=4)
+        except Exception as e:
+            print(f"group_kernel (b K-major {kmajor}, swizzle {swizzle}): {type(e).__name__}")
+            continue
+        ref = group_operand(words) @ b.double()
+        err = ((c.cpu().double() - ref).abs().max() / ref.abs().max()).item()
+        print(f"group_kernel (b K-major {kmajor}, swizzle {swizzle}): max |c - decode(words) @ b| / max |ref| = "
+              f"{err:.3g}")
 
 
 if __name__ == "__main__":

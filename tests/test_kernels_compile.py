@@ -127,14 +127,17 @@ def test_gluon_int4_decode_is_the_wgmma_register_operand():
     """scripts/gpu_gluon_probe.py (the route after docs/PERF.md run 25): a 64-row tile of int4 words,
     decoded by int4_mma's LOP3s, is wgmma's register A operand with no data movement (its
     convert_layout asserts it is trivial, so a layout change fails the compile), and the group's
-    K = 128 runs as 8 async wgmma with x from shared memory. Compiled in a child process: Gluon's
+    K = 128 runs as 8 async wgmma with x from shared memory (K-major, 128-byte swizzle: the layout
+    the H200 run of docs/PERF.md run 26 found right). Compiled in a child process: Gluon's
     IR objects, left at exit, make nanobind print leak warnings after pytest's summary."""
     import subprocess
     code = ("import sys, triton; sys.path.insert(0, sys.argv[1])\n"
             "from triton.backends.compiler import GPUTarget\n"
             "from triton.experimental.gluon._runtime import GluonASTSource\n"
             "import gpu_gluon_probe as P\n"
-            "src = GluonASTSource(P.group_kernel, {'w_ptr': '*i32', 'b_ptr': '*fp16', 'c_ptr': '*fp32'},\n"
+            "src = GluonASTSource(P.group_kernel, {'w_ptr': '*i32', 'b_ptr': '*fp16', 'c_ptr': '*fp32',\n"
+            "                                      'KMAJOR': 'constexpr', 'SWIZZLE': 'constexpr'},\n"
+            "                     constexprs={(3,): True, (4,): 128},\n"
             "                     attrs={(i,): [['tt.divisibility', 16]] for i in range(3)})\n"
             "sys.stdout.write(triton.compile(src, target=GPUTarget('cuda', 90, 32),\n"
             "                                options=dict(num_warps=4)).asm['ptx'])\n")
@@ -168,11 +171,14 @@ def test_gluon_int4_k_order_matches_its_x_packing():
     c = [((w >> (4 * j)) & 0xF) * (16 if j % 2 else 1) + 1024 for j in range(8)]
     join = lambda a, b: torch.stack([a, b], -1)  # noqa: E731  (gl.join: a new last axis of 2)
     a = join(join(join(c[0], c[4]), join(c[2], c[6])), join(join(c[1], c[5]), join(c[3], c[7])))
-    a = a.reshape(P.OPERAND_SPLIT.value).permute(P.OPERAND_PERM.value).reshape(64, 128)   # to_operand's
+    a = a.reshape((64, ) + P.OPERAND_SPLIT.value).permute(P.OPERAND_PERM.value).reshape(64, 128)   # to_operand's
     assert torch.equal(a.double(), P.group_operand(words))
-    # back to codes, K order kept: against pack_x_wgmma's x, the plain product
-    k = torch.arange(128)
-    codes_k = torch.where((k // 16 % 2 == 1)[None, :], (a - 1024) // 16, a - 1024)
-    x = torch.randn(128, generator=gen, dtype=torch.float64)
-    xs = W.pack_x_wgmma(x).double()
-    assert torch.allclose(codes_k.double() @ xs, codes.double() @ x.half().double(), rtol=0, atol=1e-9)
+    # gpu_int4_wgmma's A: its fma takes 1024 s off, so s * code at even codes and 16 s * code at odd
+    # ones; with pack_x_wgmma's x (divided by 16 at odd codes) and the zero term, the plain product
+    s, z = torch.rand(64, 1, generator=gen, dtype=torch.float64) * 0.01, torch.randn(64, 1, generator=gen) * 0.01
+    x = torch.randn(128, generator=gen).half().double()   # fp16 values: the packing rounds nothing
+    xs, xsum = W.pack_x_wgmma(x)
+    y = ((a.double() - 1024) * s) @ xs.double() + z.double().reshape(-1) * xsum.double()
+    exact = (codes.double() * s + z.double()) @ x
+    assert torch.allclose(y.reshape(-1), exact.reshape(-1), rtol=1e-6, atol=1e-6)
+    assert torch.allclose(xsum.double(), x.sum(), rtol=1e-6)
