@@ -2,11 +2,17 @@
 
 Contracts in docs/CONTRACTS.md. Triton modules are imported lazily on the first CUDA call, so
 importing this package has no side effects (transformers and bitsandbytes probe for packages
-named `kernels`; see DESIGN.md).
+named `kernels`; see DESIGN.md) but one: Triton's fp-fusion default is pinned on.
 """
 from __future__ import annotations
 
 import importlib
+import os
+
+# Every Triton kernel here (and in quant/) was written, checked and measured with fma contraction,
+# Triton's default through 3.9. 3.10 turns that default off, and 3.9 warns on each compile until
+# it is set. A user's own setting wins.
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from .reference import (apply_rotary_ref, fused_linear_ref, paged_attention_ref,
                         qk_norm_rope_store_ref, rms_norm_ref, silu_and_mul_ref, store_kv_ref)

@@ -182,3 +182,15 @@ def test_gluon_int4_k_order_matches_its_x_packing():
     exact = (codes.double() * s + z.double()) @ x
     assert torch.allclose(y.reshape(-1), exact.reshape(-1), rtol=1e-6, atol=1e-6)
     assert torch.allclose(xsum.double(), x.sum(), rtol=1e-6)
+
+
+def test_triton_fp_fusion_default_is_pinned_on():
+    """Importing the kernels pins Triton's fp-fusion default on (our kernels were measured with fma
+    contraction; Triton 3.10 turns it off by default), and a user's own setting is kept."""
+    import subprocess
+    code = "import os, pagedeploy.kernels; print(os.environ['TRITON_DEFAULT_FP_FUSION'])"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_DEFAULT_FP_FUSION"}
+    unset = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    user = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**env, "TRITON_DEFAULT_FP_FUSION": "0"})
+    assert (unset.stdout.strip(), user.stdout.strip()) == ("1", "0"), unset.stderr + user.stderr
