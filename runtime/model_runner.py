@@ -26,7 +26,8 @@ class BatchInputs:
     input_ids: torch.Tensor     # int64 [T]
     positions: torch.Tensor     # int64 [T]
     meta: AttentionMetadata
-    logits_rows: torch.Tensor   # int64 [items with need_logits]: row of each item's last token
+    logits_rows: torch.Tensor | None   # int64 [items with need_logits]: row of each item's last
+    #                                    token; None: every row, in order (a decode-only batch)
 
 
 class ModelRunner:
@@ -94,7 +95,8 @@ class ModelRunner:
             hidden = self.graphs.run(batch.input_ids, batch.positions, meta)
         else:
             hidden = self.model(batch.input_ids, batch.positions, meta)
-        logits = self.model.compute_logits(hidden.index_select(0, batch.logits_rows))
+        rows = hidden if batch.logits_rows is None else hidden.index_select(0, batch.logits_rows)
+        logits = self.model.compute_logits(rows)
         return logits.float() if float32 else logits
 
     def prepare(self, items, pending: SampledTokens | None = None) -> BatchInputs:
@@ -125,7 +127,10 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slots_d, block_tables=ints[0], context_lens=ints[1], query_start_loc=ints[2],
             num_decodes=_leading_ones(q_lens), max_context_len=int(ends.max()))
-        return BatchInputs(input_ids=input_ids, positions=positions_d, meta=meta, logits_rows=logits_rows_d)
+        # every token needs logits (decode-only, all sampled): no gather, one launch less a step
+        every_row = len(logits_rows) == len(g.tokens)
+        return BatchInputs(input_ids=input_ids, positions=positions_d, meta=meta,
+                           logits_rows=None if every_row else logits_rows_d)
 
     def _to_device(self, *arrays: np.ndarray, dtype: torch.dtype = torch.int64) -> list[torch.Tensor]:
         """Views of one device tensor holding all `arrays`, cast to `dtype`: one copy, not one per

@@ -293,6 +293,10 @@ def test_prepare_flattens_items_into_slots_positions_and_hints():
     assert batch.meta.query_start_loc.tolist() == [0, 1, 6, 9]
     assert (batch.meta.num_decodes, batch.meta.max_context_len) == (1, 11)
     assert batch.logits_rows.tolist() == [0, 8]
+    # decode-only, every item sampled: the rows are the logits' rows as they are (no gather)
+    decode2 = FakeSeq(list(range(5)), num_computed_tokens=4, block_table=[1, 4])
+    assert runner.prepare([Item(decode, 1), Item(decode2, 1)]).logits_rows is None
+    assert runner.prepare([Item(decode, 1), Item(decode2, 1, False)]).logits_rows.tolist() == [0]
     assert runner.execute([]).shape == (0, config["vocab_size"])
 
 
