@@ -27,19 +27,18 @@ from triton.experimental.gluon.language.nvidia import hopper
 def b_tile(b_ptr, K: gl.constexpr, KMAJOR: gl.constexpr, SWIZZLE: gl.constexpr):
     """b [K, 8] fp16 into shared memory for wgmma: as stored ([K, 8], N contiguous) or K-major (its
     transpose [8, K] stored, viewed as [K, 8]); SWIZZLE bytes."""
+    layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=SWIZZLE, element_bitwidth=16, rank=2)
     if KMAJOR:
         blocked: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [1, 4], [1, 0])
         n = gl.arange(0, 8, layout=gl.SliceLayout(1, blocked))
         k = gl.arange(0, K, layout=gl.SliceLayout(0, blocked))
         bt = gl.load(b_ptr + k[None, :] * 8 + n[:, None])
-        layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=SWIZZLE, element_bitwidth=16, rank=2)
         smem = gl.allocate_shared_memory(gl.float16, [8, K], layout, bt).permute((1, 0))
     else:
         blocked: gl.constexpr = gl.BlockedLayout([1, 1], [4, 8], [4, 1], [1, 0])
         k = gl.arange(0, K, layout=gl.SliceLayout(1, blocked))
         n = gl.arange(0, 8, layout=gl.SliceLayout(0, blocked))
         b = gl.load(b_ptr + k[:, None] * 8 + n[None, :])
-        layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=SWIZZLE, element_bitwidth=16, rank=2)
         smem = gl.allocate_shared_memory(gl.float16, [K, 8], layout, b)
     hopper.fence_async_shared()
     return smem

@@ -101,8 +101,8 @@ def int4_wgmma_kernel(xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, KW, group
     z_row = z_ptr + acc_rows * groups
     # the zeros' part, sum over groups of z * sum(x), in fp32 beside the MMAs
     zsum = gl.load(z_row + g0).to(gl.float32) * gl.load(xsum_ptr + g0)
-    # one accumulator; words 4 groups ahead in registers; one group's MMAs in flight while the next
-    # decodes (its A kept alive by the wait's deps: wgmma reads registers asynchronously)
+    # one accumulator; words 4 groups ahead in registers; a group's MMAs waited on before the next
+    # group's decode (OVERLAP: after it, which races under Triton 3.6's ptxas)
     w0, w1, w2, w3 = _words(w_row, g0, g0 + GPS - 4)
     a = _dequant(w0, gl.load(s_row + g0).to(gl.float32))
     acc = hopper.warpgroup_mma(a, x_smem.index(0).permute((1, 0)), gl.zeros([ROWS, 8], gl.float32, acc_layout),
