@@ -170,7 +170,8 @@ def aot() -> None:
            "OVERLAP": "constexpr"}
     for rows in (64, 128):
         for gps in (8, 32):
-            src = GluonASTSource(int4_wgmma_kernel, sig, constexprs={(9,): gps, (10,): words_layout(rows), (11,): False},
+            constexprs = {(9,): gps, (10,): words_layout(rows), (11,): False}   # GPS, WL, OVERLAP
+            src = GluonASTSource(int4_wgmma_kernel, sig, constexprs=constexprs,
                                  attrs={(i,): [["tt.divisibility", 16]] for i in range(9)})
             kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
             ptx = kernel.asm["ptx"]

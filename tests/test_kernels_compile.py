@@ -156,8 +156,9 @@ def test_gluon_int4_k_order_matches_its_x_packing():
     """The K order of the Gluon route (scripts/gpu_gluon_probe.py, gpu_int4_wgmma.py) on the CPU:
     to_operand's join / reshape / permute of a word's 8 decoded codes (its constants), replayed with
     torch's stack / reshape / permute (the same tensor semantics), is the order
-    gpu_gluon_probe.group_operand documents, and a product in it with pack_x_wgmma's x is the plain codes @ x. (That the
-    rearranged tensor is wgmma's A operand is test_gluon_int4_decode_is_the_wgmma_register_operand's
+    gpu_gluon_probe.group_operand documents; gpu_int4_wgmma's dequantized A (s * code, 16 s * code at
+    odd codes) with pack_x_wgmma's x and sum(x) and the zeros' term is the plain (s * codes + z) @ x.
+    (That the rearranged tensor is wgmma's A operand is test_gluon_int4_decode_is_the_wgmma_register_operand's
     part.)"""
     import gpu_gluon_probe as P
     import gpu_int4_wgmma as W
