@@ -28,12 +28,15 @@ def triton_bin_dir() -> str:
 
 def compile_for_h100(fn, arg_types: dict[str, str], consts: dict, div16: Iterable[str],
                      num_warps: int, num_stages: int):
-    """`fn` compiled for sm_90a. arg_types: each runtime argument's Triton type ("*bf16", "i32",
-    ...); consts: the constexpr values; div16: the arguments the JIT would see as multiples of 16
-    at launch (pointers, strides)."""
+    """`fn` (a Triton or a Gluon kernel) compiled for sm_90a. arg_types: each runtime argument's
+    Triton type ("*bf16", "i32", ...); consts: the constexpr values; div16: the arguments the JIT
+    would see as multiples of 16 at launch (pointers, strides)."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    if fn.is_gluon():
+        from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
+    else:
+        from triton.compiler import ASTSource
 
     names = fn.arg_names
     signature = dict(arg_types) | {n: "constexpr" for n in consts}

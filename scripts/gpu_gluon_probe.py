@@ -118,14 +118,20 @@ def to_operand(c0, c4, c2, c6, c1, c5, c3, c7):
 
 
 @gluon.jit
-def group_kernel(w_ptr, b_ptr, c_ptr, KMAJOR: gl.constexpr, SWIZZLE: gl.constexpr):
-    acc_layout: gl.constexpr = MMA_LAYOUT
+def decode_group(w_ptr):
+    """One group's [64, 16] words (WORDS layout) decoded, in the order (c0, c4, c2, c6, c1, c5, c3,
+    c7): code j of a word is plane p = j % 2, half h = j // 2 % 2 of the k16 step, pair element j // 4."""
     rows = gl.arange(0, 64, layout=gl.SliceLayout(1, WORDS))
     cols = gl.arange(0, 16, layout=gl.SliceLayout(0, WORDS))
     words = gl.load(w_ptr + rows[:, None] * 16 + cols[None, :])
-    # codes (p, h, j) of each word: p plane, h half of the k16 step, j pair element
-    c0, c4, c2, c6, c1, c5, c3, c7 = gl.inline_asm_elementwise(
-        DECODE, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=[gl.float16] * 8, is_pure=True, pack=1)
+    return gl.inline_asm_elementwise(DECODE, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=[gl.float16] * 8,
+                                     is_pure=True, pack=1)
+
+
+@gluon.jit
+def group_kernel(w_ptr, b_ptr, c_ptr, KMAJOR: gl.constexpr, SWIZZLE: gl.constexpr):
+    acc_layout: gl.constexpr = MMA_LAYOUT
+    c0, c4, c2, c6, c1, c5, c3, c7 = decode_group(w_ptr)
     a = to_operand(c0, c4, c2, c6, c1, c5, c3, c7)
     b_smem = b_tile(b_ptr, 128, KMAJOR, SWIZZLE)
     acc = gl.zeros([64, 8], gl.float32, acc_layout)
@@ -139,11 +145,7 @@ def group_kernel(w_ptr, b_ptr, c_ptr, KMAJOR: gl.constexpr, SWIZZLE: gl.constexp
 @gluon.jit
 def operand_kernel(w_ptr, a_ptr, OPERAND: gl.constexpr):
     """a = one group's A tile, stored from wgmma's operand layout (OPERAND) or from REARRANGED."""
-    rows = gl.arange(0, 64, layout=gl.SliceLayout(1, WORDS))
-    cols = gl.arange(0, 16, layout=gl.SliceLayout(0, WORDS))
-    words = gl.load(w_ptr + rows[:, None] * 16 + cols[None, :])
-    c0, c4, c2, c6, c1, c5, c3, c7 = gl.inline_asm_elementwise(
-        DECODE, "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=[gl.float16] * 8, is_pure=True, pack=1)
+    c0, c4, c2, c6, c1, c5, c3, c7 = decode_group(w_ptr)
     if OPERAND:
         layout: gl.constexpr = gl.DotOperandLayout(0, MMA_LAYOUT, 2)
         a = to_operand(c0, c4, c2, c6, c1, c5, c3, c7)
@@ -173,20 +175,15 @@ B_LAYOUTS = ((False, 0), (True, 0), (True, 32), (True, 64), (True, 128))
 
 
 def compile_only():
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource as ASTSource
-    div16 = {(i,): [["tt.divisibility", 16]] for i in range(3)}
+    from gpu_common import compile_for_h100
     for kmajor, swizzle in B_LAYOUTS:
-        sources = {"wgmma_rs_kernel K 128": ASTSource(
-                       wgmma_rs_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32", "K": "constexpr",
-                                         "KMAJOR": "constexpr", "SWIZZLE": "constexpr"},
-                       constexprs={(3,): 128, (4,): kmajor, (5,): swizzle}, attrs=div16),
-                   "group_kernel": ASTSource(
-                       group_kernel, {"w_ptr": "*i32", "b_ptr": "*fp16", "c_ptr": "*fp32", "KMAJOR": "constexpr",
-                                      "SWIZZLE": "constexpr"}, constexprs={(3,): kmajor, (4,): swizzle}, attrs=div16)}
-        for name, src in sources.items():
+        b_layout = dict(KMAJOR=kmajor, SWIZZLE=swizzle)
+        builds = {"wgmma_rs_kernel K 128": (wgmma_rs_kernel, {"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp32"},
+                                            dict(K=128, **b_layout)),
+                  "group_kernel": (group_kernel, {"w_ptr": "*i32", "b_ptr": "*fp16", "c_ptr": "*fp32"}, b_layout)}
+        for name, (fn, types, consts) in builds.items():
             try:
-                ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4)).asm["ptx"]
+                ptx = compile_for_h100(fn, types, consts, types, num_warps=4, num_stages=1).asm["ptx"]
             except RuntimeError:   # Triton 3.9 refuses K-major b without a swizzle
                 print(f"{name} (b K-major {kmajor}, swizzle {swizzle}): refused by this Triton")
                 continue

@@ -161,19 +161,13 @@ def int4_wgmma(x: torch.Tensor, w, split: int, rows: int = 64, overlap: bool = F
 
 
 def aot() -> None:
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from gpu_common import ptxas_usage
-    sig = {"xs_ptr": "*fp16", "xsum_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
-           "y_ptr": "*fp32", "N": "i32", "KW": "i32", "groups": "i32", "GPS": "constexpr", "WL": "constexpr",
-           "OVERLAP": "constexpr"}
+    from gpu_common import compile_for_h100, ptxas_usage
+    types = {"xs_ptr": "*fp16", "xsum_ptr": "*fp32", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16",
+             "y_ptr": "*fp32", "N": "i32", "KW": "i32", "groups": "i32"}
     for rows in (64, 128):
         for gps in (8, 32):
-            constexprs = {(9,): gps, (10,): words_layout(rows), (11,): False}   # GPS, WL, OVERLAP
-            src = GluonASTSource(int4_wgmma_kernel, sig, constexprs=constexprs,
-                                 attrs={(i,): [["tt.divisibility", 16]] for i in range(9)})
-            kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+            kernel = compile_for_h100(int4_wgmma_kernel, types, dict(GPS=gps, WL=words_layout(rows), OVERLAP=False),
+                                      list(types), num_warps=4, num_stages=1)
             ptx = kernel.asm["ptx"]
             print(f"{rows} rows, GPS {gps}: {ptxas_usage(ptx)}; {ptx.count('wgmma.mma_async')} wgmma.mma_async, "
                   f"{ptx.count('wgmma.wait_group')} waits, {ptx.count('ld.global.v4')} ld.global.v4, "

@@ -131,16 +131,12 @@ def test_gluon_int4_decode_is_the_wgmma_register_operand():
     the H200 run of docs/PERF.md run 26 found right). Compiled in a child process: Gluon's
     IR objects, left at exit, make nanobind print leak warnings after pytest's summary."""
     import subprocess
-    code = ("import sys, triton; sys.path.insert(0, sys.argv[1])\n"
-            "from triton.backends.compiler import GPUTarget\n"
-            "from triton.experimental.gluon._runtime import GluonASTSource\n"
+    code = ("import sys; sys.path.insert(0, sys.argv[1])\n"
             "import gpu_gluon_probe as P\n"
-            "src = GluonASTSource(P.group_kernel, {'w_ptr': '*i32', 'b_ptr': '*fp16', 'c_ptr': '*fp32',\n"
-            "                                      'KMAJOR': 'constexpr', 'SWIZZLE': 'constexpr'},\n"
-            "                     constexprs={(3,): True, (4,): 128},\n"
-            "                     attrs={(i,): [['tt.divisibility', 16]] for i in range(3)})\n"
-            "sys.stdout.write(triton.compile(src, target=GPUTarget('cuda', 90, 32),\n"
-            "                                options=dict(num_warps=4)).asm['ptx'])\n")
+            "from gpu_common import compile_for_h100\n"
+            "types = {'w_ptr': '*i32', 'b_ptr': '*fp16', 'c_ptr': '*fp32'}\n"
+            "kernel = compile_for_h100(P.group_kernel, types, dict(KMAJOR=True, SWIZZLE=128), types, 4, 1)\n"
+            "sys.stdout.write(kernel.asm['ptx'])\n")
     scripts = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "scripts")
     run = subprocess.run([sys.executable, "-c", code, scripts], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
