@@ -89,7 +89,7 @@ _MMA_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 8 + ["l"] * 16 + [
 
 def _asm_x8() -> str:
     """PTX for one group of a thread's two rows on int8 tensor cores (X8). Operands: $0-7 out (as
-    _asm), $8-15 the words, $16-23 x's B registers (row g's four: b0 of MMAs 0-3, row g + 8's: b1),
+    _asm), $8-15 the words, $16-23 x's B registers (b0, b1 of MMA i at $16 + 2i: int4_pack._store_x8),
     the scale at $24/$28, the zero at $32/$36, x's step at $40, its group sum at $48, this lane's
     multiplier of the step at $56 and of the sum at $64 (int4_pack's X8 planes), the sums in at
     $72-79. Codes are u8 (even ones as they are, odd ones times 16, masked in place); x is two s8
@@ -103,7 +103,7 @@ def _asm_x8() -> str:
         wa, wb = f"${8 + i}", f"${12 + i}"
         lines += [f"and.b32 a0, {wa}, 0x0f0f0f0f;", f"and.b32 a1, {wb}, 0x0f0f0f0f;",
                   f"and.b32 a2, {wa}, 0xf0f0f0f0;", f"and.b32 a3, {wb}, 0xf0f0f0f0;",
-                  f"{mma} {{c0, c1, c2, c3}}, {{a0, a1, a2, a3}}, {{${16 + i}, ${20 + i}}}, {{c0, c1, c2, c3}};"]
+                  f"{mma} {{c0, c1, c2, c3}}, {{a0, a1, a2, a3}}, {{${16 + 2 * i}, ${17 + 2 * i}}}, {{c0, c1, c2, c3}};"]
     lines += ["mad.lo.s32 c0, c0, 128, c1;", "mad.lo.s32 c2, c2, 128, c3;",   # hi limb * 128 + lo
               "cvt.rn.f32.s32 f0, c0;", "cvt.rn.f32.s32 f1, c2;",
               "mul.f32 fx, $40, $56;", "mul.f32 zs, $48, $64;",
@@ -186,16 +186,17 @@ def _block(block, t, xp_ptr, xg_ptr, KW, groups, lanes, acc, GW: tl.constexpr, X
 @triton.jit
 def x8_planes(xp_ptr, KW, col, BLOCK_N: tl.constexpr, WARPS: tl.constexpr):
     """Where each tile row reads x on int8 tensor cores, [BLOCK_N, 1] pointers into
-    int4_pack's five planes, and each lane's multipliers of a group's x step and x sum, [1, GW].
-    A thread holds tile rows g and g + 8 * WARPS (an MMA's rows g and g + 8, g = lane / 4) and
-    reads B's column g from the first row's plane (its K slots of even codes) and from the
-    second's (odd codes): columns 0-3 are (hi, even), (lo, even), (hi, odd), (lo, odd), the rest
-    the zero plane. C's columns 2t, 2t + 1 come back to lane t: t = 0 holds the even codes' dot, t
-    = 1 the odd ones' (times 16), and t = 2 adds the zero's term."""
+    int4_pack._store_x8's planes, and each lane's multipliers of a group's x step and x sum, [1,
+    GW]. A thread holds tile rows g and g + 8 * WARPS (an MMA's rows g and g + 8, g = lane / 4), and
+    B's column g for its words 4t .. 4t + 3: plane (g, 0) at the first row's 4 words gives MMAs 0
+    and 1 theirs, plane (g, 1) at the second's MMAs 2 and 3. Columns 0-3 are (hi, even), (lo,
+    even), (hi, odd), (lo, odd), the rest the zero plane. C's columns 2t, 2t + 1 come back to lane
+    t: t = 0 holds the even codes' dot, t = 1 the odd ones' (times 16), and t = 2 adds the zero's
+    term."""
     p = tl.arange(0, BLOCK_N)
     g = p % 8
-    first = (p // (8 * WARPS)) % 2 == 0
-    plane = tl.where(first, tl.where(g < 2, g, 4), tl.where((g == 2) | (g == 3), g, 4))
+    second = (p // (8 * WARPS)) % 2
+    plane = tl.where(g < 4, 2 * g + second, 8)
     lane = col // 4
     lane_step = tl.where(lane == 0, 1.0, tl.where(lane == 1, 1.0 / 16, 0.0))[None, :]
     lane_sum = tl.where(lane == 2, 1.0, 0.0)[None, :]

@@ -109,13 +109,18 @@ def _store_pairs(x, xp_ptr, xw_ptr, c0, c_stop, K, BLOCK_C: tl.constexpr, F16X2:
 # limbs q = 128 hi + lo (hi in [-127, 127], lo in [-64, 63]). x is then exact to step / 2, a
 # 32512th of the group's largest |x| (fp16 keeps 11 bits of each x instead).
 X8_LEVELS = tl.constexpr(127 * 128)
+X8_PLANES = 9
 
 
 @triton.jit
 def _store_x8(x, xq_ptr, xg_ptr, c0, c_stop, K, BLOCK_C: tl.constexpr):
-    """pack_words' X8 form: xq [5, K / 8] int32, for word c the bytes of x[8c + 2b] (b < 4) as
-    planes 0 (hi) and 1 (lo), of x[8c + 2b + 1] as planes 2 (hi) and 3 (lo), plane 4 zero; xg [2, K
-    / 128] each group's step and sum of x as rounded."""
+    """pack_words' X8 form: xq [X8_PLANES, K / 8] int32, the int8 MMAs' B operand, and xg [2, K /
+    128], each group's step and sum of x as rounded. An MMA's B registers are (b0, b1): x at its
+    even codes' K slots and at its odd codes'. Plane (column j, s), 2j + s, holds at words 4u ..
+    4u + 3 the pairs (b0, b1) of column j for words 4u + 2s and 4u + 2s + 1: one 16-byte load
+    gives a lane two MMAs' registers side by side. Columns 0-3 are (hi, even), (lo, even), (hi,
+    odd), (lo, odd): even limbs fill b0 and leave b1 zero, odd ones the other way round. Plane 8
+    is zero (columns 4-7)."""
     G: tl.constexpr = BLOCK_C // 16
     xr = tl.reshape(x, [G, 128])
     amax = tl.max(tl.abs(xr), 1)
@@ -125,14 +130,20 @@ def _store_x8(x, xq_ptr, xg_ptr, c0, c_stop, K, BLOCK_C: tl.constexpr):
     c = c0 + tl.arange(0, BLOCK_C)
     ok = c < c_stop
     KW = K // 8
-    shifts = (tl.arange(0, 4) * 8)[None, :]
-    hi_e, hi_o = tl.split(tl.reshape(hi, [BLOCK_C, 4, 2]))
+    hi_e, hi_o = tl.split(tl.reshape(hi, [BLOCK_C, 4, 2]))   # [word, byte] of codes 2b and 2b + 1
     lo_e, lo_o = tl.split(tl.reshape(lo, [BLOCK_C, 4, 2]))
-    tl.store(xq_ptr + c, tl.sum((hi_e & 0xFF) << shifts, 1), mask=ok)
-    tl.store(xq_ptr + KW + c, tl.sum((lo_e & 0xFF) << shifts, 1), mask=ok)
-    tl.store(xq_ptr + 2 * KW + c, tl.sum((hi_o & 0xFF) << shifts, 1), mask=ok)
-    tl.store(xq_ptr + 3 * KW + c, tl.sum((lo_o & 0xFF) << shifts, 1), mask=ok)
-    tl.store(xq_ptr + 4 * KW + c, tl.zeros([BLOCK_C], tl.int32), mask=ok)
+    # Word c's (b0, b1) pair in plane (j, s) with s = bit 1 of c : stores to where
+    # the pairs go keep the limbs in the layout they were computed in (a reshape into the planes'
+    # order costs a shared-memory round trip and a barrier each).
+    slot = (c // 4) * 4 + (c % 2) * 2 + ((c // 2) % 2) * KW
+    bytes_at = (tl.arange(0, 4) * 8)[None, :]
+    for j in tl.static_range(4):
+        limb = hi_e if j == 0 else lo_e if j == 1 else hi_o if j == 2 else lo_o
+        word = tl.sum((limb & 0xFF) << bytes_at, 1)
+        odd = j // 2   # the pair's half it fills: b0 for even codes' x, b1 for odd ones'
+        tl.store(xq_ptr + 2 * j * KW + slot + odd, word, mask=ok)
+        tl.store(xq_ptr + 2 * j * KW + slot + 1 - odd, tl.zeros_like(word), mask=ok)
+    tl.store(xq_ptr + 8 * KW + c, tl.zeros([BLOCK_C], tl.int32), mask=ok)
     g = c0 // 16 + tl.arange(0, G)
     g_ok = g < c_stop // 16
     step = amax / X8_LEVELS
@@ -166,7 +177,7 @@ def pack_buffers(x: torch.Tensor, norm: bool, residual: torch.Tensor | None, mma
     r_out = None
     if norm:
         r_out = torch.empty_like(x) if residual is not None else x
-    planes, dtype = (5, torch.int32) if x8 else (2, torch.int64) if mma else (4, torch.int32)
+    planes, dtype = (X8_PLANES, torch.int32) if x8 else (2, torch.int64) if mma else (4, torch.int32)
     xp = torch.empty(planes, K // 8, dtype=dtype, device=x.device)
     xw = torch.empty(2, K // 128, dtype=torch.float32, device=x.device) if mma else \
         torch.empty(K // 8, dtype=torch.float32, device=x.device)
@@ -186,7 +197,7 @@ def pack_x(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float 
     pairs 1 and 3 over 16, as xp [2, K / 8] int64 and, instead of xw, [2, K / 128]: per 128 K 1024 *
     the sum of the pairs as packed, and the sum of x. `words`: a program's words (a power of two,
     >= 16 with mma), as the tensor-core GEMV's pack_words chunks (tests compare the two). x8 (with
-    mma): x as int8 limbs, _store_x8's planes [5, K / 8] and [2, K / 128]."""
+    mma): x as int8 limbs, _store_x8's planes [X8_PLANES, K / 8] and [2, K / 128]."""
     K = x.shape[1]
     norm = norm_weight is not None
     xp, xw, r_out = pack_buffers(x, norm, residual, mma, x8)

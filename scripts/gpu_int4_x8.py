@@ -33,7 +33,6 @@ RULE = G.default_config
 MODES = {
     "fp16 MMA": lambda cfg, silu: cfg,
     "x8": lambda cfg, silu: dataclasses.replace(cfg, x8=True),
-    "x8, gate_up 2 ahead": lambda cfg, silu: dataclasses.replace(cfg, x8=True, ahead=2 if silu else cfg.ahead),
 }
 
 

@@ -267,20 +267,29 @@ def _check_pack_chunks(x) -> None:
             assert (r_out is None and r_c is None) or torch.equal(r_c, r_out)
 
 
+def x8_operands(xq: torch.Tensor) -> torch.Tensor:
+    """B's bytes [column, word, even/odd, byte] from pack_x(x8=True)'s planes, undoing
+    int4_pack._store_x8: plane (j, s) holds at words 4u .. 4u + 3 (b0, b1) of words 4u + 2s, 4u +
+    2s + 1; columns past 3 read the zero plane."""
+    kw = xq.shape[1]
+    planes = xq.contiguous().view(torch.int8).view(9, kw // 4, 2, 2, 4).long()   # [plane, u, m, e, byte]
+    cols = torch.stack([torch.stack([planes[2 * j], planes[2 * j + 1]], 2) for j in range(4)]
+                       + [torch.stack([planes[8], planes[8]], 2)] * 4)        # [j, u, m, s, e, byte]
+    return cols.permute(0, 1, 3, 2, 4, 5).reshape(8, kw, 2, 4)               # word 4u + 2s + m
+
+
 def replay_x8(xq: torch.Tensor, xg: torch.Tensor, w) -> torch.Tensor:
     """y [N] as int4_mma's X8 loop computes it from pack_x(x8=True)'s planes, replayed with torch
-    on the m16n8k32 fragments (x8_planes' docstring): lane t's word of MMA i is word 4t + i of a
-    group; its even codes meet B's column j through plane (0, j), its odd codes (times 16) through
-    plane (1, j); lane t keeps columns 2t, 2t + 1 as 128 hi + lo, scaled by its step multiplier."""
+    on the m16n8k32 fragments (x8_planes' docstring): a word's even codes meet B's b0 bytes of
+    each column j, its odd codes (times 16) the b1 bytes; lane t keeps columns 2t, 2t + 1 as
+    128 hi + lo, scaled by its step multiplier."""
     from pagedeploy.quant.int4 import unpack_int4
     n, kw = w.packed.shape
     codes = unpack_int4(w.packed).view(n, kw, 4, 2).long()          # [row, word, byte, even/odd]
-    x_bytes = xq.contiguous().view(torch.int8).view(5, kw, 4).long()  # [plane, word, byte]
-    planes = torch.tensor([[0, 1, 4, 4, 4, 4, 4, 4], [4, 4, 2, 3, 4, 4, 4, 4]])   # [h, column]
-    b_even, b_odd = x_bytes[planes[0]], x_bytes[planes[1]]          # [column, word, byte]
+    b = x8_operands(xq)
     groups = kw // 16
-    c = (torch.einsum("nwb,jwb->njw", codes[..., 0], b_even)
-         + torch.einsum("nwb,jwb->njw", 16 * codes[..., 1], b_odd)).view(n, 8, groups, 16).sum(-1)
+    c = (torch.einsum("nwb,jwb->njw", codes[..., 0], b[:, :, 0])
+         + torch.einsum("nwb,jwb->njw", 16 * codes[..., 1], b[:, :, 1])).view(n, 8, groups, 16).sum(-1)
     assert c.abs().max() < 2 ** 31
     lane = (128 * c[:, 0::2] + c[:, 1::2]).float()                   # [row, lane, group]
     step, sum_x = xg[0].float(), xg[1].float()
@@ -302,11 +311,11 @@ def _check_x8() -> None:
     w = quantize_int4(torch.randn(n, k, generator=gen) * k ** -0.5, 128)
     exact = x.float() @ dequantize_int4(w).float().T
     xq, xg, _ = pack_x(x, mma=True, x8=True)
-    assert xq.shape == (5, k // 8) and xq.dtype == torch.int32 and xg.shape == (2, k // 128)
-    assert torch.equal(xq[4], torch.zeros_like(xq[4]))
-    q = xq.contiguous().view(torch.int8).view(5, -1, 4).float()
-    hi = torch.stack([q[0], q[2]], -1).reshape(-1)   # x's order: bytes of even, odd codes interleaved
-    lo = torch.stack([q[1], q[3]], -1).reshape(-1)
+    assert xq.shape == (9, k // 8) and xq.dtype == torch.int32 and xg.shape == (2, k // 128)
+    b = x8_operands(xq).float()                      # [column, word, even/odd, byte]
+    assert not b[4:].any() and not b[:2, :, 1].any() and not b[2:4, :, 0].any()   # the zeros as documented
+    hi = torch.stack([b[0, :, 0], b[2, :, 1]], -1).reshape(-1)   # x's order: even, odd codes interleaved
+    lo = torch.stack([b[1, :, 0], b[3, :, 1]], -1).reshape(-1)
     assert hi.abs().max() <= 127 and lo.min() >= -64 and lo.max() <= 63
     step = xg[0].repeat_interleave(128)
     assert ((128 * hi + lo) * step - x[0].float()).abs().max() <= 0.5001 * step.max()
