@@ -50,6 +50,7 @@ EARLY_LAUNCH = True   # the kernel after may launch before this one's wait (wait
 # 25: with the weights in L1 a layer's four linears take 48.0 us against 52.2, so DRAM is not what
 # bounds this kernel.
 FLOOR = 0
+X8_CHAINS = 1   # X8's MMAs a group in one accumulator chain or two (measurement: scripts/gpu_int4_x8.py)
 
 
 def _asm() -> str:
@@ -87,7 +88,7 @@ _MMA_GROUP = tl.constexpr(_asm())
 _MMA_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 8 + ["l"] * 16 + ["f"] * 32))
 
 
-def _asm_x8() -> str:
+def _asm_x8(chains: int = 1) -> str:
     """PTX for one group of a thread's two rows on int8 tensor cores (X8). Operands: $0-7 out (as
     _asm), $8-15 the words, $16-23 x's B registers (b0, b1 of MMA i at $16 + 2i: int4_pack._store_x8),
     the scale at $24/$28, the zero at $32/$36, x's step at $40, its group sum at $48, this lane's
@@ -96,14 +97,17 @@ def _asm_x8() -> str:
     limbs in B's columns (hi, lo) x (even, odd), so lane t = 0 gets the even codes' dot with both
     limbs and t = 1 the odd ones', exactly in int32."""
     mma = "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32"
-    lines = [".reg .b32 a0, a1, a2, a3;", ".reg .s32 c0, c1, c2, c3;",
+    lines = [".reg .b32 a0, a1, a2, a3;", ".reg .s32 c0, c1, c2, c3, d0, d1, d2, d3;",
              ".reg .f32 f0, f1, fx, zs, sf;",
-             *(f"mov.b32 {r}, 0;" for r in ("c0", "c1", "c2", "c3"))]
+             *(f"mov.b32 {r}, 0;" for r in ("c0", "c1", "c2", "c3", "d0", "d1", "d2", "d3"))]
     for i in range(4):
         wa, wb = f"${8 + i}", f"${12 + i}"
+        c = "{c0, c1, c2, c3}" if chains == 1 or i % 2 == 0 else "{d0, d1, d2, d3}"
         lines += [f"and.b32 a0, {wa}, 0x0f0f0f0f;", f"and.b32 a1, {wb}, 0x0f0f0f0f;",
                   f"and.b32 a2, {wa}, 0xf0f0f0f0;", f"and.b32 a3, {wb}, 0xf0f0f0f0;",
-                  f"{mma} {{c0, c1, c2, c3}}, {{a0, a1, a2, a3}}, {{${16 + 2 * i}, ${17 + 2 * i}}}, {{c0, c1, c2, c3}};"]
+                  f"{mma} {c}, {{a0, a1, a2, a3}}, {{${16 + 2 * i}, ${17 + 2 * i}}}, {c};"]
+    if chains == 2:
+        lines += [f"add.s32 c{k}, c{k}, d{k};" for k in range(4)]
     lines += ["mad.lo.s32 c0, c0, 128, c1;", "mad.lo.s32 c2, c2, 128, c3;",   # hi limb * 128 + lo
               "cvt.rn.f32.s32 f0, c0;", "cvt.rn.f32.s32 f1, c2;",
               "mul.f32 fx, $40, $56;", "mul.f32 zs, $48, $64;",
@@ -114,6 +118,7 @@ def _asm_x8() -> str:
 
 
 _MMA_GROUP_X8 = tl.constexpr(_asm_x8())
+_MMA_GROUP_X8_2 = tl.constexpr(_asm_x8(2))   # the MMAs in two chains: X8_CHAINS 2, for measurement
 _MMA_CONSTRAINTS_X8 = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 16 + ["f"] * 56))
 
 
@@ -126,11 +131,17 @@ def _mma_group(words, xa, xb, s, start, zx, acc):
 
 
 @triton.jit
-def _mma_group_x8(words, xq, s, z, step, sum_x, lane_step, lane_sum, acc):
+def _mma_group_x8(words, xq, s, z, step, sum_x, lane_step, lane_sum, acc, CHAINS: tl.constexpr):
     """acc += this lane's share of one group's dot on int8 tensor cores (_asm_x8)."""
-    return tl.inline_asm_elementwise(_MMA_GROUP_X8, _MMA_CONSTRAINTS_X8,
-                                     [words, xq, s, z, step, sum_x, lane_step, lane_sum, acc],
-                                     dtype=tl.float32, is_pure=True, pack=8)
+    if CHAINS == 2:
+        acc = tl.inline_asm_elementwise(_MMA_GROUP_X8_2, _MMA_CONSTRAINTS_X8,
+                                        [words, xq, s, z, step, sum_x, lane_step, lane_sum, acc],
+                                        dtype=tl.float32, is_pure=True, pack=8)
+    else:
+        acc = tl.inline_asm_elementwise(_MMA_GROUP_X8, _MMA_CONSTRAINTS_X8,
+                                        [words, xq, s, z, step, sum_x, lane_step, lane_sum, acc],
+                                        dtype=tl.float32, is_pure=True, pack=8)
+    return acc
 
 
 @triton.jit
@@ -153,20 +164,20 @@ def _group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
 
 
 @triton.jit
-def _group_x8(words, t, s, z, xq_rows, xg_ptr, groups, lanes, acc, GW: tl.constexpr):
+def _group_x8(words, t, s, z, xq_rows, xg_ptr, groups, lanes, acc, GW: tl.constexpr, CHAINS: tl.constexpr):
     """_group on int8 tensor cores: xq_rows are each row's X8 plane of x (x8_planes)."""
     c = t + tl.arange(0, GW)
     q = t // GW + tl.zeros([1, 1], tl.int32)
     lane_step, lane_sum = lanes
     return _mma_group_x8(words, tl.load(xq_rows + c[None, :]), s.to(tl.float32)[:, None],
                          z.to(tl.float32)[:, None], tl.load(xg_ptr + q), tl.load(xg_ptr + groups + q),
-                         lane_step, lane_sum, acc)
+                         lane_step, lane_sum, acc, CHAINS)
 
 
 @triton.jit
 def _one_group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, lanes, acc, GW: tl.constexpr, X8: tl.constexpr):
     if X8:
-        acc = _group_x8(words, t, s, z, xp_ptr, xg_ptr, groups, lanes, acc, GW)
+        acc = _group_x8(words, t, s, z, xp_ptr, xg_ptr, groups, lanes, acc, GW, X8)
     else:
         acc = _group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, acc, GW)
     return acc
@@ -230,7 +241,7 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                      EARLY: tl.constexpr = False, PACK: tl.constexpr = False,
                      NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
                      PACK_C: tl.constexpr = 512, RSTD_BLOCK: tl.constexpr = 4096,
-                     ROPE_DIM: tl.constexpr = 0, FLOOR: tl.constexpr = 0, X8: tl.constexpr = False,
+                     ROPE_DIM: tl.constexpr = 0, FLOOR: tl.constexpr = 0, X8: tl.constexpr = 0,
                      WARPS: tl.constexpr = 4):
     """Grid (N tiles, K splits), whole tiles only. A program walks its rows' K split in blocks of
     four groups, each block's words, scales and zeros asked for AHEAD (1 or 2) blocks before it is
@@ -239,8 +250,8 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     packs its split's words into xp and xg itself, PACK_C words at a time, after the wait: no
     pack_x launch. Programs of one split write the same bits to the same words; each reads back
     only what it wrote, after a barrier. ROPE_DIM: a qkv projection that rotates and stores its
-    output (RopeStore's arguments, r*). FLOOR: the module's (timing floors, wrong sums). X8: x as
-    two int8 limbs on int8 tensor cores (x8_planes; WARPS is num_warps)."""
+    output (RopeStore's arguments, r*). FLOOR: the module's (timing floors, wrong sums). X8 (1 or
+    2, X8_CHAINS): x as two int8 limbs on int8 tensor cores (x8_planes; WARPS is num_warps)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = 16   # words a group (GROUP // 8)
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
@@ -331,5 +342,5 @@ def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split
         HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
         PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH, PACK=pack is not None,
         NORM=norm, RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block, ROPE_DIM=rope_dim,
-        FLOOR=FLOOR, X8=x8, WARPS=num_warps, num_warps=num_warps,
+        FLOOR=FLOOR, X8=X8_CHAINS if x8 else 0, WARPS=num_warps, num_warps=num_warps,
         **launch_options)

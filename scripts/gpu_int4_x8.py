@@ -25,23 +25,32 @@ from gpu_int4 import rel, time_calls
 
 from pagedeploy.kernels.reference import fused_linear_ref
 from pagedeploy.quant import int4_gemv as G
+from pagedeploy.quant import int4_mma
 from pagedeploy.quant.int4 import dequantize_int4
 
 log = RunLog("int4_x8.log")
 RULE = G.default_config
 # name: how each mma launch of the default rule changes (silu_mul: gate_up's two streams)
 MODES = {
-    "fp16 MMA": lambda cfg, silu: cfg,
-    "x8": lambda cfg, silu: dataclasses.replace(cfg, x8=True),
+    "fp16 MMA": dict(),
+    "x8": dict(x8=True),
+    "fp16 prepacked": dict(pack_in_kernel=False),   # x packed once beforehand: the loop alone
+    "x8 prepacked": dict(x8=True, pack_in_kernel=False),
+    "x8 2 chains": dict(x8=True),   # int4_mma.X8_CHAINS 2
+    "fp16 floor 2": dict(),          # int4_mma.FLOOR 2: weights in L1 (wrong sums, valid times)
+    "x8 floor 2": dict(x8=True),
 }
 
 
 def set_mode(name: str) -> None:
     change = MODES[name]
+    int4_mma.X8_CHAINS = 2 if "2 chains" in name else 1
+    int4_mma.FLOOR = 2 if "floor 2" in name else 0
+    F.set_mode("floor" if "prepacked" in name else None)   # pack_x's result cached: not timed
 
     def rule(n, k, group, silu_mul, device, mma=None):
         cfg = RULE(n, k, group, silu_mul, device, mma)
-        return change(cfg, silu_mul) if cfg.mma else cfg
+        return dataclasses.replace(cfg, **change) if cfg.mma else cfg
     G.default_config = rule
 
 
@@ -85,6 +94,7 @@ def kernel_table() -> None:
         for mode in modes():
             set_mode(mode)
             chain.setdefault(mode, []).append(time_calls([lambda layer=layer: F.run_layer(layer) for layer in layers]))
+    set_mode("fp16 MMA")
     G.default_config = RULE
     del layers
     torch.cuda.empty_cache()
