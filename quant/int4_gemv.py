@@ -360,10 +360,10 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
         assert int4_mma.supports(x, w.group_size, N, K, cfg.block_n, cfg.split_k, cfg.num_warps), cfg
         pack = None
         if cfg.pack_in_kernel:
-            xp, xg, r_out = pack_buffers(x, norm_weight is not None, residual, mma=True, x8=cfg.x8)
+            xp, xg, r_out = pack_buffers(x, norm_weight is not None, residual, mma=True, x8=int4_mma.x8_form(cfg))
             pack = int4_mma.PackInKernel(x, residual, norm_weight, r_out, eps, cfg.pack_words, cfg.rstd_block)
         else:
-            xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True, x8=cfg.x8)
+            xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True, x8=int4_mma.x8_form(cfg))
         int4_mma.launch(xp, xg, w, bias, y, ws, counters, N, K, cfg.block_n, cfg.split_k, cfg.num_warps,
                         silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead, pack,
                         rope_args=rope_args, rope_dim=rope_dim, x8=cfg.x8)

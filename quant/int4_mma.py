@@ -50,7 +50,9 @@ EARLY_LAUNCH = True   # the kernel after may launch before this one's wait (wait
 # 25: with the weights in L1 a layer's four linears take 48.0 us against 52.2, so DRAM is not what
 # bounds this kernel.
 FLOOR = 0
-X8_CHAINS = 1   # X8's MMAs a group in one accumulator chain or two (measurement: scripts/gpu_int4_x8.py)
+# X8's form, for measurement (scripts/gpu_int4_x8.py): 1 x in nine planes a column, 2 the same with
+# a group's MMAs in two accumulator chains, 3 x read alike by every column (broadcast)
+X8_FORM = 1
 
 
 def _asm() -> str:
@@ -117,8 +119,36 @@ def _asm_x8(chains: int = 1) -> str:
     return "{\n" + "\n".join(lines) + "\n}"
 
 
+def _asm_x8_broadcast() -> str:
+    """_asm_x8 with x as every column's lane reads it alike (X8 3): $16-23 and $24-31 the even and
+    odd codes' limbs of words 4t + i, (hi | lo << 32) as int64, $32 this row's column parity mask
+    (all ones where g is even: B's even columns take the hi limb, odd ones lo), the scale at
+    $40/$44, the zero at $48/$52, x's step at $56, its group sum at $64, the sums in at $72-79.
+    Odd codes are shifted down, so every column sums all 32 K slots: each lane gets the whole dot
+    (as _asm, a quarter each in the end)."""
+    mma = "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32"
+    lines = [".reg .b32 a0, a1, a2, a3, b0, b1, he, le, ho, lo, v, u;", ".reg .s32 c0, c1, c2, c3;",
+             ".reg .f32 f0, f1, sf;", *(f"mov.b32 {r}, 0;" for r in ("c0", "c1", "c2", "c3"))]
+    for i in range(4):
+        wa, wb = f"${8 + i}", f"${12 + i}"
+        lines += [f"mov.b64 {{he, le}}, ${16 + i};", f"mov.b64 {{ho, lo}}, ${24 + i};",
+                  "lop3.b32 b0, he, le, $32, 0xe4;", "lop3.b32 b1, ho, lo, $32, 0xe4;",   # mask ? hi : lo
+                  f"and.b32 a0, {wa}, 0x0f0f0f0f;", f"and.b32 a1, {wb}, 0x0f0f0f0f;",
+                  f"shr.u32 v, {wa}, 4;", f"shr.u32 u, {wb}, 4;",
+                  "and.b32 a2, v, 0x0f0f0f0f;", "and.b32 a3, u, 0x0f0f0f0f;",
+                  f"{mma} {{c0, c1, c2, c3}}, {{a0, a1, a2, a3}}, {{b0, b1}}, {{c0, c1, c2, c3}};"]
+    lines += ["mad.lo.s32 c0, c0, 128, c1;", "mad.lo.s32 c2, c2, 128, c3;",
+              "cvt.rn.f32.s32 f0, c0;", "cvt.rn.f32.s32 f1, c2;",
+              "mul.f32 sf, $40, $56;", "fma.rn.f32 f0, sf, f0, $72;", "fma.rn.f32 $0, $48, $64, f0;",
+              "mul.f32 sf, $44, $56;", "fma.rn.f32 f1, sf, f1, $76;", "fma.rn.f32 $4, $52, $64, f1;"]
+    lines += [f"mov.b32 ${k}, ${72 + k};" for k in (1, 2, 3, 5, 6, 7)]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_MMA_GROUP_X8B = tl.constexpr(_asm_x8_broadcast())
+_MMA_CONSTRAINTS_X8B = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 8 + ["l"] * 16 + ["r"] * 8 + ["f"] * 40))
 _MMA_GROUP_X8 = tl.constexpr(_asm_x8())
-_MMA_GROUP_X8_2 = tl.constexpr(_asm_x8(2))   # the MMAs in two chains: X8_CHAINS 2, for measurement
+_MMA_GROUP_X8_2 = tl.constexpr(_asm_x8(2))   # the MMAs in two chains: X8_FORM 2, for measurement
 _MMA_CONSTRAINTS_X8 = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 16 + ["f"] * 56))
 
 
@@ -175,8 +205,22 @@ def _group_x8(words, t, s, z, xq_rows, xg_ptr, groups, lanes, acc, GW: tl.conste
 
 
 @triton.jit
+def _group_x8_broadcast(words, t, s, z, xp_ptr, xg_ptr, KW, groups, parity, acc, GW: tl.constexpr):
+    """_group on int8 tensor cores with x as int4_pack._store_x8_broadcast packs it (X8 3)."""
+    c = t + tl.arange(0, GW)
+    q = t // GW + tl.zeros([1, 1], tl.int32)
+    return tl.inline_asm_elementwise(
+        _MMA_GROUP_X8B, _MMA_CONSTRAINTS_X8B,
+        [words, tl.load(xp_ptr + c)[None, :], tl.load(xp_ptr + KW + c)[None, :], parity,
+         s.to(tl.float32)[:, None], z.to(tl.float32)[:, None], tl.load(xg_ptr + q), tl.load(xg_ptr + groups + q),
+         acc], dtype=tl.float32, is_pure=True, pack=8)
+
+
+@triton.jit
 def _one_group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, lanes, acc, GW: tl.constexpr, X8: tl.constexpr):
-    if X8:
+    if X8 == 3:
+        acc = _group_x8_broadcast(words, t, s, z, xp_ptr, xg_ptr, KW, groups, lanes, acc, GW)
+    elif X8:
         acc = _group_x8(words, t, s, z, xp_ptr, xg_ptr, groups, lanes, acc, GW, X8)
     else:
         acc = _group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, acc, GW)
@@ -250,8 +294,8 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     packs its split's words into xp and xg itself, PACK_C words at a time, after the wait: no
     pack_x launch. Programs of one split write the same bits to the same words; each reads back
     only what it wrote, after a barrier. ROPE_DIM: a qkv projection that rotates and stores its
-    output (RopeStore's arguments, r*). FLOOR: the module's (timing floors, wrong sums). X8 (1 or
-    2, X8_CHAINS): x as two int8 limbs on int8 tensor cores (x8_planes; WARPS is num_warps)."""
+    output (RopeStore's arguments, r*). FLOOR: the module's (timing floors, wrong sums). X8 (1-3,
+    X8_FORM): x as two int8 limbs on int8 tensor cores (x8_planes; WARPS is num_warps)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = 16   # words a group (GROUP // 8)
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
@@ -274,10 +318,12 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                         RESIDUAL, RSTD_BLOCK)
         for c0 in range(c_start, c_end, PACK_C):
             pack_words(x_ptr, r_ptr, nw_ptr, xp_ptr, xg_ptr, c0, c_end, rstd, KW * 8, PACK_C, NORM,
-                       RESIDUAL, True, True, True, X8)
+                       RESIDUAL, True, True, True, X8)   # X8 3: _store_x8_broadcast
         tl.debug_barrier()   # bar.sync: the words' stores are visible to the whole program
     xq, lanes = xp_ptr, (0.0, 0.0)
-    if X8:
+    if X8 == 3:   # each row's B column parity: all ones where g = row % 8 is even
+        lanes = tl.where(tl.arange(0, BLOCK_N) % 2 == 0, -1, 0)[:, None]
+    elif X8:
         xq, lanes = x8_planes(xp_ptr, KW, col, BLOCK_N, WARPS)
     acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
     acc_u = acc_g
@@ -299,9 +345,14 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
             u, v = _advance(u, v, new_u, AHEAD)
     # Each row's sum sits in one element of each of the 4 threads across it: a quarter each, so
     # the row sum of _store_rows gives it back exactly. X8's lanes hold parts of it: all of each.
-    share: tl.constexpr = 1.0 if X8 else 0.25
+    share: tl.constexpr = 1.0 if X8 == 1 or X8 == 2 else 0.25
     _store_rows(acc_g * share, acc_u * share, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n,
                 pid_k, split_k, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS, rope, ROPE_DIM)
+
+
+def x8_form(cfg) -> int:
+    """The X8 form an Int4GemvConfig runs: 0 without x8, else X8_FORM."""
+    return X8_FORM if cfg.x8 else 0
 
 
 def supports(x: torch.Tensor, group: int, N: int, K: int, block_n: int, split_k: int, num_warps: int) -> bool:
@@ -342,5 +393,5 @@ def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split
         HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
         PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH, PACK=pack is not None,
         NORM=norm, RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block, ROPE_DIM=rope_dim,
-        FLOOR=FLOOR, X8=X8_CHAINS if x8 else 0, WARPS=num_warps, num_warps=num_warps,
+        FLOOR=FLOOR, X8=X8_FORM if x8 else 0, WARPS=num_warps, num_warps=num_warps,
         **launch_options)

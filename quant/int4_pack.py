@@ -81,7 +81,7 @@ def pack_words(x_ptr, r_ptr, nw_ptr, xp_ptr, xw_ptr, c0, c_stop, rstd, K, BLOCK_
     k_ok = k < c_stop * 8
     x = _x_tile(x_ptr, r_ptr, nw_ptr, rows, k, k_ok[None, :], k_ok, rstd, K, K, NORM, RESIDUAL)
     if X8:
-        _store_x8(x, xp_ptr, xw_ptr, c0, c_stop, K, BLOCK_C)
+        _store_x8(x, xp_ptr, xw_ptr, c0, c_stop, K, BLOCK_C, X8 == 3)
     else:
         _store_pairs(x, xp_ptr, xw_ptr, c0, c_stop, K, BLOCK_C, F16X2, ODD_OVER_16, MMA)
 
@@ -113,14 +113,15 @@ X8_PLANES = 9
 
 
 @triton.jit
-def _store_x8(x, xq_ptr, xg_ptr, c0, c_stop, K, BLOCK_C: tl.constexpr):
+def _store_x8(x, xq_ptr, xg_ptr, c0, c_stop, K, BLOCK_C: tl.constexpr, BROADCAST: tl.constexpr = False):
     """pack_words' X8 form: xq [X8_PLANES, K / 8] int32, the int8 MMAs' B operand, and xg [2, K /
     128], each group's step and sum of x as rounded. An MMA's B registers are (b0, b1): x at its
     even codes' K slots and at its odd codes'. Plane (column j, s), 2j + s, holds at words 4u ..
     4u + 3 the pairs (b0, b1) of column j for words 4u + 2s and 4u + 2s + 1: one 16-byte load
     gives a lane two MMAs' registers side by side. Columns 0-3 are (hi, even), (lo, even), (hi,
     odd), (lo, odd): even limbs fill b0 and leave b1 zero, odd ones the other way round. Plane 8
-    is zero (columns 4-7)."""
+    is zero (columns 4-7). BROADCAST (int4_mma's X8 3): instead xq [2, K / 8] int64, word c's
+    even codes' limbs (hi | lo << 32) at xq[0, c], its odd codes' at xq[1, c]."""
     G: tl.constexpr = BLOCK_C // 16
     xr = tl.reshape(x, [G, 128])
     amax = tl.max(tl.abs(xr), 1)
@@ -137,13 +138,19 @@ def _store_x8(x, xq_ptr, xg_ptr, c0, c_stop, K, BLOCK_C: tl.constexpr):
     # order costs a shared-memory round trip and a barrier each).
     slot = (c // 4) * 4 + (c % 2) * 2 + ((c // 2) % 2) * KW
     bytes_at = (tl.arange(0, 4) * 8)[None, :]
-    for j in tl.static_range(4):
+    if BROADCAST:
+        for odd in tl.static_range(2):
+            h = tl.sum(((hi_o if odd else hi_e) & 0xFF) << bytes_at, 1).to(tl.int64) & 0xFFFFFFFF
+            l = tl.sum(((lo_o if odd else lo_e) & 0xFF) << bytes_at, 1).to(tl.int64) & 0xFFFFFFFF
+            tl.store(xq_ptr + odd * KW + c, h | (l << 32), mask=ok)
+    for j in tl.static_range(0 if BROADCAST else 4):
         limb = hi_e if j == 0 else lo_e if j == 1 else hi_o if j == 2 else lo_o
         word = tl.sum((limb & 0xFF) << bytes_at, 1)
         odd = j // 2   # the pair's half it fills: b0 for even codes' x, b1 for odd ones'
         tl.store(xq_ptr + 2 * j * KW + slot + odd, word, mask=ok)
         tl.store(xq_ptr + 2 * j * KW + slot + 1 - odd, tl.zeros_like(word), mask=ok)
-    tl.store(xq_ptr + 8 * KW + c, tl.zeros([BLOCK_C], tl.int32), mask=ok)
+    if not BROADCAST:
+        tl.store(xq_ptr + 8 * KW + c, tl.zeros([BLOCK_C], tl.int32), mask=ok)
     g = c0 // 16 + tl.arange(0, G)
     g_ok = g < c_stop // 16
     step = amax / X8_LEVELS
@@ -169,15 +176,15 @@ def _store_mma_x(lo, hi, xw, xp_ptr, xg_ptr, c, c0, c_stop, K, BLOCK_C: tl.const
     tl.store(xg_ptr + K // 128 + g, tl.sum(tl.reshape(tl.sum(xw, 1), [BLOCK_C // 16, 16]), 1), mask=g_ok)
 
 
-def pack_buffers(x: torch.Tensor, norm: bool, residual: torch.Tensor | None, mma: bool, x8: bool = False):
+def pack_buffers(x: torch.Tensor, norm: bool, residual: torch.Tensor | None, mma: bool, x8: int = 0):
     """(xp, xw, residual out) for x [1, K], as pack_x fills them (the tensor-core GEMV also fills
     them itself, int4_mma.py's PACK): residual out is rms_norm's, x + residual, or x itself without
-    a residual, None without a norm. x8 (with mma): _store_x8's planes."""
+    a residual, None without a norm. x8 (with mma, int4_mma's X8 form): _store_x8's planes."""
     K = x.shape[1]
     r_out = None
     if norm:
         r_out = torch.empty_like(x) if residual is not None else x
-    planes, dtype = (X8_PLANES, torch.int32) if x8 else (2, torch.int64) if mma else (4, torch.int32)
+    planes, dtype = (X8_PLANES, torch.int32) if x8 in (1, 2) else (2, torch.int64) if mma else (4, torch.int32)
     xp = torch.empty(planes, K // 8, dtype=dtype, device=x.device)
     xw = torch.empty(2, K // 128, dtype=torch.float32, device=x.device) if mma else \
         torch.empty(K // 8, dtype=torch.float32, device=x.device)
@@ -191,7 +198,7 @@ def rstd_block(K: int) -> int:
 
 def pack_x(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
            residual: torch.Tensor | None = None, odd_over_16: bool = False, mma: bool = False,
-           words: int = 64, x8: bool = False):
+           words: int = 64, x8: int = 0):
     """(xp, xw, residual out): x [1, K], after the residual add and RMSNorm when norm_weight is given,
     as the GEMV's fp16 pairs [4, K / 8] (int32) and word sums [K / 8] (fp32); mma (int4_mma.py):
     pairs 1 and 3 over 16, as xp [2, K / 8] int64 and, instead of xw, [2, K / 128]: per 128 K 1024 *

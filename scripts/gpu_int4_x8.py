@@ -31,20 +31,18 @@ from pagedeploy.quant.int4 import dequantize_int4
 log = RunLog("int4_x8.log")
 RULE = G.default_config
 # name: how each mma launch of the default rule changes (silu_mul: gate_up's two streams)
-MODES = {
+MODES = {   # name: Int4GemvConfig changes; names also set int4_mma's X8_FORM and FLOOR (set_mode)
     "fp16 MMA": dict(),
     "x8": dict(x8=True),
-    "fp16 prepacked": dict(pack_in_kernel=False),   # x packed once beforehand: the loop alone
-    "x8 prepacked": dict(x8=True, pack_in_kernel=False),
-    "x8 2 chains": dict(x8=True),   # int4_mma.X8_CHAINS 2
-    "fp16 floor 2": dict(),          # int4_mma.FLOOR 2: weights in L1 (wrong sums, valid times)
-    "x8 floor 2": dict(x8=True),
+    "x8 broadcast": dict(x8=True),       # X8_FORM 3
+    "fp16 floor 2": dict(),              # int4_mma.FLOOR 2: weights in L1 (wrong sums, valid times)
+    "x8 broadcast floor 2": dict(x8=True),
 }
 
 
 def set_mode(name: str) -> None:
     change = MODES[name]
-    int4_mma.X8_CHAINS = 2 if "2 chains" in name else 1
+    int4_mma.X8_FORM = 3 if "broadcast" in name else 1
     int4_mma.FLOOR = 2 if "floor 2" in name else 0
     F.set_mode("floor" if "prepacked" in name else None)   # pack_x's result cached: not timed
 

@@ -298,6 +298,19 @@ def replay_x8(xq: torch.Tensor, xg: torch.Tensor, w) -> torch.Tensor:
     return (s[:, None] * step * mult[None, :, None] * lane).sum((1, 2)) + (z * sum_x).sum(1)
 
 
+def replay_x8_broadcast(xq: torch.Tensor, xg: torch.Tensor, w) -> torch.Tensor:
+    """replay_x8 for X8 form 3 (int4_pack._store_x8's BROADCAST): xq[0 or 1, c] holds word c's even
+    or odd codes' limbs (hi | lo << 32); B's even columns take hi, odd ones lo, at every K slot, and
+    the odd codes come shifted down, so a lane's 128 C_hi + C_lo is the whole dot of its group."""
+    from pagedeploy.quant.int4 import unpack_int4
+    n, kw = w.packed.shape
+    codes = unpack_int4(w.packed).view(n, kw, 4, 2).long()          # [row, word, byte, even/odd]
+    limbs = xq.contiguous().view(torch.int8).view(2, kw, 2, 4).long()   # [even/odd, word, hi/lo, byte]
+    c = torch.einsum("nwbp,pwlb->nlw", codes, limbs).view(n, 2, kw // 16, 16).sum(-1)
+    dot = (128 * c[:, 0] + c[:, 1]).float()                          # [row, group]
+    return (w.scales.float() * xg[0] * dot + w.zeros.float() * xg[1]).sum(1)
+
+
 def _check_x8() -> None:
     """pack_x(x8=True) (int4_mma's X8 planes), replayed as the int8 MMAs sum them: within 2e-4 of
     the exact product on activations with an outlier, the limbs as documented, every chunking of
@@ -325,6 +338,11 @@ def _check_x8() -> None:
     assert rel_err(y, rounded[None] @ dequantize_int4(w).T) < 1e-6   # the sums: exact but for fp32's
     err = rel_err(y, exact)
     assert err < 2e-4, err
+    xq3, xg3, _ = pack_x(x, mma=True, x8=3)
+    assert xq3.shape == (2, k // 8) and xq3.dtype == torch.int64 and torch.equal(xg3, xg)
+    limbs = xq3.contiguous().view(torch.int8).view(2, -1, 2, 4).float()   # [even/odd, word, hi/lo, byte]
+    assert torch.equal(limbs[0, :, 0], b[0, :, 0]) and torch.equal(limbs[1, :, 1], b[3, :, 1])
+    torch.testing.assert_close(replay_x8_broadcast(xq3, xg3, w), y[0], rtol=1e-6, atol=1e-5)
     norm = dict(norm_weight=(1 + 0.2 * torch.randn(k, generator=gen)).to(x.dtype), eps=1e-6,
                 residual=(3 * torch.randn(1, k, generator=gen)).to(x.dtype))
     for kw in ({}, norm):
@@ -333,6 +351,8 @@ def _check_x8() -> None:
             xq_c, xg_c, _ = pack_x(x, mma=True, x8=True, words=words, **kw)
             assert torch.equal(xq_c, xq), words
             torch.testing.assert_close(xg_c, xg, rtol=1e-6, atol=1e-4)
+            xq_3, _, _ = pack_x(x, mma=True, x8=3, words=words, **kw)
+            assert torch.equal(xq_3, pack_x(x, mma=True, x8=3, **kw)[0]), words
 
 
 CPU_GROUPS = {"int4_gemv": _cpu_cases, "int4_x8": _check_x8}
