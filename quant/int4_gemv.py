@@ -48,7 +48,6 @@ class Int4GemvConfig:
     pack_in_kernel: bool = False   # mma: x packed by the GEMV's programs, no pack_x launch
     pack_words: int = 512  # pack_in_kernel: words packed at a time (a power of two, >= 16)
     rstd_block: int = 4096   # pack_in_kernel: width of the norm's loads (a power of two)
-    x8: bool = False       # mma: x as two int8 limbs on int8 tensor cores (int4_mma.py's X8)
 
 
 # ---- device helpers -------------------------------------------------------------------------------
@@ -360,13 +359,13 @@ def int4_gemv(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None, 
         assert int4_mma.supports(x, w.group_size, N, K, cfg.block_n, cfg.split_k, cfg.num_warps), cfg
         pack = None
         if cfg.pack_in_kernel:
-            xp, xg, r_out = pack_buffers(x, norm_weight is not None, residual, mma=True, x8=int4_mma.x8_form(cfg))
+            xp, xg, r_out = pack_buffers(x, norm_weight is not None, residual, mma=True)
             pack = int4_mma.PackInKernel(x, residual, norm_weight, r_out, eps, cfg.pack_words, cfg.rstd_block)
         else:
-            xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True, x8=int4_mma.x8_form(cfg))
+            xp, xg, r_out = pack_x(x, norm_weight, eps, residual, mma=True)
         int4_mma.launch(xp, xg, w, bias, y, ws, counters, N, K, cfg.block_n, cfg.split_k, cfg.num_warps,
                         silu_mul, pdl, pdl_launch(x.device) if pdl else {}, cfg.ahead, pack,
-                        rope_args=rope_args, rope_dim=rope_dim, x8=cfg.x8)
+                        rope_args=rope_args, rope_dim=rope_dim)
         return y, r_out
     xp, xw, r_out = pack_x(x, norm_weight, eps, residual)
     step = w.group_size // 8 * 4   # words a split is a multiple of: whole blocks of four groups

@@ -50,9 +50,6 @@ EARLY_LAUNCH = True   # the kernel after may launch before this one's wait (wait
 # 25: with the weights in L1 a layer's four linears take 48.0 us against 52.2, so DRAM is not what
 # bounds this kernel.
 FLOOR = 0
-# X8's form, for measurement (scripts/gpu_int4_x8.py): 1 x in nine planes a column, 2 the same with
-# a group's MMAs in two accumulator chains, 3 x read alike by every column (broadcast)
-X8_FORM = 1
 
 
 def _asm() -> str:
@@ -90,88 +87,12 @@ _MMA_GROUP = tl.constexpr(_asm())
 _MMA_CONSTRAINTS = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 8 + ["l"] * 16 + ["f"] * 32))
 
 
-def _asm_x8(chains: int = 1) -> str:
-    """PTX for one group of a thread's two rows on int8 tensor cores (X8). Operands: $0-7 out (as
-    _asm), $8-15 the words, $16-23 x's B registers (b0, b1 of MMA i at $16 + 2i: int4_pack._store_x8),
-    the scale at $24/$28, the zero at $32/$36, x's step at $40, its group sum at $48, this lane's
-    multiplier of the step at $56 and of the sum at $64 (int4_pack's X8 planes), the sums in at
-    $72-79. Codes are u8 (even ones as they are, odd ones times 16, masked in place); x is two s8
-    limbs in B's columns (hi, lo) x (even, odd), so lane t = 0 gets the even codes' dot with both
-    limbs and t = 1 the odd ones', exactly in int32."""
-    mma = "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32"
-    lines = [".reg .b32 a0, a1, a2, a3;", ".reg .s32 c0, c1, c2, c3, d0, d1, d2, d3;",
-             ".reg .f32 f0, f1, fx, zs, sf;",
-             *(f"mov.b32 {r}, 0;" for r in ("c0", "c1", "c2", "c3", "d0", "d1", "d2", "d3"))]
-    for i in range(4):
-        wa, wb = f"${8 + i}", f"${12 + i}"
-        c = "{c0, c1, c2, c3}" if chains == 1 or i % 2 == 0 else "{d0, d1, d2, d3}"
-        lines += [f"and.b32 a0, {wa}, 0x0f0f0f0f;", f"and.b32 a1, {wb}, 0x0f0f0f0f;",
-                  f"and.b32 a2, {wa}, 0xf0f0f0f0;", f"and.b32 a3, {wb}, 0xf0f0f0f0;",
-                  f"{mma} {c}, {{a0, a1, a2, a3}}, {{${16 + 2 * i}, ${17 + 2 * i}}}, {c};"]
-    if chains == 2:
-        lines += [f"add.s32 c{k}, c{k}, d{k};" for k in range(4)]
-    lines += ["mad.lo.s32 c0, c0, 128, c1;", "mad.lo.s32 c2, c2, 128, c3;",   # hi limb * 128 + lo
-              "cvt.rn.f32.s32 f0, c0;", "cvt.rn.f32.s32 f1, c2;",
-              "mul.f32 fx, $40, $56;", "mul.f32 zs, $48, $64;",
-              "mul.f32 sf, $24, fx;", "fma.rn.f32 f0, sf, f0, $72;", "fma.rn.f32 $0, $32, zs, f0;",
-              "mul.f32 sf, $28, fx;", "fma.rn.f32 f1, sf, f1, $76;", "fma.rn.f32 $4, $36, zs, f1;"]
-    lines += [f"mov.b32 ${k}, ${72 + k};" for k in (1, 2, 3, 5, 6, 7)]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-def _asm_x8_broadcast() -> str:
-    """_asm_x8 with x as every column's lane reads it alike (X8 3): $16-23 and $24-31 the even and
-    odd codes' limbs of words 4t + i, (hi | lo << 32) as int64, $32 this row's column parity mask
-    (all ones where g is even: B's even columns take the hi limb, odd ones lo), the scale at
-    $40/$44, the zero at $48/$52, x's step at $56, its group sum at $64, the sums in at $72-79.
-    Odd codes are shifted down, so every column sums all 32 K slots: each lane gets the whole dot
-    (as _asm, a quarter each in the end)."""
-    mma = "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32"
-    lines = [".reg .b32 a0, a1, a2, a3, b0, b1, he, le, ho, lo, v, u;", ".reg .s32 c0, c1, c2, c3;",
-             ".reg .f32 f0, f1, sf;", *(f"mov.b32 {r}, 0;" for r in ("c0", "c1", "c2", "c3"))]
-    for i in range(4):
-        wa, wb = f"${8 + i}", f"${12 + i}"
-        lines += [f"mov.b64 {{he, le}}, ${16 + i};", f"mov.b64 {{ho, lo}}, ${24 + i};",
-                  "lop3.b32 b0, he, le, $32, 0xe4;", "lop3.b32 b1, ho, lo, $32, 0xe4;",   # mask ? hi : lo
-                  f"and.b32 a0, {wa}, 0x0f0f0f0f;", f"and.b32 a1, {wb}, 0x0f0f0f0f;",
-                  f"shr.u32 v, {wa}, 4;", f"shr.u32 u, {wb}, 4;",
-                  "and.b32 a2, v, 0x0f0f0f0f;", "and.b32 a3, u, 0x0f0f0f0f;",
-                  f"{mma} {{c0, c1, c2, c3}}, {{a0, a1, a2, a3}}, {{b0, b1}}, {{c0, c1, c2, c3}};"]
-    lines += ["mad.lo.s32 c0, c0, 128, c1;", "mad.lo.s32 c2, c2, 128, c3;",
-              "cvt.rn.f32.s32 f0, c0;", "cvt.rn.f32.s32 f1, c2;",
-              "mul.f32 sf, $40, $56;", "fma.rn.f32 f0, sf, f0, $72;", "fma.rn.f32 $0, $48, $64, f0;",
-              "mul.f32 sf, $44, $56;", "fma.rn.f32 f1, sf, f1, $76;", "fma.rn.f32 $4, $52, $64, f1;"]
-    lines += [f"mov.b32 ${k}, ${72 + k};" for k in (1, 2, 3, 5, 6, 7)]
-    return "{\n" + "\n".join(lines) + "\n}"
-
-
-_MMA_GROUP_X8B = tl.constexpr(_asm_x8_broadcast())
-_MMA_CONSTRAINTS_X8B = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 8 + ["l"] * 16 + ["r"] * 8 + ["f"] * 40))
-_MMA_GROUP_X8 = tl.constexpr(_asm_x8())
-_MMA_GROUP_X8_2 = tl.constexpr(_asm_x8(2))   # the MMAs in two chains: X8_FORM 2, for measurement
-_MMA_CONSTRAINTS_X8 = tl.constexpr(",".join(["=f"] * 8 + ["r"] * 16 + ["f"] * 56))
-
-
 @triton.jit
 def _mma_group(words, xa, xb, s, start, zx, acc):
     """acc (element 0 of each row's four a thread holds) += s * (the MMAs' sum + start) + zx for one
     group: start takes the codes' offset of 1024 off, zx is the zero's term."""
     return tl.inline_asm_elementwise(_MMA_GROUP, _MMA_CONSTRAINTS, [words, xa, xb, s, start, zx, acc],
                                      dtype=tl.float32, is_pure=True, pack=8)
-
-
-@triton.jit
-def _mma_group_x8(words, xq, s, z, step, sum_x, lane_step, lane_sum, acc, CHAINS: tl.constexpr):
-    """acc += this lane's share of one group's dot on int8 tensor cores (_asm_x8)."""
-    if CHAINS == 2:
-        acc = tl.inline_asm_elementwise(_MMA_GROUP_X8_2, _MMA_CONSTRAINTS_X8,
-                                        [words, xq, s, z, step, sum_x, lane_step, lane_sum, acc],
-                                        dtype=tl.float32, is_pure=True, pack=8)
-    else:
-        acc = tl.inline_asm_elementwise(_MMA_GROUP_X8, _MMA_CONSTRAINTS_X8,
-                                        [words, xq, s, z, step, sum_x, lane_step, lane_sum, acc],
-                                        dtype=tl.float32, is_pure=True, pack=8)
-    return acc
 
 
 @triton.jit
@@ -194,68 +115,14 @@ def _group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
 
 
 @triton.jit
-def _group_x8(words, t, s, z, xq_rows, xg_ptr, groups, lanes, acc, GW: tl.constexpr, CHAINS: tl.constexpr):
-    """_group on int8 tensor cores: xq_rows are each row's X8 plane of x (x8_planes)."""
-    c = t + tl.arange(0, GW)
-    q = t // GW + tl.zeros([1, 1], tl.int32)
-    lane_step, lane_sum = lanes
-    return _mma_group_x8(words, tl.load(xq_rows + c[None, :]), s.to(tl.float32)[:, None],
-                         z.to(tl.float32)[:, None], tl.load(xg_ptr + q), tl.load(xg_ptr + groups + q),
-                         lane_step, lane_sum, acc, CHAINS)
-
-
-@triton.jit
-def _group_x8_broadcast(words, t, s, z, xp_ptr, xg_ptr, KW, groups, parity, acc, GW: tl.constexpr):
-    """_group on int8 tensor cores with x as int4_pack._store_x8_broadcast packs it (X8 3)."""
-    c = t + tl.arange(0, GW)
-    q = t // GW + tl.zeros([1, 1], tl.int32)
-    return tl.inline_asm_elementwise(
-        _MMA_GROUP_X8B, _MMA_CONSTRAINTS_X8B,
-        [words, tl.load(xp_ptr + c)[None, :], tl.load(xp_ptr + KW + c)[None, :], parity,
-         s.to(tl.float32)[:, None], z.to(tl.float32)[:, None], tl.load(xg_ptr + q), tl.load(xg_ptr + groups + q),
-         acc], dtype=tl.float32, is_pure=True, pack=8)
-
-
-@triton.jit
-def _one_group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, lanes, acc, GW: tl.constexpr, X8: tl.constexpr):
-    if X8 == 3:
-        acc = _group_x8_broadcast(words, t, s, z, xp_ptr, xg_ptr, KW, groups, lanes, acc, GW)
-    elif X8:
-        acc = _group_x8(words, t, s, z, xp_ptr, xg_ptr, groups, lanes, acc, GW, X8)
-    else:
-        acc = _group(words, t, s, z, xp_ptr, xg_ptr, KW, groups, acc, GW)
-    return acc
-
-
-@triton.jit
-def _block(block, t, xp_ptr, xg_ptr, KW, groups, lanes, acc, GW: tl.constexpr, X8: tl.constexpr):
+def _block(block, t, xp_ptr, xg_ptr, KW, groups, acc, GW: tl.constexpr):
     """A block (_stream's words and scales) into acc."""
     w0, w1, w2, w3, sz = block
     s0, s1, s2, s3, z0, z1, z2, z3 = sz
-    acc = _one_group(w0, t, s0, z0, xp_ptr, xg_ptr, KW, groups, lanes, acc, GW, X8)
-    acc = _one_group(w1, t + GW, s1, z1, xp_ptr, xg_ptr, KW, groups, lanes, acc, GW, X8)
-    acc = _one_group(w2, t + 2 * GW, s2, z2, xp_ptr, xg_ptr, KW, groups, lanes, acc, GW, X8)
-    return _one_group(w3, t + 3 * GW, s3, z3, xp_ptr, xg_ptr, KW, groups, lanes, acc, GW, X8)
-
-
-@triton.jit
-def x8_planes(xp_ptr, KW, col, BLOCK_N: tl.constexpr, WARPS: tl.constexpr):
-    """Where each tile row reads x on int8 tensor cores, [BLOCK_N, 1] pointers into
-    int4_pack._store_x8's planes, and each lane's multipliers of a group's x step and x sum, [1,
-    GW]. A thread holds tile rows g and g + 8 * WARPS (an MMA's rows g and g + 8, g = lane / 4), and
-    B's column g for its words 4t .. 4t + 3: plane (g, 0) at the first row's 4 words gives MMAs 0
-    and 1 theirs, plane (g, 1) at the second's MMAs 2 and 3. Columns 0-3 are (hi, even), (lo,
-    even), (hi, odd), (lo, odd), the rest the zero plane. C's columns 2t, 2t + 1 come back to lane
-    t: t = 0 holds the even codes' dot, t = 1 the odd ones' (times 16), and t = 2 adds the zero's
-    term."""
-    p = tl.arange(0, BLOCK_N)
-    g = p % 8
-    second = (p // (8 * WARPS)) % 2
-    plane = tl.where(g < 4, 2 * g + second, 8)
-    lane = col // 4
-    lane_step = tl.where(lane == 0, 1.0, tl.where(lane == 1, 1.0 / 16, 0.0))[None, :]
-    lane_sum = tl.where(lane == 2, 1.0, 0.0)[None, :]
-    return xp_ptr + (plane * KW)[:, None], (lane_step, lane_sum)
+    acc = _group(w0, t, s0, z0, xp_ptr, xg_ptr, KW, groups, acc, GW)
+    acc = _group(w1, t + GW, s1, z1, xp_ptr, xg_ptr, KW, groups, acc, GW)
+    acc = _group(w2, t + 2 * GW, s2, z2, xp_ptr, xg_ptr, KW, groups, acc, GW)
+    return _group(w3, t + 3 * GW, s3, z3, xp_ptr, xg_ptr, KW, groups, acc, GW)
 
 
 @triton.jit
@@ -285,8 +152,7 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                      EARLY: tl.constexpr = False, PACK: tl.constexpr = False,
                      NORM: tl.constexpr = False, RESIDUAL: tl.constexpr = False,
                      PACK_C: tl.constexpr = 512, RSTD_BLOCK: tl.constexpr = 4096,
-                     ROPE_DIM: tl.constexpr = 0, FLOOR: tl.constexpr = 0, X8: tl.constexpr = 0,
-                     WARPS: tl.constexpr = 4):
+                     ROPE_DIM: tl.constexpr = 0, FLOOR: tl.constexpr = 0):
     """Grid (N tiles, K splits), whole tiles only. A program walks its rows' K split in blocks of
     four groups, each block's words, scales and zeros asked for AHEAD (1 or 2) blocks before it is
     summed. EARLY: the next kernel may launch before this one waits (wait_previous).
@@ -294,8 +160,7 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
     packs its split's words into xp and xg itself, PACK_C words at a time, after the wait: no
     pack_x launch. Programs of one split write the same bits to the same words; each reads back
     only what it wrote, after a barrier. ROPE_DIM: a qkv projection that rotates and stores its
-    output (RopeStore's arguments, r*). FLOOR: the module's (timing floors, wrong sums). X8 (1-3,
-    X8_FORM): x as two int8 limbs on int8 tensor cores (x8_planes; WARPS is num_warps)."""
+    output (RopeStore's arguments, r*). FLOOR: the module's (timing floors, wrong sums)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     GW: tl.constexpr = 16   # words a group (GROUP // 8)
     offs_n, mask_n, col, c_start, c_end, row_g, row_u, s_g, z_g, s_u, z_u = _program_rows(
@@ -318,13 +183,8 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
                         RESIDUAL, RSTD_BLOCK)
         for c0 in range(c_start, c_end, PACK_C):
             pack_words(x_ptr, r_ptr, nw_ptr, xp_ptr, xg_ptr, c0, c_end, rstd, KW * 8, PACK_C, NORM,
-                       RESIDUAL, True, True, True, X8)   # X8 3: _store_x8_broadcast
+                       RESIDUAL, True, True, True)
         tl.debug_barrier()   # bar.sync: the words' stores are visible to the whole program
-    xq, lanes = xp_ptr, (0.0, 0.0)
-    if X8 == 3:   # each row's B column parity: all ones where g = row % 8 is even
-        lanes = tl.where(tl.arange(0, BLOCK_N) % 2 == 0, -1, 0)[:, None]
-    elif X8:
-        xq, lanes = x8_planes(xp_ptr, KW, col, BLOCK_N, WARPS)
     acc_g = tl.zeros([BLOCK_N, GW], tl.float32)
     acc_u = acc_g
     for t in range(c_start, c_end, B):
@@ -338,21 +198,15 @@ def _int4_mma_kernel(xp_ptr, xg_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, ws_ptr, 
         new_g = _stream(row_g, s_g, z_g, tw, c_end, mask_n, col, GW)
         if SILU_MUL:
             new_u = _stream(row_u, s_u, z_u, tw, c_end, mask_n, col, GW)
-        acc_g = _block(g, tx, xq, xg_ptr, KW, groups, lanes, acc_g, GW, X8)
+        acc_g = _block(g, tx, xp_ptr, xg_ptr, KW, groups, acc_g, GW)
         g, h = _advance(g, h, new_g, AHEAD)
         if SILU_MUL:
-            acc_u = _block(u, tx, xq, xg_ptr, KW, groups, lanes, acc_u, GW, X8)
+            acc_u = _block(u, tx, xp_ptr, xg_ptr, KW, groups, acc_u, GW)
             u, v = _advance(u, v, new_u, AHEAD)
     # Each row's sum sits in one element of each of the 4 threads across it: a quarter each, so
-    # the row sum of _store_rows gives it back exactly. X8's lanes hold parts of it: all of each.
-    share: tl.constexpr = 1.0 if X8 == 1 or X8 == 2 else 0.25
-    _store_rows(acc_g * share, acc_u * share, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n,
+    # the row sum of _store_rows gives it back exactly.
+    _store_rows(acc_g * 0.25, acc_u * 0.25, offs_n, mask_n, N, b_ptr, y_ptr, ws_ptr, lock_ptr, pid_n,
                 pid_k, split_k, SILU_MUL, HAS_BIAS, USE_SPLIT, SPLITS, rope, ROPE_DIM)
-
-
-def x8_form(cfg) -> int:
-    """The X8 form an Int4GemvConfig runs: 0 without x8, else X8_FORM."""
-    return X8_FORM if cfg.x8 else 0
 
 
 def supports(x: torch.Tensor, group: int, N: int, K: int, block_n: int, split_k: int, num_warps: int) -> bool:
@@ -376,10 +230,9 @@ class PackInKernel:
 
 def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split_k: int, num_warps: int,
            silu_mul: bool, pdl: int, launch_options: dict, ahead: int = 1,
-           pack: PackInKernel | None = None, *, rope_args: tuple, rope_dim: int = 0, x8: bool = False):
-    """One launch over x packed by int4_pack.pack_x(mma=True, x8=x8), or packed by the kernel into xp
-    and xg (int4_pack.pack_buffers) from `pack`; rope_args and rope_dim as int4_gemv makes them.
-    x8: on int8 tensor cores (X8).
+           pack: PackInKernel | None = None, *, rope_args: tuple, rope_dim: int = 0):
+    """One launch over x packed by int4_pack.pack_x(mma=True), or packed by the kernel into xp and
+    xg (int4_pack.pack_buffers) from `pack`; rope_args and rope_dim as int4_gemv makes them.
     Returns Triton's handle of the compiled kernel (registers: .n_regs)."""
     words_per_split = K // 8 // split_k
     p = pack or PackInKernel(y)   # without packing, placeholders the kernel does not read
@@ -393,5 +246,5 @@ def launch(xp, xg, w, bias, y, ws, counters, N: int, K: int, block_n: int, split
         HAS_BIAS=bias is not None, USE_SPLIT=split_k > 1, SPLITS=triton.next_power_of_2(split_k),
         PDL=pdl, AHEAD=ahead, EARLY=EARLY_LAUNCH, PACK=pack is not None,
         NORM=norm, RESIDUAL=residual is not None, PACK_C=p.words, RSTD_BLOCK=p.rstd_block, ROPE_DIM=rope_dim,
-        FLOOR=FLOOR, X8=X8_FORM if x8 else 0, WARPS=num_warps, num_warps=num_warps,
+        FLOOR=FLOOR, num_warps=num_warps,
         **launch_options)

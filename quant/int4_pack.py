@@ -41,13 +41,13 @@ def _pack_x_kernel(x_ptr, r_ptr, nw_ptr, r_out_ptr, xp_ptr, xw_ptr, K, eps,
                    NORM: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr,
                    RSTD_BLOCK: tl.constexpr, F16X2: tl.constexpr, PDL: tl.constexpr,
                    ODD_OVER_16: tl.constexpr = False, MMA: tl.constexpr = False,
-                   EARLY: tl.constexpr = False, X8: tl.constexpr = False):
+                   EARLY: tl.constexpr = False):
     """Grid (words / BLOCK_C): BLOCK_C words of x each (pack_words). EARLY: the GEMV after may
     launch at once and ask for its first weights while this waits."""
     wait_previous(PDL, EARLY)
     rstd = row_rstd(x_ptr, r_ptr, r_out_ptr, K, eps, tl.program_id(0) == 0, NORM, RESIDUAL, RSTD_BLOCK)
     pack_words(x_ptr, r_ptr, nw_ptr, xp_ptr, xw_ptr, tl.program_id(0) * BLOCK_C, K // 8, rstd, K,
-               BLOCK_C, NORM, RESIDUAL, F16X2, ODD_OVER_16, MMA, X8)
+               BLOCK_C, NORM, RESIDUAL, F16X2, ODD_OVER_16, MMA)
 
 
 @triton.jit
@@ -66,7 +66,7 @@ def row_rstd(x_ptr, r_ptr, r_out_ptr, K, eps, write_residual, NORM: tl.constexpr
 @triton.jit
 def pack_words(x_ptr, r_ptr, nw_ptr, xp_ptr, xw_ptr, c0, c_stop, rstd, K, BLOCK_C: tl.constexpr,
                NORM: tl.constexpr, RESIDUAL: tl.constexpr, F16X2: tl.constexpr,
-               ODD_OVER_16: tl.constexpr, MMA: tl.constexpr, X8: tl.constexpr = False):
+               ODD_OVER_16: tl.constexpr, MMA: tl.constexpr):
     """Words [c0, min(c0 + BLOCK_C, c_stop)) of x (after residual add + RMSNorm by rstd) as the
     GEMV's fp16 pairs, xp[j, c] = (x[8c + j], x[8c + j + 4]) for j < 4, and word sums xw[c] (fp32).
     ODD_OVER_16: pairs 1 and 3 divided by 16 (a decode that leaves those codes times 16:
@@ -74,22 +74,11 @@ def pack_words(x_ptr, r_ptr, nw_ptr, xp_ptr, xw_ptr, c0, c_stop, rstd, K, BLOCK_
     ODD_OVER_16; int4_mma.py; c0 and c_stop whole groups of 16 words): the pairs as int64 (pair 0 |
     pair 2 << 32, pair 1 | pair 3 << 32) at xp[0, c] and xp[1, c], an MMA's B operand each, and
     instead of word sums, per 128 K, 1024 * the sum of the pairs as packed at xw[g] and the sum of
-    x at xw[groups + g] (the constants int4_mma takes off). X8 (int4_mma's int8 tensor cores):
-    instead, _store_x8's limbs."""
+    x at xw[groups + g] (the constants int4_mma takes off)."""
     rows = tl.arange(0, 1)
     k = c0 * 8 + tl.arange(0, BLOCK_C * 8)
     k_ok = k < c_stop * 8
     x = _x_tile(x_ptr, r_ptr, nw_ptr, rows, k, k_ok[None, :], k_ok, rstd, K, K, NORM, RESIDUAL)
-    if X8:
-        _store_x8(x, xp_ptr, xw_ptr, c0, c_stop, K, BLOCK_C, X8 == 3)
-    else:
-        _store_pairs(x, xp_ptr, xw_ptr, c0, c_stop, K, BLOCK_C, F16X2, ODD_OVER_16, MMA)
-
-
-@triton.jit
-def _store_pairs(x, xp_ptr, xw_ptr, c0, c_stop, K, BLOCK_C: tl.constexpr, F16X2: tl.constexpr,
-                 ODD_OVER_16: tl.constexpr, MMA: tl.constexpr):
-    """pack_words' fp16 pairs."""
     x = tl.reshape(x, [BLOCK_C, 2, 4])              # [c, j // 4, j % 4]
     lo, hi = tl.split(tl.permute(x, [0, 2, 1]))     # [c, j] for j < 4 and j + 4
     c = c0 + tl.arange(0, BLOCK_C)
@@ -103,61 +92,6 @@ def _store_pairs(x, xp_ptr, xw_ptr, c0, c_stop, K, BLOCK_C: tl.constexpr, F16X2:
         ok = (c < c_stop)[:, None]
         tl.store(xp_ptr + c[:, None] + tl.arange(0, 4)[None, :] * (K // 8), _pair(lo, hi, F16X2), mask=ok)
         tl.store(xw_ptr + c[:, None], xw, mask=ok)
-
-
-# X8's x: per group of 128, q = round(x / step) with step = max |x| / X8_LEVELS, as two int8
-# limbs q = 128 hi + lo (hi in [-127, 127], lo in [-64, 63]). x is then exact to step / 2, a
-# 32512th of the group's largest |x| (fp16 keeps 11 bits of each x instead).
-X8_LEVELS = tl.constexpr(127 * 128)
-X8_PLANES = 9
-
-
-@triton.jit
-def _store_x8(x, xq_ptr, xg_ptr, c0, c_stop, K, BLOCK_C: tl.constexpr, BROADCAST: tl.constexpr = False):
-    """pack_words' X8 form: xq [X8_PLANES, K / 8] int32, the int8 MMAs' B operand, and xg [2, K /
-    128], each group's step and sum of x as rounded. An MMA's B registers are (b0, b1): x at its
-    even codes' K slots and at its odd codes'. Plane (column j, s), 2j + s, holds at words 4u ..
-    4u + 3 the pairs (b0, b1) of column j for words 4u + 2s and 4u + 2s + 1: one 16-byte load
-    gives a lane two MMAs' registers side by side. Columns 0-3 are (hi, even), (lo, even), (hi,
-    odd), (lo, odd): even limbs fill b0 and leave b1 zero, odd ones the other way round. Plane 8
-    is zero (columns 4-7). BROADCAST (int4_mma's X8 3): instead xq [2, K / 8] int64, word c's
-    even codes' limbs (hi | lo << 32) at xq[0, c], its odd codes' at xq[1, c]."""
-    G: tl.constexpr = BLOCK_C // 16
-    xr = tl.reshape(x, [G, 128])
-    amax = tl.max(tl.abs(xr), 1)
-    q = tl.floor(xr * tl.where(amax > 0, X8_LEVELS / tl.maximum(amax, 1e-30), 0.0)[:, None] + 0.5).to(tl.int32)
-    hi = (q + 64) >> 7
-    lo = q - hi * 128
-    c = c0 + tl.arange(0, BLOCK_C)
-    ok = c < c_stop
-    KW = K // 8
-    hi_e, hi_o = tl.split(tl.reshape(hi, [BLOCK_C, 4, 2]))   # [word, byte] of codes 2b and 2b + 1
-    lo_e, lo_o = tl.split(tl.reshape(lo, [BLOCK_C, 4, 2]))
-    # Word c's (b0, b1) pair in plane (j, s) with s = bit 1 of c : stores to where
-    # the pairs go keep the limbs in the layout they were computed in (a reshape into the planes'
-    # order costs a shared-memory round trip and a barrier each).
-    slot = (c // 4) * 4 + (c % 2) * 2 + ((c // 2) % 2) * KW
-    bytes_at = (tl.arange(0, 4) * 8)[None, :]
-    if BROADCAST:
-        for odd in tl.static_range(2):
-            h = tl.sum(((hi_o if odd else hi_e) & 0xFF) << bytes_at, 1).to(tl.int64) & 0xFFFFFFFF
-            l = tl.sum(((lo_o if odd else lo_e) & 0xFF) << bytes_at, 1).to(tl.int64) & 0xFFFFFFFF
-            tl.store(xq_ptr + odd * KW + c, h | (l << 32), mask=ok)
-    for j in tl.static_range(0 if BROADCAST else 4):
-        limb = hi_e if j == 0 else lo_e if j == 1 else hi_o if j == 2 else lo_o
-        word = tl.sum((limb & 0xFF) << bytes_at, 1)
-        odd = j // 2   # the pair's half it fills: b0 for even codes' x, b1 for odd ones'
-        tl.store(xq_ptr + 2 * j * KW + slot + odd, word, mask=ok)
-        tl.store(xq_ptr + 2 * j * KW + slot + 1 - odd, tl.zeros_like(word), mask=ok)
-    if not BROADCAST:
-        tl.store(xq_ptr + 8 * KW + c, tl.zeros([BLOCK_C], tl.int32), mask=ok)
-    g = c0 // 16 + tl.arange(0, G)
-    g_ok = g < c_stop // 16
-    step = amax / X8_LEVELS
-    tl.store(xg_ptr + g, step, mask=g_ok)
-    # The zero's term takes the sum of x as rounded: w = code s + z errs by (code s + z) dx then,
-    # centred on 0, where the sum of exact x would leave code s dx (codes 0-15: twice the error).
-    tl.store(xg_ptr + K // 128 + g, step * tl.sum(q, 1).to(tl.float32), mask=g_ok)
 
 
 @triton.jit
@@ -176,16 +110,15 @@ def _store_mma_x(lo, hi, xw, xp_ptr, xg_ptr, c, c0, c_stop, K, BLOCK_C: tl.const
     tl.store(xg_ptr + K // 128 + g, tl.sum(tl.reshape(tl.sum(xw, 1), [BLOCK_C // 16, 16]), 1), mask=g_ok)
 
 
-def pack_buffers(x: torch.Tensor, norm: bool, residual: torch.Tensor | None, mma: bool, x8: int = 0):
+def pack_buffers(x: torch.Tensor, norm: bool, residual: torch.Tensor | None, mma: bool):
     """(xp, xw, residual out) for x [1, K], as pack_x fills them (the tensor-core GEMV also fills
     them itself, int4_mma.py's PACK): residual out is rms_norm's, x + residual, or x itself without
-    a residual, None without a norm. x8 (with mma, int4_mma's X8 form): _store_x8's planes."""
+    a residual, None without a norm."""
     K = x.shape[1]
     r_out = None
     if norm:
         r_out = torch.empty_like(x) if residual is not None else x
-    planes, dtype = (X8_PLANES, torch.int32) if x8 in (1, 2) else (2, torch.int64) if mma else (4, torch.int32)
-    xp = torch.empty(planes, K // 8, dtype=dtype, device=x.device)
+    xp = torch.empty(2 if mma else 4, K // 8, dtype=torch.int64 if mma else torch.int32, device=x.device)
     xw = torch.empty(2, K // 128, dtype=torch.float32, device=x.device) if mma else \
         torch.empty(K // 8, dtype=torch.float32, device=x.device)
     return xp, xw, r_out
@@ -198,22 +131,20 @@ def rstd_block(K: int) -> int:
 
 def pack_x(x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0,
            residual: torch.Tensor | None = None, odd_over_16: bool = False, mma: bool = False,
-           words: int = 64, x8: int = 0):
+           words: int = 64):
     """(xp, xw, residual out): x [1, K], after the residual add and RMSNorm when norm_weight is given,
     as the GEMV's fp16 pairs [4, K / 8] (int32) and word sums [K / 8] (fp32); mma (int4_mma.py):
     pairs 1 and 3 over 16, as xp [2, K / 8] int64 and, instead of xw, [2, K / 128]: per 128 K 1024 *
     the sum of the pairs as packed, and the sum of x. `words`: a program's words (a power of two,
-    >= 16 with mma), as the tensor-core GEMV's pack_words chunks (tests compare the two). x8 (with
-    mma): x as int8 limbs, _store_x8's planes [X8_PLANES, K / 8] and [2, K / 128]."""
+    >= 16 with mma), as the tensor-core GEMV's pack_words chunks (tests compare the two)."""
     K = x.shape[1]
     norm = norm_weight is not None
-    xp, xw, r_out = pack_buffers(x, norm, residual, mma, x8)
+    xp, xw, r_out = pack_buffers(x, norm, residual, mma)
     pdl = pdl_supported(x.device)
     _pack_x_kernel[(triton.cdiv(K // 8, words),)](
         x, residual if residual is not None else x, norm_weight if norm else x,
         r_out if r_out is not None else x, xp, xw, K, eps, NORM=norm,
         RESIDUAL=norm and residual is not None, BLOCK_C=words, RSTD_BLOCK=rstd_block(K),
-        F16X2=x.is_cuda, PDL=pdl, ODD_OVER_16=odd_over_16 or mma, MMA=mma, EARLY=EARLY_LAUNCH, X8=x8,
-        num_warps=4,
+        F16X2=x.is_cuda, PDL=pdl, ODD_OVER_16=odd_over_16 or mma, MMA=mma, EARLY=EARLY_LAUNCH, num_warps=4,
         **(pdl_launch(x.device) if pdl else {}))
     return xp, xw, r_out

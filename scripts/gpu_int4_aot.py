@@ -37,8 +37,7 @@ def aot() -> int:
                  for bn, nw, silu in ((64, 4, False), (64, 4, True), (32, 4, False))]
     mma = dict(SPLITS=4, PDL=2, USE_SPLIT=True, HAS_BIAS=False, EARLY=False, RESIDUAL=False, RSTD_BLOCK=4096)
     variants += [(M4._int4_mma_kernel, dict(mma, BLOCK_N=bn, SILU_MUL=silu, AHEAD=ahead, PACK=pack, NORM=pack and silu,
-                                            PACK_C=words, X8=x8, WARPS=nw), nw, bn * 512 * (2 if silu else 1))
-                 for x8 in (False, True)
+                                            PACK_C=words), nw, bn * 512 * (2 if silu else 1))
                  for bn, nw, silu, ahead, pack, words in ((64, 4, False, 1, False, 512), (64, 4, False, 2, False, 512),
                                                           (64, 4, True, 1, False, 512), (32, 2, True, 1, False, 512),
                                                           (64, 4, False, 2, True, 512), (64, 4, True, 1, True, 512))]
@@ -49,7 +48,7 @@ def aot() -> int:
     for fn, consts, nw, weights_per_step in variants:
         consts = {k: v for k, v in {**common, **consts}.items() if k in fn.arg_names}
         args = [n for n in fn.arg_names if n not in consts]
-        types = dict(ptrs, xp_ptr="*i64") if fn is M4._int4_mma_kernel and not consts.get("X8") else ptrs
+        types = dict(ptrs, xp_ptr="*i64") if fn is M4._int4_mma_kernel else ptrs   # pack_x(mma=True)'s pairs
         kernel = compile_for_h100(fn, {n: types.get(n, "fp32" if n == "eps" else "i32") for n in args}, consts,
                                   [n for n in args if n in ptrs or n in div16], nw, 3)
         with tempfile.TemporaryDirectory() as d:

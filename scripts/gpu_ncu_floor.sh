@@ -12,12 +12,10 @@ for s in ${@:-gate_up down}; do
       --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables --section SourceCounters \
       --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
       -k regex:_int4_mma --launch-skip 2 --launch-count 1 \
-      python3 -c "import dataclasses, sys, runpy; from pagedeploy.quant import int4_gemv as G, int4_mma; int4_mma.FLOOR = $f
-rule = G.default_config
-G.default_config = lambda *a, **k: dataclasses.replace(rule(*a, **k), x8=bool(${X8:-0}))
+      python3 -c "import sys, runpy; from pagedeploy.quant import int4_mma; int4_mma.FLOOR = $f
 sys.argv = ['gpu_int4_gemm.py', 'once', '1', '$s']; runpy.run_path('scripts/gpu_int4_gemm.py', run_name='__main__')" \
       > $OUT/ncu_${s}_f$f.txt 2>&1
-    echo "== $s FLOOR=$f X8=${X8:-0}"
+    echo "== $s FLOOR=$f"
     grep -E "^\s+(Duration|DRAM Throughput|Warp Cycles Per Issued Instruction|Issue Slots Busy)\b" \
       $OUT/ncu_${s}_f$f.txt
     grep -E "smsp__average_warps_issue_stalled" $OUT/ncu_${s}_f$f.txt | awk '$NF+0 > 0.1 {print $1, $NF}' \

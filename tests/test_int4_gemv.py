@@ -102,28 +102,25 @@ MMA_CONFIGS = [dict(mma=True, split_k=1), dict(mma=True, split_k=2, block_n=32, 
                dict(mma=True, split_k=4, block_n=128, ahead=2, pack_in_kernel=True, pack_words=64),
                dict(mma=True, split_k=1, pack_in_kernel=True, pack_words=512, rstd_block=4096),
                dict(mma=True, split_k=2, block_n=32, num_warps=2, pack_in_kernel=True, pack_words=16)]
-MMA_CONFIGS += [dict(c, x8=True) for c in MMA_CONFIGS]   # and on int8 tensor cores (int4_mma's X8)
 
 
-@pytest.mark.parametrize("x8", [False, True])
 @pytest.mark.parametrize("pack_in_kernel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", ["llama qkv", "llama o", "llama gate_up", "llama down", "qwen gate_up"])
 @on_gpu
-def test_int4_gemv_mma_gpu(shape, dtype, pack_in_kernel, x8):
+def test_int4_gemv_mma_gpu(shape, dtype, pack_in_kernel):
     """The tensor-core path (int4_mma.py) on the decode shapes, at its default launch, with x packed
-    by pack_x or by the GEMV itself, on fp16 or int8 tensor cores."""
+    by pack_x or by the GEMV itself."""
     from pagedeploy.quant.int4_gemv import default_config
     n, k, group, norm, silu = SHAPES[shape]
     cfg = default_config(n, k, group, silu, torch.device("cuda"))
     assert cfg.mma
     check_int4_gemv(n, k, group, dtype, "cuda", norm=norm, residual=norm, silu=silu, bias=True,
-                    config=dict(cfg.__dict__, pack_in_kernel=pack_in_kernel, x8=x8), seed=n)
+                    config=dict(cfg.__dict__, pack_in_kernel=pack_in_kernel), seed=n)
 
 
 @pytest.mark.parametrize("norm", [False, True])
-@pytest.mark.parametrize("config", [dict(split_k=4), dict(split_k=1, ahead=2), dict(split_k=7, pack_words=128),
-                                    dict(split_k=4, x8=True), dict(split_k=7, pack_words=128, x8=True)])
+@pytest.mark.parametrize("config", [dict(split_k=4), dict(split_k=1, ahead=2), dict(split_k=7, pack_words=128)])
 @on_gpu
 def test_int4_mma_pack_in_kernel_equal_gpu(config, norm):
     """x packed by the GEMV's programs gives outputs (and residual out) bit-equal to pack_x's launch
@@ -167,10 +164,9 @@ def test_int4_gemv_graph_replay_gpu(early, monkeypatch):
     down = make_case(4096, 2048, 128, torch.bfloat16, "cuda", silu=False, seed=6)["w"]
     x = t["x"].clone()
     kw = dict(norm_weight=t["norm_weight"], eps=1e-6, residual=t["residual"], silu_mul=True)
-    for mma, in_kernel, x8 in ((False, False, False), (True, False, False), (True, True, False),
-                               (True, True, True)):
-        cfg = Int4GemvConfig(split_k=8, mma=mma, pack_in_kernel=in_kernel, x8=x8)
-        cfg_down = Int4GemvConfig(split_k=4, mma=mma, ahead=1 + mma, pack_in_kernel=in_kernel, x8=x8)
+    for mma, in_kernel in ((False, False), (True, False), (True, True)):
+        cfg = Int4GemvConfig(split_k=8, mma=mma, pack_in_kernel=in_kernel)
+        cfg_down = Int4GemvConfig(split_k=4, mma=mma, ahead=1 + mma, pack_in_kernel=in_kernel)
 
         def layer():
             act, r_out = int4_gemv(x, t["w"], config=cfg, **kw)
@@ -267,95 +263,7 @@ def _check_pack_chunks(x) -> None:
             assert (r_out is None and r_c is None) or torch.equal(r_c, r_out)
 
 
-def x8_operands(xq: torch.Tensor) -> torch.Tensor:
-    """B's bytes [column, word, even/odd, byte] from pack_x(x8=True)'s planes, undoing
-    int4_pack._store_x8: plane (j, s) holds at words 4u .. 4u + 3 (b0, b1) of words 4u + 2s, 4u +
-    2s + 1; columns past 3 read the zero plane."""
-    kw = xq.shape[1]
-    planes = xq.contiguous().view(torch.int8).view(9, kw // 4, 2, 2, 4).long()   # [plane, u, m, e, byte]
-    cols = torch.stack([torch.stack([planes[2 * j], planes[2 * j + 1]], 2) for j in range(4)]
-                       + [torch.stack([planes[8], planes[8]], 2)] * 4)        # [j, u, m, s, e, byte]
-    return cols.permute(0, 1, 3, 2, 4, 5).reshape(8, kw, 2, 4)               # word 4u + 2s + m
-
-
-def replay_x8(xq: torch.Tensor, xg: torch.Tensor, w) -> torch.Tensor:
-    """y [N] as int4_mma's X8 loop computes it from pack_x(x8=True)'s planes, replayed with torch
-    on the m16n8k32 fragments (x8_planes' docstring): a word's even codes meet B's b0 bytes of
-    each column j, its odd codes (times 16) the b1 bytes; lane t keeps columns 2t, 2t + 1 as
-    128 hi + lo, scaled by its step multiplier."""
-    from pagedeploy.quant.int4 import unpack_int4
-    n, kw = w.packed.shape
-    codes = unpack_int4(w.packed).view(n, kw, 4, 2).long()          # [row, word, byte, even/odd]
-    b = x8_operands(xq)
-    groups = kw // 16
-    c = (torch.einsum("nwb,jwb->njw", codes[..., 0], b[:, :, 0])
-         + torch.einsum("nwb,jwb->njw", 16 * codes[..., 1], b[:, :, 1])).view(n, 8, groups, 16).sum(-1)
-    assert c.abs().max() < 2 ** 31
-    lane = (128 * c[:, 0::2] + c[:, 1::2]).float()                   # [row, lane, group]
-    step, sum_x = xg[0].float(), xg[1].float()
-    mult = torch.tensor([1.0, 1 / 16, 0.0, 0.0])
-    s, z = w.scales.float(), w.zeros.float()
-    return (s[:, None] * step * mult[None, :, None] * lane).sum((1, 2)) + (z * sum_x).sum(1)
-
-
-def replay_x8_broadcast(xq: torch.Tensor, xg: torch.Tensor, w) -> torch.Tensor:
-    """replay_x8 for X8 form 3 (int4_pack._store_x8's BROADCAST): xq[0 or 1, c] holds word c's even
-    or odd codes' limbs (hi | lo << 32); B's even columns take hi, odd ones lo, at every K slot, and
-    the odd codes come shifted down, so a lane's 128 C_hi + C_lo is the whole dot of its group."""
-    from pagedeploy.quant.int4 import unpack_int4
-    n, kw = w.packed.shape
-    codes = unpack_int4(w.packed).view(n, kw, 4, 2).long()          # [row, word, byte, even/odd]
-    limbs = xq.contiguous().view(torch.int8).view(2, kw, 2, 4).long()   # [even/odd, word, hi/lo, byte]
-    c = torch.einsum("nwbp,pwlb->nlw", codes, limbs).view(n, 2, kw // 16, 16).sum(-1)
-    dot = (128 * c[:, 0] + c[:, 1]).float()                          # [row, group]
-    return (w.scales.float() * xg[0] * dot + w.zeros.float() * xg[1]).sum(1)
-
-
-def _check_x8() -> None:
-    """pack_x(x8=True) (int4_mma's X8 planes), replayed as the int8 MMAs sum them: within 2e-4 of
-    the exact product on activations with an outlier, the limbs as documented, every chunking of
-    pack_words alike, after RMSNorm with a residual too."""
-    from pagedeploy.quant.int4_pack import pack_x
-    gen = torch.Generator().manual_seed(9)
-    k, n = 1024, 48
-    x = torch.randn(1, k, generator=gen)
-    x[0, 5] = 40.0    # one outlier: its group's step is coarse, the others' not
-    x = x.to(torch.float16)
-    w = quantize_int4(torch.randn(n, k, generator=gen) * k ** -0.5, 128)
-    exact = x.float() @ dequantize_int4(w).float().T
-    xq, xg, _ = pack_x(x, mma=True, x8=True)
-    assert xq.shape == (9, k // 8) and xq.dtype == torch.int32 and xg.shape == (2, k // 128)
-    b = x8_operands(xq).float()                      # [column, word, even/odd, byte]
-    assert not b[4:].any() and not b[:2, :, 1].any() and not b[2:4, :, 0].any()   # the zeros as documented
-    hi = torch.stack([b[0, :, 0], b[2, :, 1]], -1).reshape(-1)   # x's order: even, odd codes interleaved
-    lo = torch.stack([b[1, :, 0], b[3, :, 1]], -1).reshape(-1)
-    assert hi.abs().max() <= 127 and lo.min() >= -64 and lo.max() <= 63
-    step = xg[0].repeat_interleave(128)
-    assert ((128 * hi + lo) * step - x[0].float()).abs().max() <= 0.5001 * step.max()
-    rounded = (128 * hi + lo) * step
-    torch.testing.assert_close(xg[1], rounded.view(-1, 128).sum(1), rtol=1e-6, atol=1e-5)
-    y = replay_x8(xq, xg, w)[None]
-    assert rel_err(y, rounded[None] @ dequantize_int4(w).T) < 1e-6   # the sums: exact but for fp32's
-    err = rel_err(y, exact)
-    assert err < 2e-4, err
-    xq3, xg3, _ = pack_x(x, mma=True, x8=3)
-    assert xq3.shape == (2, k // 8) and xq3.dtype == torch.int64 and torch.equal(xg3, xg)
-    limbs = xq3.contiguous().view(torch.int8).view(2, -1, 2, 4).float()   # [even/odd, word, hi/lo, byte]
-    assert torch.equal(limbs[0, :, 0], b[0, :, 0]) and torch.equal(limbs[1, :, 1], b[3, :, 1])
-    torch.testing.assert_close(replay_x8_broadcast(xq3, xg3, w), y[0], rtol=1e-6, atol=1e-5)
-    norm = dict(norm_weight=(1 + 0.2 * torch.randn(k, generator=gen)).to(x.dtype), eps=1e-6,
-                residual=(3 * torch.randn(1, k, generator=gen)).to(x.dtype))
-    for kw in ({}, norm):
-        xq, xg, _ = pack_x(x, mma=True, x8=True, **kw)
-        for words in (16, 128, 512):
-            xq_c, xg_c, _ = pack_x(x, mma=True, x8=True, words=words, **kw)
-            assert torch.equal(xq_c, xq), words
-            torch.testing.assert_close(xg_c, xg, rtol=1e-6, atol=1e-4)
-            xq_3, _, _ = pack_x(x, mma=True, x8=3, words=words, **kw)
-            assert torch.equal(xq_3, pack_x(x, mma=True, x8=3, **kw)[0]), words
-
-
-CPU_GROUPS = {"int4_gemv": _cpu_cases, "int4_x8": _check_x8}
+CPU_GROUPS = {"int4_gemv": _cpu_cases}
 
 
 @needs_triton
