@@ -15,7 +15,8 @@ import os
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from .reference import (apply_rotary_ref, fused_linear_ref, paged_attention_ref,
-                        qk_norm_rope_store_ref, rms_norm_ref, silu_and_mul_ref, store_kv_ref)
+                        qk_norm_rope_store_ref, rms_norm_ref, silu_and_mul_ref, stage_decode_inputs_ref,
+                        store_kv_ref)
 
 GEMV_MAX_ROWS = 4   # rows of x up to which fused_linear has a Triton kernel (cuBLAS wins above)
 ARGMAX_MAX_ROWS = 4  # rows up to which argmax splits rows across programs (torch's wins above)
@@ -29,6 +30,7 @@ _TRITON = {  # function name -> module of the same-signature Triton implementati
     "silu_and_mul": "triton_fused",
     "fused_linear": "triton_gemv",
     "argmax": "triton_argmax",
+    "stage_decode_inputs": "triton_stage",
 }
 _resolved: dict = {}
 
@@ -114,7 +116,15 @@ def argmax(logits):
     return logits.argmax(dim=-1)
 
 
+def stage_decode_inputs(dst, src) -> None:
+    """A decode batch into a CUDA graph's input buffers, padding included (one Triton launch on CUDA)."""
+    ref = stage_decode_inputs_ref
+    fn = _triton("stage_decode_inputs", ref) if src[0].is_cuda else ref
+    return fn(dst, src)
+
+
 __all__ = ["store_kv", "paged_attention", "rms_norm", "apply_rotary", "qk_norm_rope_store",
-           "silu_and_mul", "fused_linear", "argmax", "GEMV_MAX_ROWS", "ARGMAX_MAX_ROWS",
+           "silu_and_mul", "fused_linear", "argmax", "stage_decode_inputs", "GEMV_MAX_ROWS", "ARGMAX_MAX_ROWS",
            "warm_up_attention", "store_kv_ref", "paged_attention_ref", "rms_norm_ref",
-           "apply_rotary_ref", "qk_norm_rope_store_ref", "silu_and_mul_ref", "fused_linear_ref"]
+           "apply_rotary_ref", "qk_norm_rope_store_ref", "silu_and_mul_ref", "fused_linear_ref",
+           "stage_decode_inputs_ref"]

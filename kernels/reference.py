@@ -23,6 +23,24 @@ def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     v_cache.view(-1, kh, d).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
+def stage_decode_inputs_ref(dst: tuple, src: tuple) -> None:
+    """Copy a decode batch into a CUDA graph's input buffers. dst and src are (input_ids,
+    positions, slot_mapping, block_tables, context_lens); src holds B rows (its block tables `width`
+    columns), dst the graph's size of rows ≥ B (and ≥ width columns). Rows below B get the source
+    (block tables: its columns only); rows from B on are padding: slot -1 (nothing stored) and
+    context length 1; their other entries are left as they are."""
+    ids, positions, slots, tables, lens = dst
+    s_ids, s_positions, s_slots, s_tables, s_lens = src
+    b, width = s_tables.shape
+    ids[:b].copy_(s_ids)
+    positions[:b].copy_(s_positions)
+    slots[:b].copy_(s_slots)
+    slots[b:].fill_(-1)
+    tables[:b, :width].copy_(s_tables)
+    lens[:b].copy_(s_lens)
+    lens[b:].fill_(1)
+
+
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float,
                  residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim, optionally after adding a residual (returned as residual_out).

@@ -4,7 +4,8 @@ A decode step of a small model is dozens of short kernel launches; replaying a c
 turns them into one launch, which is what batch-1 speed needs. Only decode-only batches replay
 (every sequence adds one token): prefill shapes vary too much to capture.
 The graphs read fixed input buffers; a batch is copied into their first rows and the rest is
-padding that writes no cache slot (slot -1) and whose outputs are dropped.
+padding that writes no cache slot (slot -1) and whose outputs are dropped: one launch
+(kernels.stage_decode_inputs), where five copies and two fills were a launch each.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import math
 
 import torch
 
+from pagedeploy.kernels import stage_decode_inputs
 from pagedeploy.runtime.config import cuda_graph_batch_sizes
 from pagedeploy.runtime.model import AttentionMetadata
 
@@ -59,14 +61,10 @@ class DecodeGraphs:
         """Hidden states [B, hidden] of a decode-only batch."""
         b = input_ids.shape[0]
         size = self.sizes[bisect.bisect_left(self.sizes, b)]
-        self.input_ids[:b].copy_(input_ids)
-        self.positions[:b].copy_(positions)
-        self.meta.slot_mapping[:b].copy_(meta.slot_mapping)
-        self.meta.slot_mapping[b:size].fill_(-1)
-        width = meta.block_tables.shape[1]
-        self.meta.block_tables[:b, :width].copy_(meta.block_tables)
-        self.meta.context_lens[:b].copy_(meta.context_lens)
-        self.meta.context_lens[b:size].fill_(1)
+        m = self.meta
+        stage_decode_inputs((self.input_ids[:size], self.positions[:size], m.slot_mapping[:size],
+                             m.block_tables[:size], m.context_lens[:size]),
+                            (input_ids, positions, meta.slot_mapping, meta.block_tables, meta.context_lens))
         self.graphs[size].replay()
         return self.hidden[:b]
 

@@ -280,6 +280,34 @@ def test_argmax_gpu(b, v):
     check_argmax(b, v, torch.float32, "cuda", seed=1)
 
 
+# --------------------------------------------------------------------------- stage_decode_inputs
+
+def check_stage(b, size, width, graph_width, device, seed=0):
+    """A batch of b rows (block tables `width` wide, a view of a wider flat buffer as prepare makes
+    them) staged into graph buffers of `size` rows full of stale values: equal to the reference,
+    padding included, and the stale entries it must leave alone left."""
+    from pagedeploy.kernels.triton_stage import stage_decode_inputs
+    gen = torch.Generator().manual_seed(seed)
+    def longs(n):
+        return torch.randint(0, 1 << 40, (n,), generator=gen).to(device)
+    def ints(*shape):
+        return torch.randint(0, 1 << 20, shape, generator=gen, dtype=torch.int32).to(device)
+    flat = ints(b * width + 2 * b + 1)    # block tables then context lengths, one buffer
+    src = (longs(b), longs(b), longs(b), flat[:b * width].view(b, width), flat[b * width:b * width + b])
+    dst = (longs(size), longs(size), longs(size), ints(size, graph_width), ints(size))
+    expect = tuple(t.clone() for t in dst)
+    ref.stage_decode_inputs_ref(expect, src)
+    stage_decode_inputs(dst, src)
+    for got, want in zip(dst, expect):
+        assert torch.equal(got, want), (b, size, width, graph_width)
+
+
+@pytest.mark.parametrize("b,size,width", [(1, 1, 3), (3, 4, 40), (17, 24, 1500), (256, 256, 512)])
+@on_gpu
+def test_stage_decode_inputs_gpu(b, size, width):
+    check_stage(b, size, width, 2048, "cuda")
+
+
 # --------------------------------------------------------------------------- CPU interpreter
 
 CPU_GROUPS = {  # small sizes for the interpreter (~1e4x slower than the GPU)
@@ -300,6 +328,8 @@ CPU_GROUPS = {  # small sizes for the interpreter (~1e4x slower than the GPU)
                                 cache_dtype=torch.float16) for norm in (False, True)],
     "argmax": lambda: [check_argmax(b, v, torch.float32, "cpu", seed=s)
                        for s, (b, v) in enumerate([(1, 5000), (3, 300), (9, 4097), (2, 2048)])],
+    "stage_decode_inputs": lambda: [check_stage(b, size, width, gw, "cpu", seed=s) for s, (b, size, width, gw)
+                                    in enumerate([(1, 1, 2, 4), (3, 4, 5, 8), (5, 8, 40, 40), (2, 2, 1100, 1200)])],
     "silu_and_mul": lambda: [check_silu_and_mul(5, inter, dt, "cpu", strided=inter != 48)
                              for inter in (48, 96, 1536) for dt in (torch.float32, torch.float16)],
 }
