@@ -13,8 +13,8 @@ def _stage_kernel(ids, positions, slots, tables, lens, src_ids, src_positions, s
     """Program r: row r of each buffer, the source's below `rows`, padding at and past it."""
     r = tl.program_id(0)
     live = r < rows
-    tl.store(ids + r, tl.load(src_ids + r), mask=live)
-    tl.store(positions + r, tl.load(src_positions + r), mask=live)
+    tl.store(ids + r, tl.load(src_ids + r, mask=live), mask=live)   # padding rows: left as they are
+    tl.store(positions + r, tl.load(src_positions + r, mask=live), mask=live)
     tl.store(slots + r, tl.load(src_slots + r, mask=live, other=-1))
     tl.store(lens + r, tl.load(src_lens + r, mask=live, other=1))
     if live:

@@ -288,8 +288,10 @@ def check_stage(b, size, width, graph_width, device, seed=0):
     padding included, and the stale entries it must leave alone left."""
     from pagedeploy.kernels.triton_stage import stage_decode_inputs
     gen = torch.Generator().manual_seed(seed)
+
     def longs(n):
         return torch.randint(0, 1 << 40, (n,), generator=gen).to(device)
+
     def ints(*shape):
         return torch.randint(0, 1 << 20, shape, generator=gen, dtype=torch.int32).to(device)
     flat = ints(b * width + 2 * b + 1)    # block tables then context lengths, one buffer
